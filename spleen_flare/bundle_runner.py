@@ -1,0 +1,180 @@
+"""Run a MONAI bundle's trainer and evaluator round by round for federated learning.
+
+Only config ids that the model-zoo ``spleen_ct_segmentation`` bundle also has are used, so the official bundle
+drops in unchanged: ``bundle_root``, ``dataset_dir``, ``network_def``, ``network``, ``device``, ``ckpt_dir``,
+``train#dataset#data``, ``train#trainer``, ``validate#dataset#data``, ``validate#evaluator``, ``initialize``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "SPLEEN_DATA_DIR"
+DATALIST_ENV = "SPLEEN_DATALIST"
+KEY_METRIC = "val_mean_dice"
+BEST_LOCAL_MODEL = "best_local_model.pt"
+
+
+def resolve_config_files(bundle_root: Path, config_files: Sequence[str]) -> list[str]:
+    """Config files relative to the bundle root (or absolute); a missing one is an error naming it."""
+    resolved = []
+    for name in config_files:
+        path = Path(name) if Path(name).is_absolute() else bundle_root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"bundle config {path} not found: run `spleen-prepare-jobs` to place the bundle")
+        resolved.append(str(path))
+    return resolved
+
+
+def load_site_datalist(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Read a ``{"training": [...], "validation": [...]}`` datalist written by ``spleen-datalists``."""
+    with open(path) as f:
+        datalist = json.load(f)
+    training, validation = datalist.get("training"), datalist.get("validation")
+    if not training or not validation:
+        raise ValueError(f"datalist {path} needs non-empty 'training' and 'validation' lists")
+    return training, validation
+
+
+def find_site_datalist(site_name: str, data_dir: str | None, explicit: str | None = None) -> Path | None:
+    """Explicit path, else ``$SPLEEN_DATALIST``, else ``<data_dir>/datalists/<site>.json`` if present."""
+    candidate = explicit or os.environ.get(DATALIST_ENV)
+    if candidate:
+        candidate = candidate.replace("{site}", site_name)
+        if not Path(candidate).is_file():
+            raise FileNotFoundError(f"datalist {candidate} not found: run `spleen-datalists --data DIR --sites N`")
+        return Path(candidate)
+    if data_dir:
+        default = Path(data_dir) / "datalists" / f"{site_name}.json"
+        if default.is_file():
+            return default
+    return None
+
+
+def build_network(bundle_root: str | Path, config_files: Sequence[str] = ("configs/train.json",), seed: int = 0):
+    """The bundle's ``network_def``, initialised under a fixed seed (same weights on every call)."""
+    parser = ConfigParser()
+    parser.read_config(resolve_config_files(Path(bundle_root), config_files))
+    parser["bundle_root"] = str(bundle_root)
+    torch.manual_seed(seed)
+    return parser.get_parsed_content("network_def", instantiate=True)
+
+
+def to_tensor_dict(weights: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+
+
+class BundleRunner:
+    """Holds one parsed bundle: its network, trainer and evaluator, kept across FL rounds."""
+
+    def __init__(
+        self,
+        bundle_root: str | Path,
+        config_files: Sequence[str] = ("configs/train.json",),
+        dataset_dir: str | None = None,
+        training: list[dict] | None = None,
+        validation: list[dict] | None = None,
+    ) -> None:
+        self.bundle_root = Path(bundle_root).resolve()
+        parser = ConfigParser()
+        parser.read_config(resolve_config_files(self.bundle_root, config_files))
+        parser["bundle_root"] = str(self.bundle_root)
+        if dataset_dir:
+            parser["dataset_dir"] = str(dataset_dir)
+        if training is not None:
+            parser["train#dataset#data"] = training
+        if validation is not None:
+            parser["validate#dataset#data"] = validation
+        self.parser = parser
+        if "initialize" in parser:
+            parser.get_parsed_content("initialize")
+        self.device = parser.get_parsed_content("device")
+        self.network: torch.nn.Module = parser.get_parsed_content("network")
+        self.trainer = parser.get_parsed_content("train#trainer")
+        self.evaluator = parser.get_parsed_content("validate#evaluator")
+        self.ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (self.ckpt_dir / BEST_LOCAL_MODEL).unlink(missing_ok=True)
+        # "local": the evaluator scores this site's own training (the bundle's ValidationHandler);
+        # "external": it scores a model received from the server (global or another site's).
+        self.phase = "local"
+        self.best_local_metric = -1.0
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._track_best_local)
+
+    @property
+    def num_train_cases(self) -> int:
+        return len(self.parser["train#dataset#data"])
+
+    @property
+    def global_epoch(self) -> int:
+        return int(self.trainer.state.epoch)
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, Any]) -> None:
+        self.network.load_state_dict(to_tensor_dict(weights), strict=True)
+
+    def train(self, epochs: int) -> int:
+        """Continue training for ``epochs`` more epochs; returns the number of iterations run."""
+        self.phase = "local"
+        start_iteration = int(self.trainer.state.iteration)
+        self.trainer.state.max_epochs = self.global_epoch + epochs
+        self.trainer.run()
+        return int(self.trainer.state.iteration) - start_iteration
+
+    def evaluate(self, weights: Mapping[str, Any] | None = None, external: bool = False) -> dict[str, float]:
+        """Score ``weights`` (or the current weights) on this site's validation data.
+
+        With ``weights`` the local network is restored afterwards, so evaluating a foreign model never changes
+        what this site trains. ``external`` marks the current weights as not locally trained (e.g. the global
+        model just received), so they are neither logged as local validation nor kept as the best local model.
+        """
+        backup = None
+        if weights is not None:
+            backup = self.get_weights()
+            self.set_weights(weights)
+        if weights is not None or external:
+            self.phase = "external"
+        try:
+            self.evaluator.run(max(self.global_epoch, 1))
+        finally:
+            if backup is not None:
+                self.set_weights(backup)
+            self.phase = "local"
+        return {k: float(v) for k, v in self.evaluator.state.metrics.items() if np.isscalar(v) or _is_scalar(v)}
+
+    def _track_best_local(self, engine) -> None:
+        if self.phase != "local":
+            return
+        metric = engine.state.metrics.get(KEY_METRIC)
+        if metric is not None and float(metric) > self.best_local_metric:
+            self.best_local_metric = float(metric)
+            torch.save({"model": self.get_weights()}, self.ckpt_dir / BEST_LOCAL_MODEL)
+
+    def best_local_weights(self) -> dict[str, torch.Tensor]:
+        """Best locally trained weights by validation Dice; validates the current weights if none was kept."""
+        path = self.ckpt_dir / BEST_LOCAL_MODEL
+        if not path.is_file():
+            self.evaluate()
+        if not path.is_file():
+            # Validation produced no key metric: fall back to the current weights.
+            return copy.deepcopy(self.get_weights())
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1

@@ -1,0 +1,110 @@
+"""Client API training script: one site trains and validates the spleen bundle under NVFlare.
+
+Run by NVFlare's ``ClientAPIExecutor`` from the job's ``app/custom/``. Tasks:
+- train: score the received global model on local validation data, train ``--local_epochs``, send weights;
+- validate (cross-site evaluation): score the received model, send its metrics;
+- submit_model (cross-site evaluation): send this site's best locally trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import nvflare.client as flare
+from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTRAP_FILE, MetricsSender
+
+from spleen_flare.bundle_runner import (
+    DATA_DIR_ENV,
+    KEY_METRIC,
+    BundleRunner,
+    find_site_datalist,
+    load_site_datalist,
+)
+from spleen_flare.stats_handler import NVFlareStatsHandler
+
+logger = logging.getLogger("spleen_flare.client_train")
+NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
+GLOBAL_METRIC_TAG = "global_val_mean_dice"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bundle", default="config/spleen_ct_segmentation", help="bundle root, relative to the app")
+    parser.add_argument(
+        "--config_files",
+        default="configs/train.json",
+        help="comma-separated bundle config files (relative to the bundle root), later ones override earlier ones",
+    )
+    parser.add_argument("--local_epochs", type=int, default=1, help="local epochs per FL round")
+    parser.add_argument("--data_dir", default=None, help=f"dataset folder (default: ${DATA_DIR_ENV})")
+    parser.add_argument("--datalist", default=None, help="site datalist JSON ({site} is replaced by the site name)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    app_root = Path(__file__).resolve().parents[2]  # app/custom/spleen_flare/client_train.py
+    bundle_root = (app_root / args.bundle).resolve()
+
+    flare.init()
+    site = flare.get_site_name()
+    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
+    datalist_path = find_site_datalist(site, data_dir, args.datalist)
+    training = validation = None
+    if datalist_path:
+        training, validation = load_site_datalist(datalist_path)
+        logger.info(
+            "%s: %d training / %d validation cases from %s", site, len(training), len(validation), datalist_path
+        )
+    else:
+        logger.warning("%s: no site datalist found; using the bundle's own split of %s", site, data_dir)
+
+    runner = BundleRunner(
+        bundle_root,
+        config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
+        dataset_dir=data_dir,
+        training=training,
+        validation=validation,
+    )
+
+    sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
+    sender.init()
+    NVFlareStatsHandler(sender).attach(runner.trainer)
+    NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local").attach(runner.evaluator)
+
+    try:
+        while flare.is_running():
+            model = flare.receive()
+            if model is None:
+                break
+            if flare.is_train():
+                runner.set_weights(model.params)
+                global_metrics = runner.evaluate(external=True)
+                global_dice = global_metrics.get(KEY_METRIC, 0.0)
+                sender.add(GLOBAL_METRIC_TAG, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
+                logger.info("%s round %s: global model %s=%.4f", site, model.current_round, KEY_METRIC, global_dice)
+                steps = runner.train(args.local_epochs)
+                flare.send(
+                    FLModel(
+                        params=runner.get_weights(),
+                        metrics={KEY_METRIC: global_dice},
+                        meta={NUM_STEPS_KEY: steps},
+                    )
+                )
+            elif flare.is_evaluate():
+                metrics = runner.evaluate(model.params)
+                logger.info("%s cross-site: %s=%.4f", site, KEY_METRIC, metrics.get(KEY_METRIC, float("nan")))
+                flare.send(FLModel(metrics={KEY_METRIC: metrics.get(KEY_METRIC, 0.0)}))
+            elif flare.is_submit_model():
+                flare.send(FLModel(params=runner.best_local_weights()))
+    finally:
+        sender.shutdown()
+
+
+if __name__ == "__main__":
+    main()
