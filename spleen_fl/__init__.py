@@ -1,0 +1,1 @@
+"""Helpers behind the scripts of the federated spleen segmentation example."""
