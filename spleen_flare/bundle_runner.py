@@ -112,6 +112,7 @@ class BundleRunner:
         # "external": it scores a model received from the server (global or another site's).
         self.phase = "local"
         self.best_local_metric = -1.0
+        self.last_local_metric = float("nan")
         self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._track_best_local)
 
     @property
@@ -161,6 +162,8 @@ class BundleRunner:
         if self.phase != "local":
             return
         metric = engine.state.metrics.get(KEY_METRIC)
+        if metric is not None:
+            self.last_local_metric = float(metric)
         if metric is not None and float(metric) > self.best_local_metric:
             self.best_local_metric = float(metric)
             torch.save({"model": self.get_weights()}, self.ckpt_dir / BEST_LOCAL_MODEL)

@@ -9,7 +9,6 @@ Run by NVFlare's ``ClientAPIExecutor`` from the job's ``app/custom/``. Tasks:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from spleen_flare.bundle_runner import (
 )
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
-logger = logging.getLogger("spleen_flare.client_train")
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
 GLOBAL_METRIC_TAG = "global_val_mean_dice"
 
@@ -58,11 +56,9 @@ def main() -> None:
     training = validation = None
     if datalist_path:
         training, validation = load_site_datalist(datalist_path)
-        logger.info(
-            "%s: %d training / %d validation cases from %s", site, len(training), len(validation), datalist_path
-        )
+        print(f"[spleen] site={site} training={len(training)} validation={len(validation)} datalist={datalist_path}")
     else:
-        logger.warning("%s: no site datalist found; using the bundle's own split of %s", site, data_dir)
+        print(f"[spleen] site={site} no site datalist found: using the bundle's own split of {data_dir}")
 
     runner = BundleRunner(
         bundle_root,
@@ -74,8 +70,10 @@ def main() -> None:
 
     sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
     sender.init()
-    NVFlareStatsHandler(sender).attach(runner.trainer)
-    NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local").attach(runner.evaluator)
+    train_stats = NVFlareStatsHandler(sender)
+    train_stats.attach(runner.trainer)
+    val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
+    val_stats.attach(runner.evaluator)
 
     try:
         while flare.is_running():
@@ -87,8 +85,15 @@ def main() -> None:
                 global_metrics = runner.evaluate(external=True)
                 global_dice = global_metrics.get(KEY_METRIC, 0.0)
                 sender.add(GLOBAL_METRIC_TAG, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
-                logger.info("%s round %s: global model %s=%.4f", site, model.current_round, KEY_METRIC, global_dice)
                 steps = runner.train(args.local_epochs)
+                # print() lands in the site's log (NVFlare redirects it); the run helper follows these lines.
+                print(
+                    f"[spleen] site={site} round={model.current_round} global_dice={global_dice:.4f} "
+                    f"local_dice={runner.last_local_metric:.4f} loss={train_stats.last_epoch_loss:.4f} steps={steps} "
+                    f"metrics_sent={train_stats.sent + val_stats.sent} "
+                    f"metrics_failed={train_stats.failed + val_stats.failed}",
+                    flush=True,
+                )
                 flare.send(
                     FLModel(
                         params=runner.get_weights(),
@@ -98,7 +103,10 @@ def main() -> None:
                 )
             elif flare.is_evaluate():
                 metrics = runner.evaluate(model.params)
-                logger.info("%s cross-site: %s=%.4f", site, KEY_METRIC, metrics.get(KEY_METRIC, float("nan")))
+                print(
+                    f"[spleen] site={site} cross_site {KEY_METRIC}={metrics.get(KEY_METRIC, float('nan')):.4f}",
+                    flush=True,
+                )
                 flare.send(FLModel(metrics={KEY_METRIC: metrics.get(KEY_METRIC, 0.0)}))
             elif flare.is_submit_model():
                 flare.send(FLModel(params=runner.best_local_weights()))

@@ -63,6 +63,9 @@ class NVFlareStatsHandler:
         self.output_transform = output_transform
         self.enabled = enabled
         self._epoch_losses: list[float] = []
+        self.sent = 0
+        self.last_epoch_loss = float("nan")
+        self.failed = 0
 
     def attach(self, engine: Engine) -> None:
         if self.iteration_log:
@@ -71,7 +74,10 @@ class NVFlareStatsHandler:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def _send(self, tag: str, value: float, step: int) -> None:
-        if not self.sender.add(tag, value, AnalyticsDataType.SCALAR, global_step=int(step)):
+        if self.sender.add(tag, value, AnalyticsDataType.SCALAR, global_step=int(step)):
+            self.sent += 1
+        else:
+            self.failed += 1
             logger.warning("metric %s at step %d was not delivered", tag, step)
 
     def _active(self) -> bool:
@@ -92,7 +98,8 @@ class NVFlareStatsHandler:
             return
         step = engine.state.epoch
         if self._epoch_losses:
-            self._send(f"{self.loss_tag}_epoch", sum(self._epoch_losses) / len(self._epoch_losses), step)
+            self.last_epoch_loss = sum(self._epoch_losses) / len(self._epoch_losses)
+            self._send(f"{self.loss_tag}_epoch", self.last_epoch_loss, step)
             self._epoch_losses.clear()
         for name, value in engine.state.metrics.items():
             number = _to_float(value)
