@@ -1,0 +1,95 @@
+"""The local job in the real NVFlare simulator, 2 sites x 2 rounds, metrics to a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import mlflow
+import pytest
+
+from spleen_fl.data import make_site_datalists, make_synthetic_dataset
+from spleen_fl.jobs import JobSettings, prepare_job
+from spleen_fl.mlflow_server import MLflowServer
+from spleen_fl.simulate import run_simulator
+
+pytestmark = pytest.mark.slow
+
+SITES = ["site-1", "site-2"]
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    data_dir = make_synthetic_dataset(root / "data", num_train=8, num_test=1, shape=(80, 80, 20), seed=3)
+    make_site_datalists(data_dir, num_sites=len(SITES))
+    experiment = f"sim-test-{uuid.uuid4().hex[:8]}"
+    with MLflowServer(root / "mlflow") as server:
+        settings = JobSettings(
+            rounds=ROUNDS,
+            local_epochs=1,
+            min_clients=len(SITES),
+            quick=True,
+            tracking_uri=server.url,
+            experiment_name=experiment,
+        )
+        job = prepare_job("spleen_ct_segmentation_local", root / "jobs", settings)
+        result = run_simulator(job, root / "workspace", len(SITES), data_dir, timeout=1200)
+        client = mlflow.MlflowClient(server.url)
+        experiment_obj = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([experiment_obj.experiment_id]) if experiment_obj else []
+        histories = {
+            re.match(r"(site-\d+)-", run.info.run_name).group(1): {
+                name: client.get_metric_history(run.info.run_id, name)
+                for name in ("train_loss", "train_loss_epoch", "val_mean_dice", "global_val_mean_dice")
+            }
+            for run in runs
+        }
+        yield result, histories
+
+
+def test_simulator_exits_cleanly(simulated):
+    result, _ = simulated
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+
+
+def test_global_model_saved_and_changed_every_round(simulated):
+    result, _ = simulated
+    assert result.global_model_path.is_file()
+    history = json.loads((result.global_model_path.parent / "global_model_history.json").read_text())
+    assert [entry["round"] for entry in history] == ["initial", *range(ROUNDS)]
+    digests = [entry["sha256"] for entry in history]
+    assert len(set(digests)) == len(digests), "the global model did not change between rounds"
+
+
+def test_cross_site_results_cover_every_model_on_every_site(simulated):
+    result, _ = simulated
+    results = result.cross_site_results()
+    assert sorted(results) == SITES
+    expected_models = {"SRV_FL_global_model.pt", *SITES}
+    for site in SITES:
+        assert expected_models <= set(results[site]), results[site]
+        for model, metrics in results[site].items():
+            dice = metrics["val_mean_dice"]
+            assert 0.0 <= dice <= 1.0, (site, model, dice)
+
+
+def test_metrics_reach_mlflow_per_site(simulated):
+    _, histories = simulated
+    assert sorted(histories) == SITES
+    for site, series in histories.items():
+        for name in ("train_loss", "train_loss_epoch", "val_mean_dice", "global_val_mean_dice"):
+            steps = [m.step for m in series[name]]
+            assert steps, f"{site}: no {name} in MLflow"
+            assert len(steps) == len(set(steps)), f"{site}: {name} repeats steps {steps}"
+        assert [m.step for m in series["global_val_mean_dice"]] == list(range(ROUNDS))
+        assert [m.step for m in series["val_mean_dice"]] == list(range(1, ROUNDS + 1))
+
+
+def test_sites_report_different_values(simulated):
+    _, histories = simulated
+    first, second = (histories[site] for site in SITES)
+    for name in ("train_loss_epoch", "val_mean_dice"):
+        assert [m.value for m in first[name]] != [m.value for m in second[name]], name

@@ -1,0 +1,83 @@
+"""BundleRunner and the persistor's network on the real bundle with tiny synthetic data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spleen_fl.data import make_site_datalists, make_synthetic_dataset
+from spleen_fl.jobs import BUNDLE_SRC
+from spleen_flare.bundle_runner import (
+    BEST_LOCAL_MODEL,
+    BundleRunner,
+    build_network,
+    find_site_datalist,
+    load_site_datalist,
+)
+from spleen_flare.persistor import weights_digest
+
+QUICK = ["configs/train.json", "../overrides/cpu_quick.json"]
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    data_dir = make_synthetic_dataset(root / "data", num_train=4, num_test=1, shape=(64, 64, 16), seed=1)
+    paths = make_site_datalists(data_dir, num_sites=2)
+    training, validation = load_site_datalist(paths["site-1"])
+    bundle = root / "bundle"
+    import shutil
+
+    shutil.copytree(BUNDLE_SRC, bundle / "spleen_ct_segmentation")
+    shutil.copytree(BUNDLE_SRC.parent / "overrides", bundle / "overrides")
+    return BundleRunner(bundle / "spleen_ct_segmentation", QUICK, str(data_dir), training, validation)
+
+
+def test_network_is_seeded_and_full_size():
+    first = build_network(BUNDLE_SRC, ["configs/train.json"], seed=0)
+    second = build_network(BUNDLE_SRC, ["configs/train.json"], seed=0)
+    other = build_network(BUNDLE_SRC, ["configs/train.json"], seed=1)
+    assert sum(p.numel() for p in first.parameters()) == 4_808_917
+    assert weights_digest(first.state_dict()) == weights_digest(second.state_dict())
+    assert weights_digest(first.state_dict()) != weights_digest(other.state_dict())
+
+
+def test_train_continues_epochs_and_changes_weights(runner):
+    before = runner.get_weights()
+    steps = runner.train(1)
+    assert steps > 0 and runner.global_epoch == 1
+    runner.train(1)
+    assert runner.global_epoch == 2
+    after = runner.get_weights()
+    assert weights_digest(before) != weights_digest(after)
+    # Local validation ran through the bundle's ValidationHandler and kept the best local model.
+    assert (runner.ckpt_dir / BEST_LOCAL_MODEL).is_file()
+    assert 0.0 <= runner.best_local_metric <= 1.0
+
+
+def test_evaluating_foreign_weights_restores_local_ones(runner):
+    local = runner.get_weights()
+    best_before = runner.best_local_metric
+    foreign = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in local.items()}
+    metrics = runner.evaluate(foreign)
+    assert "val_mean_dice" in metrics
+    assert weights_digest(runner.get_weights()) == weights_digest(local)
+    assert runner.best_local_metric == best_before
+
+
+def test_best_local_weights_load(runner):
+    weights = runner.best_local_weights()
+    assert set(weights) == set(runner.get_weights())
+
+
+def test_datalist_lookup(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLEEN_DATALIST", raising=False)
+    assert find_site_datalist("site-1", str(tmp_path)) is None
+    (tmp_path / "datalists").mkdir()
+    (tmp_path / "datalists" / "site-1.json").write_text("{}")
+    assert find_site_datalist("site-1", str(tmp_path)) == tmp_path / "datalists" / "site-1.json"
+    monkeypatch.setenv("SPLEEN_DATALIST", str(tmp_path / "lists" / "{site}.json"))
+    with pytest.raises(FileNotFoundError, match="spleen-datalists"):
+        find_site_datalist("site-1", str(tmp_path))
+    with pytest.raises(ValueError, match="training"):
+        load_site_datalist(tmp_path / "datalists" / "site-1.json")

@@ -1,0 +1,157 @@
+"""Job folders: configs parse, every component class imports, and the prepare step places and configures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from spleen_fl.jobs import JOBS_DIR, JobSettings, get_script_args, place_bundle_and_code, prepare_job
+
+JOBS = sorted(p.name for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file())
+
+
+def _component_paths(config: dict) -> list[str]:
+    paths = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str) and "." in node["path"]:
+                paths.append(node["path"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return paths
+
+
+def _import_class(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_local_job_is_present():
+    assert "spleen_ct_segmentation_local" in JOBS
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_meta_and_configs_parse(job):
+    folder = JOBS_DIR / job
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["name"] == job
+    assert meta["min_clients"] >= 1
+    for side in ("client", "server"):
+        config = json.loads((folder / "app" / "config" / f"config_fed_{side}.json").read_text())
+        assert config["format_version"] == 2
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_component_path_imports(job):
+    config_dir = JOBS_DIR / job / "app" / "config"
+    paths = []
+    for side in ("client", "server"):
+        paths += _component_paths(json.loads((config_dir / f"config_fed_{side}.json").read_text()))
+    assert paths
+    for path in paths:
+        assert callable(_import_class(path)), path
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_no_dotted_config_keys(job):
+    # `nvflare job submit` parses configs with pyhocon, which turns "a.b" keys into nested dicts.
+    config_dir = JOBS_DIR / job / "app" / "config"
+
+    def keys(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from keys(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from keys(value)
+
+    for side in ("client", "server"):
+        dotted = [k for k in keys(json.loads((config_dir / f"config_fed_{side}.json").read_text())) if "." in k]
+        assert not dotted, dotted
+
+
+def test_place_bundle_and_code(tmp_path):
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path)
+    app = job / "app"
+    assert (app / "config" / "spleen_ct_segmentation" / "configs" / "train.json").is_file()
+    assert (app / "config" / "overrides" / "cpu_quick.json").is_file()
+    assert (app / "custom" / "spleen_flare" / "client_train.py").is_file()
+    assert not list(app.rglob("__pycache__"))
+
+
+def test_settings_are_written_into_the_copy_only(tmp_path):
+    source_before = (
+        JOBS_DIR / "spleen_ct_segmentation_local" / "app" / "config" / "config_fed_server.json"
+    ).read_text()
+    settings = JobSettings(rounds=3, local_epochs=2, min_clients=3, quick=True, tracking_uri="http://127.0.0.1:1234")
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path, settings)
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    meta = json.loads((job / "meta.json").read_text())
+    assert server["num_rounds"] == 3 and server["min_clients"] == 3 and meta["min_clients"] == 3
+    receiver = next(c for c in server["components"] if c["id"] == "mlflow_receiver")
+    assert receiver["args"]["tracking_uri"] == "http://127.0.0.1:1234"
+    args = get_script_args(job)
+    assert args["local_epochs"] == "2"
+    assert args["config_files"] == "configs/train.json,../overrides/cpu_quick.json"
+    source_after = (JOBS_DIR / "spleen_ct_segmentation_local" / "app" / "config" / "config_fed_server.json").read_text()
+    assert source_before == source_after
+
+
+def test_quick_off_restores_plain_train_config(tmp_path):
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path, JobSettings(quick=False))
+    assert get_script_args(job)["config_files"] == "configs/train.json"
+
+
+def test_settings_without_copy_are_refused():
+    with pytest.raises(ValueError, match="--out"):
+        prepare_job("spleen_ct_segmentation_local", None, JobSettings(rounds=2))
+
+
+def test_unknown_job_names_the_choices():
+    with pytest.raises(FileNotFoundError, match="spleen_ct_segmentation_local"):
+        prepare_job("no_such_job", None)
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        place_bundle_and_code(JOBS_DIR / "spleen_ct_segmentation_local", bundle_src=tmp_path / "nothing")
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    from spleen_fl.cli.prepare_jobs import main
+
+    assert main(["--job", "spleen_ct_segmentation_local", "--rounds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--out" in err[0]
+
+
+def test_official_bundle_ids_are_the_ones_we_use():
+    # The ids our integration reads; the model-zoo bundle defines the same ones.
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(JOBS_DIR).parent / "bundles" / "spleen_ct_segmentation" / "configs" / "train.json"))
+    for key in (
+        "bundle_root",
+        "dataset_dir",
+        "ckpt_dir",
+        "device",
+        "network_def",
+        "network",
+        "train#dataset#data",
+        "train#trainer",
+        "validate#dataset#data",
+        "validate#evaluator",
+        "validate#key_metric#val_mean_dice",
+    ):
+        assert key in parser, key
