@@ -330,3 +330,21 @@ def test_metadata_matches_configs_and_environment() -> None:
     inputs, outputs = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
     assert inputs["num_channels"] == net["in_channels"] and outputs["num_channels"] == net["out_channels"]
     assert inputs["spatial_shape"] == train.get("roi_size")
+
+
+def test_verify_metadata_with_the_shipped_schema(tmp_path) -> None:
+    """`python -m monai.bundle verify_metadata` offline: the local schema is used, nothing is downloaded."""
+    import shutil
+
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    shutil.copy(BUNDLE.parent / "metadata_schema.json", schema)
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(schema))
+
+    broken = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    del broken["network_data_format"]
+    broken_path = tmp_path / "metadata.json"
+    broken_path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(broken_path), filepath=str(schema))
