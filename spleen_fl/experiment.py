@@ -199,7 +199,13 @@ class Progress:
         """Record one parsed event; return the lines to print about it (maybe none)."""
         now = time.monotonic() if now is None else now
         kind = event["kind"]
-        key = (kind, event.get("site") or event.get("side"), event.get("round"), event.get("stage"))
+        key = (
+            kind,
+            event.get("site") or event.get("side"),
+            event.get("round"),
+            event.get("stage"),
+            event.get("val_mean_dice") if kind == "cross_site" else None,
+        )
         if key in self._seen:  # the same line can show up in the site log and the job log
             return []
         self._seen.add(key)
@@ -210,7 +216,7 @@ class Progress:
             dice = event.get("val_mean_dice")
             if isinstance(dice, float | int):
                 self.cross_site_local[event["site"]] = float(dice)
-            return [f"{self._clock(now)} cross-site validation on {event['site']}: Dice {_fmt(dice)}"]
+            return [f"{self._clock(now)} cross-site validation: {event['site']} scored a model, Dice {_fmt(dice)}"]
         if kind != "round":
             return []
         rnd, site = event["round"], event["site"]
