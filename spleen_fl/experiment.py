@@ -59,7 +59,7 @@ class ExperimentSettings:
     local_epochs: int = 2
     quick: bool = True
     data: Path | None = None  # a real MSD Task09_Spleen folder; None = synthetic data
-    synthetic_cases: int = 12
+    synthetic_cases: int = 16
     synthetic_shape: tuple[int, int, int] = (96, 96, 24)
     synthetic_seed: int = 0
     runs_dir: Path = DEFAULT_RUNS_DIR
