@@ -1,0 +1,89 @@
+"""One real run of the one command, shared by the e2e tests of the runner and of the MLflow dashboard.
+
+It runs what ``./run_experiment.sh`` runs (``python -m spleen_fl.cli.run_experiment``; the shell script only adds
+the venv setup) with 2 sites, 2 rounds, 1 local epoch, tiny synthetic data and ``--quick``, into a temporary
+runs directory. The POC ports are fixed, so the run fails fast with a clear message if another POC is up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spleen_fl.mlflow_server import MLflowServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SITES = ["site-1", "site-2"]
+ROUNDS = 2
+LOCAL_EPOCHS = 1
+TINY = ["--synthetic-cases", "8", "--synthetic-shape", "80x80x20"]
+
+
+def runner_cmd(runs_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "spleen_fl.cli.run_experiment",
+        "--sites",
+        str(len(SITES)),
+        "--rounds",
+        str(ROUNDS),
+        "--local-epochs",
+        str(LOCAL_EPOCHS),
+        "--quick",
+        *TINY,
+        "--runs-dir",
+        str(runs_dir),
+        *extra,
+    ]
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+    seconds: float
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "pids.json"
+
+
+@pytest.fixture(scope="session")
+def experiment_run(tmp_path_factory) -> RunResult:
+    runs_dir = tmp_path_factory.mktemp("runs")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        runner_cmd(runs_dir, "--timeout", "900"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1000,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    latest = runs_dir / "latest"
+    run_dir = latest.resolve() if latest.exists() else runs_dir
+    (run_dir / "runner_stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    return RunResult(proc.returncode, proc.stdout, proc.stderr, run_dir, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="session")
+def run_mlflow(experiment_run):
+    """The run's MLflow store served again (the run stopped its server), for the mlflow client and the browser."""
+    if not (experiment_run.run_dir / "mlflow" / "mlflow.db").is_file():
+        pytest.fail(f"the run left no MLflow store; output:\n{experiment_run.stdout[-3000:]}\n{experiment_run.stderr}")
+    with MLflowServer(experiment_run.run_dir / "mlflow") as server:
+        yield server

@@ -1,0 +1,132 @@
+"""The one command on a real POC + MLflow server: exit status, summary, cross-site matrix, MLflow, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+from conftest import LOCAL_EPOCHS, REPO_ROOT, ROUNDS, SITES, runner_cmd
+
+from spleen_fl.experiment import GLOBAL_MODEL, all_pids
+from spleen_fl.poc import PocLock, pid_alive
+
+pytestmark = pytest.mark.slow
+
+
+def _output(run) -> str:
+    return f"exit {run.returncode}\n--- stdout ---\n{run.stdout[-4000:]}\n--- stderr ---\n{run.stderr[-3000:]}"
+
+
+def test_exits_zero_and_prints_results(experiment_run):
+    assert experiment_run.returncode == 0, _output(experiment_run)
+    out = experiment_run.stdout
+    assert f"round {ROUNDS}/{ROUNDS} done" in out
+    assert "cross-site validation (Dice, rows: models, columns: sites)" in out
+    assert "untrained" in out and f"after {ROUNDS} rounds" in out
+    assert "MLflow: http://127.0.0.1:" in out and "experiment 'spleen_ct_segmentation_local'" in out
+
+
+def test_summary_fields_present_and_consistent(experiment_run):
+    s = experiment_run.summary
+    assert s["job_name"] == "spleen_ct_segmentation_local" and s["status"] == "FINISHED:COMPLETED"
+    assert s["job_id"] and s["sites"] == SITES
+    assert s["rounds"] == ROUNDS and s["local_epochs"] == LOCAL_EPOCHS
+    assert len(s["round_times_s"]) == ROUNDS and all(t > 0 for t in s["round_times_s"])
+    assert 0 < sum(s["round_times_s"]) < s["wall_time_s"] < experiment_run.seconds + 1
+    assert sorted(s["untrained_dice"]) == SITES
+    assert all(0.0 <= d <= 1.0 for d in s["untrained_dice"].values())
+    assert s["mlflow"]["tracking_uri"].startswith("http://127.0.0.1:") and s["mlflow"]["experiment_id"]
+    assert sorted(s["mlflow"]["run_ids"]) == SITES
+    run_dir = experiment_run.run_dir
+    assert (run_dir.parent / "latest").resolve() == run_dir
+    assert (run_dir / "job_result" / s["job_id"]).is_dir(), "the downloaded job"
+    assert (run_dir / "cross_val_results.json").is_file()
+    assert (run_dir / "mlflow" / "mlflow.db").is_file()
+    assert (run_dir / "poc" / "example_project" / "prod_00" / "site-1" / s["job_id"] / "log.txt").is_file()
+    for site in SITES:
+        lists = json.loads((run_dir / "datalists" / f"{site}.json").read_text())
+        assert lists["training"] and lists["validation"]
+
+
+def test_cross_site_matrix_is_complete(experiment_run):
+    cross = experiment_run.summary["cross_site"]
+    assert {GLOBAL_MODEL, *SITES} <= set(cross), sorted(cross)
+    for model, by_site in cross.items():
+        assert sorted(by_site) == SITES, (model, by_site)
+        assert all(0.0 <= d <= 1.0 for d in by_site.values()), (model, by_site)
+    assert experiment_run.summary["final_global_dice"] == cross[GLOBAL_MODEL]
+    raw = json.loads((experiment_run.run_dir / "cross_val_results.json").read_text())
+    assert raw[SITES[0]][GLOBAL_MODEL]["val_mean_dice"] == cross[GLOBAL_MODEL][SITES[0]]
+
+
+def test_mlflow_server_holds_per_site_series(experiment_run, run_mlflow):
+    client = mlflow.MlflowClient(run_mlflow.url)
+    s = experiment_run.summary
+    epochs = ROUNDS * LOCAL_EPOCHS
+    for site, run_id in s["mlflow"]["run_ids"].items():
+        run = client.get_run(run_id)
+        assert site in run.info.run_name and run.info.experiment_id == s["mlflow"]["experiment_id"]
+        dice = client.get_metric_history(run_id, "val_mean_dice")
+        loss_epoch = client.get_metric_history(run_id, "train_loss_epoch")
+        loss = client.get_metric_history(run_id, "train_loss")
+        global_dice = client.get_metric_history(run_id, "global_val_mean_dice")
+        assert len(dice) == epochs and len({m.step for m in dice}) == epochs, (site, dice)
+        assert len(loss_epoch) == epochs, (site, loss_epoch)
+        assert len(loss) >= epochs, (site, loss)
+        assert sorted(m.step for m in global_dice) == list(range(ROUNDS)), (site, global_dice)
+        assert global_dice[0].value == pytest.approx(s["untrained_dice"][site], abs=1e-3)
+
+
+def test_no_process_of_the_run_is_left(experiment_run):
+    pids = all_pids(experiment_run.pid_file)
+    recorded = json.loads(experiment_run.pid_file.read_text())
+    assert "mlflow" in recorded and {"server", *SITES} <= set(recorded["poc"]), recorded
+    alive = [p for p in pids if pid_alive(p)]
+    assert alive == [], f"still alive: {alive} ({recorded})"
+    group = recorded["poc"]["poc_group"]
+    assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 1
+
+
+def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
+    """Hold the POC lock the way an active run does; a second run must stop at once, saying why, leaving nothing."""
+    with PocLock("an active test run"):
+        proc = subprocess.run(
+            runner_cmd(tmp_path, "--timeout", "300"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=400
+        )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: another POC run is active (pid ")
+    run_dir = (tmp_path / "latest").resolve()
+    assert [p for p in all_pids(run_dir / "pids.json") if pid_alive(p)] == []
+
+
+def test_ctrl_c_stops_everything(experiment_run, tmp_path):
+    """SIGINT once the job is submitted: exit 130 and no process of the run left."""
+    proc = subprocess.Popen(
+        runner_cmd(tmp_path, "--timeout", "600"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("submitted "):
+                break
+        else:
+            pytest.fail(f"never submitted: {proc.stderr.read()}")
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130, proc.stderr.read()
+    run_dir = (tmp_path / "latest").resolve()
+    pids = all_pids(run_dir / "pids.json")
+    assert len(pids) >= 4 and [p for p in pids if pid_alive(p)] == []
