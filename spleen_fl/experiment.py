@@ -607,6 +607,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             "logs": str(run_dir / "logs"),
             **{f"log_{n}": str(p) for n, p in log_roots.items()},
         }
+        param_count = _param_count(download_dir) if progress.he_events else None
         summary = build_summary(
             settings=settings,
             job_id=job_id,
@@ -617,6 +618,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             cross_site_results=cross_site_results,
             mlflow_info=info,
             paths=paths,
+            param_count=param_count,
         )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _report(summary, site_names, out)
@@ -662,6 +664,21 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             left = [p for p in all_pids(pid_file) if _alive(p)]
             if left:
                 out(f"warning: processes still alive after stopping: {left}")
+
+
+def _param_count(download_dir: Path) -> int | None:
+    """Number of weights in the downloaded global model (for the plain update size of HE runs)."""
+    found = sorted(download_dir.rglob("FL_global_model.pt"))
+    if not found:
+        return None
+    try:
+        import torch
+
+        state = torch.load(found[0], map_location="cpu", weights_only=False)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        return int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
+    except Exception:
+        return None
 
 
 def _alive(pid: int) -> bool:
