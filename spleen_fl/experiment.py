@@ -389,7 +389,7 @@ def prepare_data(settings: ExperimentSettings, run_dir: Path, log: Callable[[str
     else:
         shape = settings.synthetic_shape
         key = f"synthetic-n{settings.synthetic_cases}-{'x'.join(map(str, shape))}-seed{settings.synthetic_seed}"
-        cache = settings.runs_dir / "cache" / key
+        cache = Path(settings.runs_dir).resolve() / "cache" / key  # absolute: the clients run elsewhere
         dataset = cache / "Task09_Spleen"
         meta = dataset / "dataset.json"
         if meta.is_file() and len(json.loads(meta.read_text()).get("training", [])) == settings.synthetic_cases:
