@@ -130,3 +130,34 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
     run_dir = (tmp_path / "latest").resolve()
     pids = all_pids(run_dir / "pids.json")
     assert len(pids) >= 4 and [p for p in pids if pid_alive(p)] == []
+
+
+def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
+    """SIGTERM (e.g. from a CI timeout) in the middle of the POC start: exit 143, nothing left, lock free again."""
+    proc = subprocess.Popen(
+        runner_cmd(tmp_path, "--timeout", "600"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("starting the FL system"):
+                break
+        run_dir = (tmp_path / "latest").resolve()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "poc" not in json.loads((run_dir / "pids.json").read_text()):
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 143, proc.stderr.read()
+    pids = all_pids(run_dir / "pids.json")
+    assert pids and [p for p in pids if pid_alive(p)] == []
+    with PocLock("after the terminated run"):
+        pass
