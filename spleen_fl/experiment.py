@@ -524,6 +524,10 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     mlflow_server = system = None
     keep = False
     try:
+        if not settings.secure:
+            from spleen_fl.poc import preflight
+
+            preflight()
         dataset, datalists = prepare_data(settings, run_dir, out)
         env = {DATA_DIR_ENV: str(dataset), DATALIST_ENV: str(datalists / "{site}.json")}
 

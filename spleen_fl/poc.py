@@ -76,6 +76,17 @@ class PocLock:
         self.release()
 
 
+def preflight(owner: str = "preflight") -> None:
+    """Fail fast (before data and MLflow are set up) when another POC holds the lock or the ports."""
+    PocLock(owner).acquire().release()
+    busy = [p for p in SERVER_PORTS if port_in_use(p)]
+    if busy:
+        raise PocBusyError(
+            f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 are in use: another NVFlare POC or server is "
+            "running; stop it first"
+        )
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
