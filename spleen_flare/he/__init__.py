@@ -1,0 +1,1 @@
+"""Homomorphic-encryption (TenSEAL CKKS) pieces for the spleen_ct_segmentation_he job."""
