@@ -57,8 +57,10 @@ def main() -> None:
     print(f"tensors={len(params)} parameters={flat.size} plain_bytes={plain_bytes} public_context_bytes={ctx_bytes}")
     print(f"stock: bytes={stock_bytes} ratio={stock_bytes / plain_bytes:.1f}x encrypt_s={t_stock:.1f}")
     print(f"stock ciphertext only: bytes={ct_bytes} ratio={ct_bytes / plain_bytes:.1f}x")
-    print(f"packed (one context): ciphertexts={len(packed)} bytes={packed_bytes} "
-          f"ratio={packed_bytes / plain_bytes:.1f}x encrypt_s={t_packed:.1f}")
+    print(
+        f"packed (one context): ciphertexts={len(packed)} bytes={packed_bytes} "
+        f"ratio={packed_bytes / plain_bytes:.1f}x encrypt_s={t_packed:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ and again after it is loaded, so what is broadcast is plain ciphertext bytes (th
 
 from __future__ import annotations
 
-from typing import Union
-
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.he.cross_site_model_eval import HECrossSiteModelEval
@@ -25,7 +23,7 @@ class SerializingHECrossSiteModelEval(HECrossSiteModelEval):
             serialize_nested_dict(dxo.data)
         return super()._save_dxo_content(name, save_dir, dxo, fl_ctx)
 
-    def _load_validation_content(self, name: str, load_dir: str, fl_ctx: FLContext) -> Union[DXO, None]:
+    def _load_validation_content(self, name: str, load_dir: str, fl_ctx: FLContext) -> DXO | None:
         dxo = super()._load_validation_content(name, load_dir, fl_ctx)
         if dxo is not None and isinstance(dxo.data, dict):
             serialize_nested_dict(dxo.data)

@@ -31,8 +31,11 @@ class HEBundleModelPersistor(BundleModelPersistor):
         serialize_nested_dict(weights)
         self._latest = ml
         self.save_model_file(self._ckpt_save_path)
-        print(f"[spleen-he] side=server stage=persist encrypted_tensors="
-              f"{sum(isinstance(v, bytes) for v in weights.values())} path={self._ckpt_save_path}", flush=True)
+        print(
+            f"[spleen-he] side=server stage=persist encrypted_tensors="
+            f"{sum(isinstance(v, bytes) for v in weights.values())} path={self._ckpt_save_path}",
+            flush=True,
+        )
 
     def save_model_file(self, save_path: str) -> None:
         if self._latest is None:
@@ -40,8 +43,13 @@ class HEBundleModelPersistor(BundleModelPersistor):
             return
         tmp = save_path + ".tmp"
         with open(tmp, "wb") as f:
-            pickle.dump({"weights": dict(self._latest[ModelLearnableKey.WEIGHTS]),
-                         "meta": dict(self._latest.get(ModelLearnableKey.META) or {})}, f)
+            pickle.dump(
+                {
+                    "weights": dict(self._latest[ModelLearnableKey.WEIGHTS]),
+                    "meta": dict(self._latest.get(ModelLearnableKey.META) or {}),
+                },
+                f,
+            )
         os.replace(tmp, save_path)
 
     def _get_model_from_location(self, location, fl_ctx: FLContext):

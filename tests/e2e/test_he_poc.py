@@ -20,8 +20,23 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def he_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs = tmp_path_factory.mktemp("he_runs")
-    cmd = [sys.executable, "-m", "spleen_fl.cli.run_experiment", "--job", "he", "--rounds", "2",
-           "--local-epochs", "1", "--synthetic-cases", "4", "--runs-dir", str(runs), "--timeout", "600"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spleen_fl.cli.run_experiment",
+        "--job",
+        "he",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "1",
+        "--synthetic-cases",
+        "4",
+        "--runs-dir",
+        str(runs),
+        "--timeout",
+        "600",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=720)
     summaries = list(runs.glob("*/summary.json"))
     assert summaries, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,7 +53,8 @@ def test_he_job_completes_with_cross_site_results(he_run: dict) -> None:
 def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: dict) -> None:
     run_dir = he_run["_run_dir"]
     model_files = list(run_dir.glob("job_result/*/workspace/app_server/FL_global_model.pt")) + list(
-        run_dir.glob("job_result/*/workspace/**/FL_global_model.pt"))
+        run_dir.glob("job_result/*/workspace/**/FL_global_model.pt")
+    )
     assert model_files, "no persisted global model"
     data = pickle.loads(model_files[0].read_bytes())
     weights = data["weights"]

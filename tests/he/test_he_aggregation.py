@@ -33,7 +33,9 @@ def _encrypt(ctx: ts.Context, diff: dict, n_steps: int) -> DXO:
     enc.tenseal_context = ctx
     enc.n_iter = n_steps
     enc.encrypt_layers = [True]  # what START_RUN sets when no layer list is configured
-    dxo = DXO(DataKind.WEIGHT_DIFF, {k: v.copy() for k, v in diff.items()}, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: n_steps})
+    dxo = DXO(
+        DataKind.WEIGHT_DIFF, {k: v.copy() for k, v in diff.items()}, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: n_steps}
+    )
     return enc._process(dxo, FLContext())
 
 
