@@ -9,8 +9,11 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r requirements.txt
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  log=.venv/pip-install.log
+  echo "installing requirements.txt into .venv (a few minutes the first time; log: $log)"
+  { .venv/bin/python -m pip install --upgrade pip \
+      && .venv/bin/python -m pip install -r requirements.txt \
+      && .venv/bin/python -m pip install --no-deps -e .; } > "$log" 2>&1 \
+    || { tail -n 20 "$log" >&2; echo "error: pip install failed (full log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
