@@ -29,7 +29,6 @@ from spleen_fl.jobs import JOBS_DIR, REPO_ROOT, JobSettings, prepare_job
 JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
 GLOBAL_MODEL = "SRV_FL_global_model.pt"
 DEFAULT_RUNS_DIR = REPO_ROOT / "runs"
-SECURE_WORKSPACE = Path("workspaces/secure_workspace")
 DATA_DIR_ENV = "SPLEEN_DATA_DIR"
 DATALIST_ENV = "SPLEEN_DATALIST"
 TERMINAL_OK = ("FINISHED:COMPLETED", "FINISHED_OK")
@@ -294,29 +293,35 @@ def format_cross_site_table(cross_site: dict[str, dict[str, float]], sites: list
 
 
 def he_summary(events: list[dict], param_count: int | None = None) -> dict:
-    """HE costs from ``[spleen-he]`` events: per-round seconds per stage and one client update's size."""
-    if not events:
+    """HE costs from ``[spleen-he]`` events: per-round seconds per stage and one client update's size.
+
+    Per round and stage the slowest participant counts. Only training rounds count (``task=train``, or no task,
+    and an integer ``round``): cross-site evaluation's encrypt/decrypt lines are left out.
+    """
+    train = [e for e in events if e.get("task", "train") == "train" and isinstance(e.get("round"), int)]
+    if not train:
         return {}
     out: dict = {}
     for stage in ("encrypt", "aggregate", "decrypt"):
         per_round: dict[int, float] = {}
-        for e in events:
+        for e in train:
             if e.get("stage") == stage and isinstance(e.get("seconds"), float | int):
-                rnd = e.get("round") if isinstance(e.get("round"), int) else -1
-                per_round[rnd] = max(per_round.get(rnd, 0.0), float(e["seconds"]))
+                per_round[e["round"]] = max(per_round.get(e["round"], 0.0), float(e["seconds"]))
         out[f"{stage}_s"] = [per_round[r] for r in sorted(per_round)]
     client_enc = [
         e
-        for e in events
+        for e in train
         if e.get("stage") == "encrypt" and e.get("side") != "server" and isinstance(e.get("bytes"), int)
     ]
     if client_enc:
-        first = min(client_enc, key=lambda e: (e.get("round", 0), str(e.get("side"))))
+        first = min(client_enc, key=lambda e: (e["round"], str(e.get("side"))))
         out["update_bytes_encrypted"] = first["bytes"]
         plain = first.get("plain_bytes")
         if not isinstance(plain, int) and param_count:
             plain = 4 * param_count  # float32 weights
         out["update_bytes_plain"] = plain
+        if isinstance(plain, int) and plain > 0:
+            out["update_bytes_ratio"] = round(first["bytes"] / plain, 2)
     return out
 
 
@@ -495,17 +500,30 @@ def _install_sigterm() -> Callable[[], None]:
 
 def _make_system(settings: ExperimentSettings, run_dir: Path, env: dict[str, str], pid_file: Path):
     if settings.secure:
-        try:
-            from spleen_fl.secure import SecureSystem
-        except ImportError as err:
-            raise SettingsError(
-                f"--secure needs spleen_fl.secure.SecureSystem, which is not available ({err})"
-            ) from None
-        os.environ.update(env)  # the secure system's participants inherit our environment
-        return SecureSystem(workspace_dir=SECURE_WORKSPACE, n_sites=settings.sites)
+        from spleen_fl.secure import SecureSystem
+
+        # The provisioned kits already hold the TLS certificates and the CKKS context (HE needs no extra flag).
+        return SecureSystem(n_sites=settings.sites, env=env, pid_file=pid_file)
     from spleen_fl.poc import PocSystem
 
     return PocSystem(run_dir / "poc", settings.sites, he=settings.job == "he", env=env, pid_file=pid_file)
+
+
+def _preflight(settings: ExperimentSettings) -> None:
+    """Fail fast, before data and MLflow, when the FL system cannot start."""
+    if settings.secure:
+        from spleen_fl.secure import NotProvisionedError, SecureError, preflight
+
+        try:
+            preflight(settings.sites)
+        except NotProvisionedError as err:
+            raise SettingsError(str(err)) from None
+        except SecureError as err:
+            raise ExperimentError(str(err)) from None
+    else:
+        from spleen_fl.poc import preflight
+
+        preflight()
 
 
 def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = print) -> int:
@@ -524,10 +542,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     mlflow_server = system = None
     keep = False
     try:
-        if not settings.secure:
-            from spleen_fl.poc import preflight
-
-            preflight()
+        _preflight(settings)
         dataset, datalists = prepare_data(settings, run_dir, out)
         env = {DATA_DIR_ENV: str(dataset), DATALIST_ENV: str(datalists / "{site}.json")}
 
@@ -643,7 +658,10 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
         keep = settings.keep_running
         if keep:
             out("")
-            out("still running (--keep-running): POC and MLflow stay up. Stop them with:")
+            out(
+                f"still running (--keep-running): {'the secure system' if settings.secure else 'POC'} and MLflow "
+                "stay up. Stop them with:"
+            )
             out(f"  ./run_experiment.sh --stop {run_dir}")
             if not settings.secure:
                 out(
@@ -706,6 +724,14 @@ def _report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None
             )
     out("")
     out(f"wall time {_mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
+    if summary.get("update_bytes_encrypted"):
+        plain = summary.get("update_bytes_plain")
+        ratio = f" = {summary['update_bytes_ratio']}x the plaintext {plain / 1e6:.1f} MB" if plain else ""
+        out(
+            f"HE: one client update {summary['update_bytes_encrypted'] / 1e6:.1f} MB{ratio}; per round (s): "
+            f"encrypt {summary.get('encrypt_s')}, aggregate {summary.get('aggregate_s')}, "
+            f"decrypt {summary.get('decrypt_s')}"
+        )
     m = summary["mlflow"]
     out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
     if m.get("experiment_id") is not None:
@@ -736,6 +762,10 @@ def stop_run(run_dir: Path, out: Callable[[str], None] = print) -> int:
             )
     groups = {k: v for k, v in poc.items() if isinstance(v, int)}
     left = stop_pids(groups)
+    if (data.get("secure") or {}).get("workspace"):
+        from spleen_fl.secure import stop_system
+
+        left += stop_system(Path(data["secure"]["workspace"]))
     if isinstance(data.get("mlflow"), int):
         left += stop_pids({"poc_group": data["mlflow"], "mlflow": data["mlflow"]})
     if left:
