@@ -99,6 +99,7 @@ def main() -> None:
                         params=runner.get_weights(),
                         metrics={KEY_METRIC: global_dice},
                         meta={NUM_STEPS_KEY: steps},
+                        current_round=model.current_round,  # result filters (HE) log the round
                     )
                 )
             elif flare.is_evaluate():

@@ -1,21 +1,44 @@
-"""Server-side persistor for the HE job: stores the encrypted global model as ciphertext bytes.
+"""Server-side persistor for the HE job: stores the encrypted global model as it is, ciphertext bytes.
 
-After the first HE round the global model holds CKKS ciphertexts (bytes), which the plain PyTorch persistor
-tries to load into the network and refuses (shape mismatch). This one never decrypts (the server has no secret
-key): it pickles the learnable as it is, ciphertext bytes plus CKKS metadata, and serves it back to the model
-locator for cross-site evaluation so that clients decrypt it themselves.
+After the first HE round the global model is a packed CKKS aggregate (ciphertext bytes, plaintext integer
+buffers, layout and total weight in the metadata; see ``spleen_flare.he.packing``), which NVFlare's PyTorch
+persistor cannot load into the network. This one never decrypts (the server has no secret key): it writes the
+model as an NVFlare DXO file (FOBS, like cross-site evaluation's model files) at the usual checkpoint paths and
+serves it back to the model locator for cross-site evaluation, so that the sites decrypt it themselves. The
+initial (plaintext) model is handled by the usual PyTorch checkpoint code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import pickle
+from pathlib import Path
 
+from nvflare.apis.dxo import from_file
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
-from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
+from nvflare.app_common.abstract.model import (
+    ModelLearnable,
+    ModelLearnableKey,
+    make_model_learnable,
+    model_learnable_to_dxo,
+)
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.decomposers import numpy_decomposers
 
-from spleen_flare.persistor import BundleModelPersistor
+from spleen_flare.he.packing import HE_META_KEY, is_packed
+from spleen_flare.persistor import HISTORY_FILE, BundleModelPersistor
+
+
+def packed_digest(weights: dict) -> str:
+    """sha256 over the sorted entries' bytes (ciphertexts as they are)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        value = weights[name]
+        digest.update(name.encode())
+        digest.update(value if isinstance(value, bytes) else memoryview(value).tobytes())
+    return digest.hexdigest()
 
 
 class HEBundleModelPersistor(BundleModelPersistor):
@@ -23,41 +46,61 @@ class HEBundleModelPersistor(BundleModelPersistor):
 
     _latest: ModelLearnable | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        numpy_decomposers.register()  # the DXO files hold numpy arrays (plaintext integer buffers)
+
+    @staticmethod
+    def _is_packed(ml: ModelLearnable | None) -> bool:
+        return isinstance(ml, dict) and is_packed(ml.get(ModelLearnableKey.META))
+
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
-        weights = ml.get(ModelLearnableKey.WEIGHTS) or {}
-        if not any(isinstance(v, bytes) or type(v).__name__ == "CKKSVector" for v in weights.values()):
+        if not self._is_packed(ml):
+            self._latest = None
             super().save_model(ml, fl_ctx)  # plaintext (initial) model: the usual checkpoint
             return
-        serialize_nested_dict(weights)
         self._latest = ml
         self.save_model_file(self._ckpt_save_path)
+        weights = ml[ModelLearnableKey.WEIGHTS]
+        self._record_packed(weights, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        he_meta = ml[ModelLearnableKey.META][HE_META_KEY]
         print(
-            f"[spleen-he] side=server stage=persist encrypted_tensors="
-            f"{sum(isinstance(v, bytes) for v in weights.values())} path={self._ckpt_save_path}",
+            f"[spleen-he] side=server stage=persist ciphertexts={he_meta['chunks']} "
+            f"contributions={he_meta['contributions']} path={self._ckpt_save_path}",
             flush=True,
         )
+
+    def handle_event(self, event: str, fl_ctx: FLContext) -> None:
+        if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            ml = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            if self._is_packed(ml):
+                self._write_packed(ml, self._best_ckpt_save_path)
+                return
+        super().handle_event(event, fl_ctx)
 
     def save_model_file(self, save_path: str) -> None:
         if self._latest is None:
             super().save_model_file(save_path)
-            return
-        tmp = save_path + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(
-                {
-                    "weights": dict(self._latest[ModelLearnableKey.WEIGHTS]),
-                    "meta": dict(self._latest.get(ModelLearnableKey.META) or {}),
-                },
-                f,
-            )
+        else:
+            self._write_packed(self._latest, save_path)
+
+    @staticmethod
+    def _write_packed(ml: ModelLearnable, save_path: str) -> None:
+        tmp = f"{save_path}.tmp"
+        model_learnable_to_dxo(ml).to_file(tmp)
         os.replace(tmp, save_path)
+
+    def _record_packed(self, weights: dict, round_label) -> None:
+        history_path = Path(self.log_dir) / HISTORY_FILE
+        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        history.append({"round": round_label, "sha256": packed_digest(weights), "encrypted": True})
+        tmp = history_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(history, indent=2))
+        os.replace(tmp, history_path)
 
     def _get_model_from_location(self, location, fl_ctx: FLContext):
         try:
-            with open(location, "rb") as f:
-                data = pickle.load(f)
-            if isinstance(data, dict) and set(data) == {"weights", "meta"}:
-                return make_model_learnable(data["weights"], data["meta"])
-        except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError):
-            pass
-        return super()._get_model_from_location(location, fl_ctx)
+            dxo = from_file(location)
+        except Exception:  # not a DXO file: a plaintext PyTorch checkpoint
+            return super()._get_model_from_location(location, fl_ctx)
+        return make_model_learnable(dxo.data, dict(dxo.meta or {}))

@@ -1,0 +1,139 @@
+"""Server-side pieces of the HE job: add packed CKKS updates, carry the sum as the global model.
+
+``PackedHEAggregator`` replaces NVFlare's ``HEInTimeAccumulateWeightedAggregator``: the sites have already
+multiplied their ciphertexts by their weights, so the server only adds ciphertexts (with the public context
+from its kit; it refuses a context that holds a secret key) and sums the plaintext weights. The aggregate is
+``sum_i w_i * x_i`` plus ``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
+``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->
+ModelLearnable meta and back), so the persistor and cross-site evaluation carry the weight with the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.abstract.model import ModelLearnable, make_model_learnable, model_learnable_to_dxo
+from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.decomposers import numpy_decomposers
+from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
+from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
+
+from spleen_flare.he.filters import he_log_line
+from spleen_flare.he.packing import HE_META_KEY, PackedSum, packed_bytes
+
+
+class PackedHEAggregator(Aggregator):
+    """Adds packed, pre-weighted CKKS updates of one round (in time, as they arrive)."""
+
+    def __init__(self, tenseal_context_file: str = "server_context.tenseal") -> None:
+        super().__init__()
+        self.tenseal_context_file = tenseal_context_file
+        self.tenseal_context = None
+        self._lock = threading.RLock()  # reentrant: accept() may run START_RUN handling
+        self._sum: PackedSum | None = None
+        self._contributors: set[str] = set()
+        self._add_seconds = 0.0
+        numpy_decomposers.register()
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+            if self.tenseal_context.is_private():
+                raise ValueError(
+                    f"{self.tenseal_context_file} holds a secret key: the server must have the public context only"
+                )
+            self.reset(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self.tenseal_context = None
+
+    def reset(self, fl_ctx: FLContext) -> None:
+        with self._lock:
+            self._sum = PackedSum(self.tenseal_context) if self.tenseal_context is not None else None
+            self._contributors = set()
+            self._add_seconds = 0.0
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        contributor = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        rc = shareable.get_return_code()
+        if rc and rc != ReturnCode.OK:
+            self.log_warning(fl_ctx, f"{contributor} returned rc {rc}: contribution disregarded")
+            return False
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:
+            self.log_exception(fl_ctx, f"result from {contributor} is not a DXO")
+            return False
+        he_meta = (dxo.meta or {}).get(HE_META_KEY)
+        if dxo.data_kind != DataKind.WEIGHTS or he_meta is None:
+            self.log_error(fl_ctx, f"{contributor} sent {dxo.data_kind} without packed CKKS data: refused")
+            return False
+        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if contribution_round != current_round:
+            self.log_warning(fl_ctx, f"{contributor}: result of round {contribution_round} in round {current_round}")
+            return False
+        with self._lock:
+            if self._sum is None:  # reset() ran before START_RUN loaded the context
+                if self.tenseal_context is None:
+                    self.handle_event(EventType.START_RUN, fl_ctx)
+                self._sum = PackedSum(self.tenseal_context)
+            if contributor in self._contributors:
+                self.log_warning(fl_ctx, f"{contributor} already contributed in round {current_round}")
+                return False
+            start = time.perf_counter()
+            try:
+                self._sum.add(dxo.data, he_meta)
+            except (ValueError, KeyError, TypeError) as err:
+                self.log_error(fl_ctx, f"{contributor}: {err}")
+                return False
+            self._add_seconds += time.perf_counter() - start
+            self._contributors.add(contributor)
+        return True
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        with self._lock:
+            if self._sum is None or self._sum.count == 0:
+                raise ValueError("no packed HE updates were accepted this round")
+            start = time.perf_counter()
+            data, he_meta = self._sum.result()
+            serialize_seconds = time.perf_counter() - start
+            add_seconds = self._add_seconds
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        print(
+            he_log_line(
+                "server",
+                "aggregate",
+                "train",
+                rnd if isinstance(rnd, int) else None,
+                add_seconds + serialize_seconds,
+                add_s=f"{add_seconds:.3f}",
+                serialize_s=f"{serialize_seconds:.3f}",
+                contributions=he_meta["contributions"],
+                bytes=packed_bytes(data),
+                weight=f"{he_meta['weight']:g}",
+            ),
+            flush=True,
+        )
+        meta = {HE_META_KEY: he_meta, MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM_CKKS}
+        return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta).to_shareable()
+
+
+class PackedHEShareableGenerator(ShareableGenerator):
+    """Global model <-> task data, unchanged: plaintext at the start, packed ciphertexts + total weight after."""
+
+    def learnable_to_shareable(self, model: ModelLearnable, fl_ctx: FLContext) -> Shareable:
+        return model_learnable_to_dxo(model).to_shareable()
+
+    def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS or HE_META_KEY not in (dxo.meta or {}):
+            raise ValueError(f"expected a packed CKKS aggregate (DataKind.WEIGHTS), got {dxo.data_kind}")
+        return make_model_learnable(dxo.data, dict(dxo.meta))

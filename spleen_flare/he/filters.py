@@ -1,0 +1,162 @@
+"""Client-side filters of the HE job: pack + encrypt what a site sends, decrypt + unpack what it receives.
+
+``PackedHEEncryptor`` (task results: train, submit_model) replaces NVFlare's ``HEModelEncryptor``: all float
+tensors go into as few CKKS ciphertexts as the slots allow, each multiplied by the site's aggregation weight
+(local steps x ``weight_scale`` for train, 1 for submit_model), serialized without a TenSEAL context; the total
+weight travels as plaintext metadata. ``PackedHEDecryptor`` (task data: train, validate) decrypts with the
+site's secret key and divides by the total weight; plaintext models (the initial global model) pass through.
+Both print one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
+one command collects into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
+from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
+
+from spleen_flare.he.packing import HE_META_KEY, decrypt_model, encrypt_model, packed_bytes, rescale_gain
+
+
+def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:
+    for value in (
+        shareable.get_header(AppConstants.CURRENT_ROUND),
+        shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND),
+        fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
+    ):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def he_log_line(side: str, stage: str, task: str | None, rnd: int | None, seconds: float, **fields) -> str:
+    """``[spleen-he] side=.. stage=.. task=.. round=.. seconds=.. k=v ...`` (round only when known)."""
+    parts = [f"side={side}", f"stage={stage}", f"task={task or '?'}"]
+    if rnd is not None:
+        parts.append(f"round={rnd}")
+    parts.append(f"seconds={seconds:.3f}")
+    parts += [f"{k}={v}" for k, v in fields.items()]
+    return "[spleen-he] " + " ".join(parts)
+
+
+class PackedHEEncryptor(DXOFilter):
+    """Encrypts a WEIGHTS result into packed, weighted, lowest-level CKKS ciphertexts (see the module doc)."""
+
+    def __init__(
+        self,
+        tenseal_context_file: str = "client_context.tenseal",
+        weigh_by_local_iter: bool = True,
+        weight_scale: float = 1.0,
+        max_clients: int = 8,
+    ) -> None:
+        """
+        Args:
+            tenseal_context_file: the site's TenSEAL context (with secret key) from provisioning.
+            weigh_by_local_iter: weight = local steps (DXO meta NUM_STEPS_CURRENT_ROUND) x weight_scale; else 1.
+            weight_scale: multiplies the step count; lower it if the CKKS range check fails.
+            max_clients: how many updates the server may add up (the range check allows for that many).
+        """
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+        self.tenseal_context_file = tenseal_context_file
+        self.weigh_by_local_iter = weigh_by_local_iter
+        self.weight_scale = float(weight_scale)
+        self.max_clients = int(max_clients)
+        self.tenseal_context = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self.tenseal_context = None
+
+    def aggregation_weight(self, dxo: DXO) -> float:
+        if not self.weigh_by_local_iter:
+            return 1.0
+        steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+        if not isinstance(steps, int | float) or steps <= 0:
+            raise ValueError(f"HE encryptor: weigh_by_local_iter needs a positive NUM_STEPS_CURRENT_ROUND, got {steps}")
+        return float(steps) * self.weight_scale
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ValueError(
+                f"HE encryptor expects full weights (DataKind.WEIGHTS), got {dxo.data_kind}: set "
+                '"params_transfer_type": "FULL" in config_fed_client.json'
+            )
+        if HE_META_KEY in (dxo.meta or {}):
+            raise ValueError("HE encryptor: this DXO is already encrypted")
+        if self.tenseal_context is None:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        weight = self.aggregation_weight(dxo)
+        plain_bytes = sum(getattr(v, "nbytes", 0) for v in dxo.data.values())
+        start = time.perf_counter()
+        data, he_meta = encrypt_model(dxo.data, self.tenseal_context, weight, self.max_clients)
+        seconds = time.perf_counter() - start
+        meta = dict(dxo.meta or {})
+        meta[HE_META_KEY] = he_meta
+        meta[MetaKey.PROCESSED_ALGORITHM] = HE_ALGORITHM_CKKS
+        enc_bytes = packed_bytes(data)
+        line = he_log_line(
+            fl_ctx.get_identity_name(default="?"),
+            "encrypt",
+            fl_ctx.get_prop(FLContextKey.TASK_NAME),
+            _round_of(shareable, fl_ctx),
+            seconds,
+            bytes=enc_bytes,
+            plain_bytes=plain_bytes,
+            ratio=f"{enc_bytes / max(plain_bytes, 1):.2f}",
+            ciphertexts=he_meta["chunks"],
+            weight=f"{weight:g}",
+        )
+        print(line, flush=True)  # lands in the site's log, which the one command follows
+        return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta)
+
+
+class PackedHEDecryptor(DXOFilter):
+    """Decrypts packed models with the site's secret key and divides by the total weight."""
+
+    def __init__(self, tenseal_context_file: str = "client_context.tenseal") -> None:
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+        self.tenseal_context_file = tenseal_context_file
+        self.tenseal_context = None
+        self._gain: float | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self.tenseal_context = None
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        he_meta = (dxo.meta or {}).get(HE_META_KEY)
+        if he_meta is None:
+            self.log_info(fl_ctx, "plaintext model (the initial global model is not encrypted): passed through")
+            return None
+        if self.tenseal_context is None:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        start = time.perf_counter()
+        if self._gain is None:
+            self._gain = rescale_gain(self.tenseal_context)
+        params = decrypt_model(dxo.data, he_meta, self.tenseal_context, self._gain)
+        seconds = time.perf_counter() - start
+        meta = {k: v for k, v in (dxo.meta or {}).items() if k not in (HE_META_KEY, MetaKey.PROCESSED_ALGORITHM)}
+        line = he_log_line(
+            fl_ctx.get_identity_name(default="?"),
+            "decrypt",
+            fl_ctx.get_prop(FLContextKey.TASK_NAME),
+            _round_of(shareable, fl_ctx),
+            seconds,
+            bytes=packed_bytes(dxo.data),
+            contributions=he_meta["contributions"],
+            weight=f"{he_meta['weight']:g}",
+        )
+        print(line, flush=True)
+        return DXO(data_kind=DataKind.WEIGHTS, data=params, meta=meta)
