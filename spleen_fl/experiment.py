@@ -295,19 +295,21 @@ def format_cross_site_table(cross_site: dict[str, dict[str, float]], sites: list
 def he_summary(events: list[dict], param_count: int | None = None) -> dict:
     """HE costs from ``[spleen-he]`` events: per-round seconds per stage and one client update's size.
 
-    Per round and stage the slowest participant counts. Only training rounds count (``task=train``, or no task,
-    and an integer ``round``): cross-site evaluation's encrypt/decrypt lines are left out.
+    ``<stage>_s[r]`` is round r's time (the slowest participant), ``None`` where round r had no such step (no
+    decryption in round 0: the initial global model is plaintext). Only training rounds count (``task=train``,
+    or no task, and an integer ``round``): cross-site evaluation's encrypt/decrypt lines are left out.
     """
     train = [e for e in events if e.get("task", "train") == "train" and isinstance(e.get("round"), int)]
     if not train:
         return {}
     out: dict = {}
+    last_round = max(e["round"] for e in train)
     for stage in ("encrypt", "aggregate", "decrypt"):
         per_round: dict[int, float] = {}
         for e in train:
             if e.get("stage") == stage and isinstance(e.get("seconds"), float | int):
                 per_round[e["round"]] = max(per_round.get(e["round"], 0.0), float(e["seconds"]))
-        out[f"{stage}_s"] = [per_round[r] for r in sorted(per_round)]
+        out[f"{stage}_s"] = [per_round.get(r) for r in range(last_round + 1)]
     client_enc = [
         e
         for e in train

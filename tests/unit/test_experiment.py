@@ -147,9 +147,23 @@ def test_he_summary_from_lines():
         "[spleen-he] side=site-1 round=1 stage=encrypt seconds=1.2 bytes=5000",
     ]
     out = he_summary([parse_progress_line(x) for x in lines], param_count=100)
-    assert out["encrypt_s"] == [1.7, 1.2]
-    assert out["aggregate_s"] == [0.9] and out["decrypt_s"] == [0.4]
+    assert out["encrypt_s"] == [1.7, 1.2]  # per round, the slowest site
+    assert out["aggregate_s"] == [0.9, None] and out["decrypt_s"] == [0.4, None]  # indexed by round
     assert out["update_bytes_encrypted"] == 5000 and out["update_bytes_plain"] == 400
+
+
+def test_he_summary_packed_lines_and_cross_site_left_out():
+    lines = [
+        "[spleen-he] side=site-1 stage=encrypt task=train round=0 seconds=4.8 bytes=1600 plain_bytes=200 ratio=8.0",
+        "[spleen-he] side=server stage=aggregate task=train round=0 seconds=1.1 add_s=0.5 serialize_s=0.6",
+        "[spleen-he] side=site-1 stage=decrypt task=train round=1 seconds=2.9 bytes=1600",
+        "[spleen-he] side=site-2 stage=encrypt task=submit_model seconds=9.9 bytes=1",
+        "[spleen-he] side=site-2 stage=decrypt task=validate round=1 seconds=9.9 bytes=1",
+    ]
+    out = he_summary([parse_progress_line(x) for x in lines])
+    assert out["encrypt_s"] == [4.8, None] and out["aggregate_s"] == [1.1, None] and out["decrypt_s"] == [None, 2.9]
+    assert out["update_bytes_encrypted"] == 1600 and out["update_bytes_plain"] == 200
+    assert out["update_bytes_ratio"] == 8.0
 
 
 def test_run_dir_and_latest_link(tmp_path):
