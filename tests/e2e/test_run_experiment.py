@@ -104,6 +104,10 @@ def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
     assert [p for p in all_pids(run_dir / "pids.json") if pid_alive(p)] == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_everything(experiment_run, tmp_path):
     """SIGINT once the job is submitted: exit 130 and no process of the run left."""
     proc = subprocess.Popen(
@@ -113,6 +117,9 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        # A terminal's Ctrl-C: the default SIGINT action, even when pytest itself runs in the background
+        # (a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
+        preexec_fn=_default_sigint,
     )
     try:
         for line in proc.stdout:
