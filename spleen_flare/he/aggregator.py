@@ -1,7 +1,7 @@
 """Server-side pieces of the HE job: add packed CKKS updates, carry the sum as the global model.
 
 ``PackedHEAggregator`` replaces NVFlare's ``HEInTimeAccumulateWeightedAggregator``: the sites have already
-multiplied their ciphertexts by their weights, so the server only adds ciphertexts (with the public context
+weighted their values before encrypting, so the server only adds ciphertexts (with the public context
 from its kit; it refuses a context that holds a secret key) and sums the plaintext weights. The aggregate is
 ``sum_i w_i * x_i`` plus ``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
 ``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->

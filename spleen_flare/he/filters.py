@@ -1,10 +1,11 @@
 """Client-side filters of the HE job: pack + encrypt what a site sends, decrypt + unpack what it receives.
 
 ``PackedHEEncryptor`` (task results: train, submit_model) replaces NVFlare's ``HEModelEncryptor``: all float
-tensors go into as few CKKS ciphertexts as the slots allow, each multiplied by the site's aggregation weight
-(local steps x ``weight_scale`` for train, 1 for submit_model), serialized without a TenSEAL context; the total
-weight travels as plaintext metadata. ``PackedHEDecryptor`` (task data: train, validate) decrypts with the
-site's secret key and divides by the total weight; plaintext models (the initial global model) pass through.
+tensors, multiplied by the site's aggregation weight (local steps x ``weight_scale`` for train, 1 for
+submit_model), go into as few CKKS ciphertexts as the slots allow, at the lowest modulus level and seeded,
+serialized without a TenSEAL context (see ``packing``); the weight travels as plaintext metadata.
+``PackedHEDecryptor`` (task data: train, validate) decrypts with the site's secret key and divides by the total
+weight; plaintext models (the initial global model) pass through.
 Both print one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
 one command collects into ``summary.json``.
 """
@@ -23,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
 from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
 
-from spleen_flare.he.packing import HE_META_KEY, decrypt_model, encrypt_model, packed_bytes, rescale_gain
+from spleen_flare.he.packing import HE_META_KEY, decrypt_model, encrypt_model, packed_bytes
 
 
 def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:
@@ -127,7 +128,6 @@ class PackedHEDecryptor(DXOFilter):
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
         self.tenseal_context_file = tenseal_context_file
         self.tenseal_context = None
-        self._gain: float | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
@@ -143,9 +143,7 @@ class PackedHEDecryptor(DXOFilter):
         if self.tenseal_context is None:
             self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
         start = time.perf_counter()
-        if self._gain is None:
-            self._gain = rescale_gain(self.tenseal_context)
-        params = decrypt_model(dxo.data, he_meta, self.tenseal_context, self._gain)
+        params = decrypt_model(dxo.data, he_meta, self.tenseal_context)
         seconds = time.perf_counter() - start
         meta = {k: v for k, v in (dxo.meta or {}).items() if k not in (HE_META_KEY, MetaKey.PROCESSED_ALGORITHM)}
         line = he_log_line(

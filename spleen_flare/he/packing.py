@@ -1,31 +1,43 @@
 """Packed CKKS model updates: all float tensors of a model in as few CKKS ciphertexts as the slots allow.
 
 What travels (and what the server keeps) for one packed model:
-- ``data``: ``{"he/ct/00000": ciphertext bytes, ...}``, each ciphertext serialized WITHOUT a TenSEAL context
-  (the server has the public context from its kit, the sites the secret one), plus the integer tensors
+- ``data``: ``{"he/ct/00000": ciphertext, ...}``, each a TenSEAL CKKSVector serialized WITHOUT a TenSEAL context
+  (the server has its public context from its kit, the sites the secret one), plus the integer tensors
   (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
 - ``meta[HE_META_KEY]``: the plaintext layout (names, shapes, dtypes, offsets into the flat vector), the slot
   count and the total aggregation weight ``W``.
 Values are ``w * x`` for one client update and ``sum_i w_i * x_i`` for an aggregate; a site decrypts and divides
-by ``W``, which is FedAvg. The client multiplies each fresh ciphertext by its weight: the plain multiplication
-rescales it to the lowest modulus level (one 60-bit prime instead of two primes), which halves its size, and the
-server then only adds ciphertexts (no multiplication, no key, no decryption).
+by ``W``, which is FedAvg. The server only adds ciphertexts (no multiplication, no key, no decryption).
 
-Range: at the lowest level a value times the scale must stay below the remaining prime, i.e. ``|sum| < 2^19``
-for scale 2^40 and a 60-bit prime; :func:`encrypt_model` refuses updates that could exceed half of that.
+How a site encrypts (:func:`encrypt_model`): it multiplies its values by its weight in plaintext, encodes them
+directly at the LOWEST modulus level (one 60-bit prime instead of the two a fresh TenSEAL vector carries) and
+encrypts them with its secret key (the provisioned context is symmetric), which lets SEAL store the random half
+of the ciphertext as a 64-byte seed: 65.7 KB per 4096 values, 4x the fp32 bytes, against 16x for a fresh TenSEAL
+vector. The server expands the seed when it loads the ciphertext; its sums are full lowest-level ciphertexts
+(131 KB per 4096 values, 8x). TenSEAL's Python API cannot encrypt at a chosen level or keep the seed, so this
+uses TenSEAL's bundled SEAL API (``tenseal.sealapi``) and wraps the SEAL bytes in TenSEAL's CKKSVector format.
+
+Range: at the lowest level a value times the scale must stay below half the remaining prime, i.e.
+``|sum| < 2^19`` for scale 2^40 and a 60-bit prime; :func:`encrypt_model` refuses updates that could exceed
+half of that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 HE_META_KEY = "spleen_he_packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CT_PREFIX = "he/ct/"
 
 
@@ -56,6 +68,79 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def is_packed(meta: Mapping | None) -> bool:
     return bool(meta) and HE_META_KEY in meta
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def ckks_vector_bytes(seal_ciphertext: bytes, size: int, scale: float) -> bytes:
+    """TenSEAL's serialized CKKSVector (protobuf ``CKKSVectorProto``: sizes=1, ciphertexts=2, scale=3)."""
+    sizes = _varint(size)
+    return (
+        b"\x0a"
+        + _varint(len(sizes))
+        + sizes
+        + b"\x12"
+        + _varint(len(seal_ciphertext))
+        + seal_ciphertext
+        + b"\x19"
+        + struct.pack("<d", scale)
+    )
+
+
+@contextlib.contextmanager
+def _scratch_file() -> Iterator[tuple[str, int]]:
+    """A path SEAL can save to and a descriptor to read it back: in memory (memfd) where the OS has it."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("spleen-he-ciphertext")
+        try:
+            yield f"/proc/self/fd/{fd}", fd
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="spleen-he-") as tmp:
+        path = os.path.join(tmp, "ciphertext")
+        open(path, "wb").close()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield path, fd
+        finally:
+            os.close(fd)
+
+
+class _SeededEncryptor:
+    """Encodes at the lowest level and encrypts with the secret key; returns TenSEAL CKKSVector bytes."""
+
+    def __init__(self, ctx: ts.Context) -> None:
+        if not ctx.is_private():
+            raise ValueError("encrypting needs the site's secret key (client_context.tenseal)")
+        seal_context = ctx.seal_context().data
+        self.scale = ctx.global_scale
+        self.encoder = sealapi.CKKSEncoder(seal_context)
+        self.encryptor = sealapi.Encryptor(seal_context, ctx.secret_key().data)
+        self.parms_id = seal_context.last_parms_id()
+
+    def __enter__(self):
+        self._scratch = _scratch_file()
+        self.path, self.fd = self._scratch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scratch.__exit__(*exc)
+
+    def __call__(self, values: np.ndarray) -> bytes:
+        plain = sealapi.Plaintext()
+        self.encoder.encode(values, self.parms_id, self.scale, plain)
+        # Serializable<Ciphertext>: SEAL keeps the seed of the random half; sealapi saves it to a path only
+        self.encryptor.encrypt_symmetric(plain).save(self.path)
+        seal_bytes = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        return ckks_vector_bytes(seal_bytes, len(values), self.scale)
 
 
 def encrypt_model(
@@ -90,9 +175,10 @@ def encrypt_model(
 
     slots = slot_count(ctx)
     data: dict[str, Any] = {}
-    for k, start in enumerate(range(0, flat.size, slots)):
-        # encrypt, then multiply by the weight: the rescale drops the ciphertext to the lowest level
-        data[ct_key(k)] = (ts.ckks_vector(ctx, flat[start : start + slots]) * float(weight)).serialize()
+    weighted = flat * float(weight)
+    with _SeededEncryptor(ctx) as encrypt:
+        for k, start in enumerate(range(0, flat.size, slots)):
+            data[ct_key(k)] = encrypt(weighted[start : start + slots])
     plain = []
     for name in others:
         a = arrays[name]
@@ -107,13 +193,13 @@ def encrypt_model(
         "plain": plain,
         "weight": float(weight),
         "contributions": 1,
-        "rescales": 1,
+        "level": "lowest",
     }
     return data, he_meta
 
 
 def _layout(meta: Mapping) -> tuple:
-    return (meta["version"], meta["slots"], meta["n_values"], meta["chunks"], meta["rescales"]) + tuple(
+    return (meta["version"], meta["slots"], meta["n_values"], meta["chunks"]) + tuple(
         map(str, (meta["tensors"], meta["plain"]))
     )
 
@@ -155,27 +241,13 @@ class PackedSum:
         return data, dict(self.meta)
 
 
-def rescale_gain(ctx: ts.Context) -> float:
-    """Factor one plain multiplication + rescale puts on decrypted values.
-
-    TenSEAL sets the scale after a rescale to exactly 2^40 while the true scale is 2^80 / q (q the dropped prime,
-    close to but not 2^40), so decrypted values come out larger by a fixed factor (about 1 + 6.7e-7 here).
-    Measured once with the secret key on a vector of ones, then divided out.
-    """
-    ones = np.ones(slot_count(ctx))
-    return float(np.mean((ts.ckks_vector(ctx, ones) * 1.0).decrypt()))
-
-
-def decrypt_model(
-    data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context, gain: float | None = None
-) -> dict[str, np.ndarray]:
+def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) -> dict[str, np.ndarray]:
     """Decrypt a packed model with the secret key and divide by its total weight: ``{name: array}``."""
     if not ctx.is_private():
         raise ValueError("decrypting needs the secret key (client_context.tenseal), this context is public")
     if he_meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
-    gain = rescale_gain(ctx) if gain is None else gain
-    divisor = float(he_meta["weight"]) * gain ** int(he_meta["rescales"])
+    divisor = float(he_meta["weight"])
     parts = [np.asarray(ts.ckks_vector_from(ctx, data[ct_key(k)]).decrypt()) for k in range(he_meta["chunks"])]
     flat = (np.concatenate(parts) if parts else np.zeros(0))[: he_meta["n_values"]] / divisor
     out: dict[str, np.ndarray] = {}
