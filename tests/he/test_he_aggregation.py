@@ -5,7 +5,8 @@
 - what the server holds (the aggregate it sends, the global model it persists) is ciphertext bytes that its
   own context cannot decrypt and that contain no plaintext float weights, while a site's context decrypts them
   to the model's shapes and values;
-- one encrypted client update of the full-size network is <= 10x its plaintext bytes, on the wire (FOBS).
+- one encrypted client update of the full-size network (and the encrypted global model sent back) is <= 10x
+  its plaintext bytes, on the wire (FOBS).
 Contexts come from NVFlare's own ``HEBuilder`` with the provisioning parameters (CKKS, 8192, [60, 40, 40],
 2^40, symmetric encryption): sites get the secret key, the server only the relinearization keys.
 """
@@ -160,6 +161,10 @@ def test_server_holds_only_ciphertexts_that_sites_decrypt(contexts, updates, tmp
     weighted_sum = {n: v * sum(STEPS.values()) for n, v in expected.items()}
     candidates = [expected, weighted_sum, *updates.values()]
 
+    # what arrives at the server from a site
+    arrived = from_shareable(_encrypted_update(client_ctx, "site-1", updates["site-1"], STEPS["site-1"]))
+    _assert_ciphertext_only(arrived.data, arrived.meta, server_ctx, candidates)
+
     # the aggregate the server sends out
     sent = from_shareable(_he_round(contexts, updates))
     _assert_ciphertext_only(sent.data, sent.meta, server_ctx, candidates)
@@ -233,3 +238,16 @@ def test_full_size_update_at_most_10x_plaintext(contexts) -> None:
     ratio = encrypted_bytes / plain_bytes
     print(f"full-size update: plaintext {plain_bytes} B, encrypted {encrypted_bytes} B, {ratio:.2f}x")
     assert ratio <= 10.0, ratio
+
+    # the global model the server sends back (sums are full lowest-level ciphertexts, no seed) stays <= 10x too
+    agg = PackedHEAggregator()
+    agg.tenseal_context = contexts[1]
+    server_fl_ctx = FLContext()
+    server_fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    agg.reset(server_fl_ctx)
+    sh.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
+    sh.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+    assert agg.accept(sh, server_fl_ctx)
+    global_bytes = len(fobs.dumps(agg.aggregate(server_fl_ctx)))
+    print(f"full-size global model: encrypted {global_bytes} B, {global_bytes / plain_bytes:.2f}x")
+    assert global_bytes <= 10 * plain_bytes
