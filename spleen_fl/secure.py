@@ -188,6 +188,35 @@ def check_sites(kits: Kits, n_sites: int) -> list[str]:
     return wanted
 
 
+_SHARED_STORAGE = {"/tmp/nvflare/jobs-storage": "jobs", "/tmp/nvflare/snapshot-storage": "snapshot"}
+
+
+def isolate_server_storage(server_kit: Path) -> Path:
+    """NVFlare's default server resources keep the job store and snapshots in ``/tmp/nvflare/``, shared by every
+    provisioned server on the machine (another workspace would list, and after a crash resume, this one's jobs).
+    Write ``local/resources.json`` (NVFlare reads it instead of ``resources.json.default``) with both under
+    ``<server kit>/storage/``; a ``resources.json`` that is already there (the user's) is left alone."""
+    local = Path(server_kit) / "local"
+    target = local / "resources.json"
+    if target.exists():
+        return target
+
+    def swap(node):
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        if isinstance(node, str) and node in _SHARED_STORAGE:
+            return str((Path(server_kit) / "storage" / _SHARED_STORAGE[node]).resolve())
+        return node
+
+    resources = swap(json.loads((local / "resources.json.default").read_text()))
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(resources, indent=2) + "\n")
+    tmp.replace(target)
+    return target
+
+
 # -- processes ------------------------------------------------------------------------------------------------
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (field 3 onwards), or None if gone."""
@@ -459,6 +488,7 @@ class SecureSystem:
                 "participants": {},
             }
             env = self.env()
+            isolate_server_storage(kits.server)
             for name in self.participants:
                 kit = self.kit_dir(name)
                 for flag in _RUNTIME_FLAGS:  # left by an earlier, killed run; sub_start.sh would trip on them

@@ -99,9 +99,13 @@ def _start(args) -> int:
     preflight(args.sites, _workspace(args))  # one-line errors before anything starts
     system = SecureSystem(_workspace(args), args.sites, env=env, start_timeout=args.timeout, out=print)
     print(f"starting the secure system from {system.workspace}: server and {', '.join(system.site_names)} ...")
-    for key in (DATA_DIR_ENV, DATALIST_ENV):
+    unset = {
+        DATA_DIR_ENV: "not set: the bundle's default data path applies",
+        DATALIST_ENV: f"not set: sites use ${DATA_DIR_ENV}/datalists/<site>.json if there",
+    }
+    for key, why in unset.items():
         value = env.get(key, os.environ.get(key))
-        print(f"  {key}={value}" if value else f"  {key} not set (the job's default data path applies)")
+        print(f"  {key}={value}" if value else f"  {key} {why}")
     system.start()
     system.detach()
     kits = system.kits
@@ -124,7 +128,7 @@ def _status(args) -> int:
     if not live:
         print(f"no secure system runs from {workspace} (provisioned sites: {', '.join(kits.sites)})")
         return 1
-    print(f"secure system from {workspace}, started {state.get('started')}, {len(live)} processes")
+    print(f"secure system from {workspace}, started {state.get('started')}, {len(live)} processes (PIDs {live})")
     try:
         print(f"connected sites: {', '.join(connected_sites(kits)) or 'none'}")
     except Exception as err:

@@ -20,6 +20,7 @@ from spleen_fl.secure import (
     SecureBusyError,
     SecureError,
     SecureSystem,
+    isolate_server_storage,
     preflight,
     provision,
     read_kits,
@@ -226,3 +227,18 @@ def test_secure_system_is_an_fl_system(tmp_path):
     env = system.env()
     assert env["SPLEEN_DATA_DIR"] == "/data" and env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     system.stop()  # never started: stops nothing, no error
+
+
+def test_server_storage_moves_out_of_the_shared_tmp(tmp_path):
+    """NVFlare's default job store /tmp/nvflare/jobs-storage would be shared by every provisioned server."""
+    kits = read_kits(provision(tmp_path, PROJECT_YML))
+    default = kits.server / "local" / "resources.json.default"
+    before = default.read_text()
+    written = isolate_server_storage(kits.server)
+    assert written == kits.server / "local" / "resources.json" and default.read_text() == before
+    text = written.read_text()
+    assert "/tmp/nvflare" not in text
+    assert str(kits.server / "storage" / "jobs") in text and str(kits.server / "storage" / "snapshot") in text
+    written.write_text("{}")  # the user's own file is left alone
+    isolate_server_storage(kits.server)
+    assert written.read_text() == "{}"
