@@ -107,7 +107,7 @@ class PackedHEAggregator(Aggregator):
             serialize_seconds = time.perf_counter() - start
             add_seconds = self._add_seconds
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        print(
+        self.logger.info(
             he_log_line(
                 "server",
                 "aggregate",
@@ -119,8 +119,7 @@ class PackedHEAggregator(Aggregator):
                 contributions=he_meta["contributions"],
                 bytes=packed_bytes(data),
                 weight=f"{he_meta['weight']:g}",
-            ),
-            flush=True,
+            )
         )
         meta = {HE_META_KEY: he_meta, MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM_CKKS}
         return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta).to_shareable()

@@ -117,7 +117,7 @@ class PackedHEEncryptor(DXOFilter):
             ciphertexts=he_meta["chunks"],
             weight=f"{weight:g}",
         )
-        print(line, flush=True)  # lands in the site's log, which the one command follows
+        self.logger.info(line)  # the job's log.txt, which the one command follows (print() would miss it)
         return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta)
 
 
@@ -156,5 +156,5 @@ class PackedHEDecryptor(DXOFilter):
             contributions=he_meta["contributions"],
             weight=f"{he_meta['weight']:g}",
         )
-        print(line, flush=True)
+        self.logger.info(line)
         return DXO(data_kind=DataKind.WEIGHTS, data=params, meta=meta)

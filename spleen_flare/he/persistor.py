@@ -64,10 +64,9 @@ class HEBundleModelPersistor(BundleModelPersistor):
         weights = ml[ModelLearnableKey.WEIGHTS]
         self._record_packed(weights, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         he_meta = ml[ModelLearnableKey.META][HE_META_KEY]
-        print(
+        self.logger.info(
             f"[spleen-he] side=server stage=persist ciphertexts={he_meta['chunks']} "
-            f"contributions={he_meta['contributions']} path={self._ckpt_save_path}",
-            flush=True,
+            f"contributions={he_meta['contributions']} path={self._ckpt_save_path}"
         )
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:

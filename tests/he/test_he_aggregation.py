@@ -13,6 +13,8 @@ Contexts come from NVFlare's own ``HEBuilder`` with the provisioning parameters 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -116,7 +118,8 @@ def updates() -> dict[str, dict]:
     return {site: _weights(rng) for site in STEPS}
 
 
-def test_he_fedavg_matches_plain_fedavg(contexts, updates, capsys) -> None:
+def test_he_fedavg_matches_plain_fedavg(contexts, updates, caplog) -> None:
+    caplog.set_level(logging.INFO)
     task_data = _he_round(contexts, updates)
     dec = PackedHEDecryptor()
     dec.tenseal_context = contexts[0]
@@ -129,7 +132,7 @@ def test_he_fedavg_matches_plain_fedavg(contexts, updates, capsys) -> None:
             assert got[name] == np.rint(expected[name]), name
         else:
             np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
-    log = capsys.readouterr().out
+    log = caplog.text  # the lines the one command follows in the job logs
     assert "[spleen-he] side=site-1 stage=encrypt task=train round=0" in log
     assert "[spleen-he] side=server stage=aggregate task=train round=0" in log
     assert "[spleen-he] side=site-1 stage=decrypt task=train round=1" in log
