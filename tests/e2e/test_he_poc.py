@@ -1,10 +1,11 @@
-"""HE job on a real POC -he system: 2 sites x 2 rounds on tiny synthetic data, cross-site results,
-and the server's persisted global model holds only ciphertexts that a client's key decrypts."""
+"""The HE job on a real ``nvflare poc prepare -he`` system, run by the one command: 2 sites x 2 rounds on tiny
+synthetic data (full-size network, --quick). Cross-site results for every model x site, the HE fields of
+summary.json, MLflow metrics, and a persisted global model that holds only ciphertexts a site's key decrypts."""
 
 from __future__ import annotations
 
 import json
-import pickle
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.he]
 ts = pytest.importorskip("tenseal")
 REPO = Path(__file__).resolve().parents[2]
+SITES = ["site-1", "site-2"]
+ROUNDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -26,45 +29,94 @@ def he_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "spleen_fl.cli.run_experiment",
         "--job",
         "he",
+        "--sites",
+        str(len(SITES)),
         "--rounds",
-        "2",
+        str(ROUNDS),
         "--local-epochs",
         "1",
+        "--quick",
         "--synthetic-cases",
         "4",
+        "--synthetic-shape",
+        "80x80x20",
         "--runs-dir",
         str(runs),
         "--timeout",
-        "600",
+        "1200",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=720)
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=1320, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     summaries = list(runs.glob("*/summary.json"))
     assert summaries, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = summaries[0].parent
+    (run_dir / "runner_stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     summary = json.loads(summaries[0].read_text())
-    summary["_run_dir"] = summaries[0].parent
+    summary["_run_dir"] = run_dir
+    summary["_returncode"] = proc.returncode
     return summary
 
 
-def test_he_job_completes_with_cross_site_results(he_run: dict) -> None:
+def test_he_job_completes_with_cross_site_results_for_every_model_and_site(he_run: dict) -> None:
     assert he_run["status"] == "FINISHED:COMPLETED", he_run["status"]
-    assert he_run["cross_site"], "empty cross-site results"
+    assert he_run["_returncode"] == 0
+    models = he_run["cross_site"]
+    # the global model (decrypted by each site) and each site's own model (encrypted, then decrypted elsewhere)
+    assert {"SRV_FL_global_model.pt", *SITES} <= set(models), models
+    for model, per_site in models.items():
+        assert sorted(per_site) == SITES, (model, per_site)
+        assert all(0.0 <= d <= 1.0 for d in per_site.values()), (model, per_site)
+
+
+def test_summary_has_he_cost_fields(he_run: dict) -> None:
+    plain, encrypted = he_run["update_bytes_plain"], he_run["update_bytes_encrypted"]
+    assert plain > 19_000_000  # the full-size network in fp32 (4.8 M weights)
+    assert encrypted <= 10 * plain, (encrypted, plain)
+    assert len(he_run["encrypt_s"]) == ROUNDS and all(s > 0 for s in he_run["encrypt_s"])
+    assert len(he_run["aggregate_s"]) == ROUNDS and all(s > 0 for s in he_run["aggregate_s"])
+    # round 0 starts from the plaintext initial model; from round 1 on the sites decrypt the aggregate
+    assert he_run["decrypt_s"][0] is None and all(s > 0 for s in he_run["decrypt_s"][1:])
+    assert len(he_run["round_times_s"]) == ROUNDS
+
+
+def test_mlflow_has_metrics_from_every_site(he_run: dict) -> None:
+    import mlflow
+
+    assert sorted(he_run["mlflow"]["run_ids"]) == SITES
+    client = mlflow.MlflowClient(f"sqlite:///{he_run['_run_dir'] / 'mlflow' / 'mlflow.db'}")
+    for site, run_id in he_run["mlflow"]["run_ids"].items():
+        metrics = client.get_run(run_id).data.metrics
+        assert {"global_val_mean_dice", "train_loss"} <= set(metrics), (site, sorted(metrics))
+        assert len(client.get_metric_history(run_id, "global_val_mean_dice")) == ROUNDS, site
 
 
 def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: dict) -> None:
+    from nvflare.apis.dxo import from_file
+    from nvflare.app_common.decomposers import numpy_decomposers
+
+    from spleen_fl.jobs import BUNDLE_SRC
+    from spleen_flare.bundle_runner import build_network
+    from spleen_flare.he.packing import HE_META_KEY, decrypt_model
+
+    numpy_decomposers.register()
     run_dir = he_run["_run_dir"]
-    model_files = list(run_dir.glob("job_result/*/workspace/app_server/FL_global_model.pt")) + list(
-        run_dir.glob("job_result/*/workspace/**/FL_global_model.pt")
-    )
+    model_files = sorted(run_dir.glob("job_result/**/app_server/FL_global_model.pt"))
     assert model_files, "no persisted global model"
-    data = pickle.loads(model_files[0].read_bytes())
-    weights = data["weights"]
-    encrypted = {k: v for k, v in weights.items() if isinstance(v, bytes)}
-    assert encrypted and all(not isinstance(v, np.ndarray) or v.size <= 1 for v in weights.values())
-    server_ctx = ts.context_from(next(run_dir.glob("poc/*/prod_00/server/startup/server_context.tenseal")).read_bytes())
-    assert not server_ctx.is_private()
-    client_ctx = ts.context_from(next(run_dir.glob("poc/*/prod_00/site-1/startup/client_context.tenseal")).read_bytes())
-    name, blob = next(iter(encrypted.items()))
-    with pytest.raises(ValueError):
-        ts.ckks_vector_from(server_ctx, blob).decrypt()
-    values = ts.ckks_vector_from(client_ctx, blob).decrypt()
-    assert len(values) > 0 and np.all(np.isfinite(values)), name
+    stored = from_file(str(model_files[0]))
+    he_meta = stored.meta[HE_META_KEY]
+    assert he_meta["contributions"] == len(SITES)
+    shapes = {k: tuple(v.shape) for k, v in build_network(BUNDLE_SRC).state_dict().items()}
+    float_names = {k for k, v in build_network(BUNDLE_SRC).state_dict().items() if v.dtype.is_floating_point}
+    assert not float_names & set(stored.data), "a float tensor stored under its own name"
+    blobs = [v for k, v in stored.data.items() if k not in shapes]
+    assert blobs and all(isinstance(b, bytes) for b in blobs)
+
+    server_ctx = ts.context_from(next(run_dir.glob("poc/**/server/startup/server_context.tenseal")).read_bytes())
+    client_ctx = ts.context_from(next(run_dir.glob("poc/**/site-1/startup/client_context.tenseal")).read_bytes())
+    assert not server_ctx.is_private() and client_ctx.is_private()
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(server_ctx, blobs[0]).decrypt()
+    weights = decrypt_model(stored.data, he_meta, client_ctx)
+    assert {k: v.shape for k, v in weights.items()} == shapes
+    assert all(np.all(np.isfinite(v)) for v in weights.values())
