@@ -1,0 +1,98 @@
+"""HE vs plain round time, side by side: the one command runs the local job and then the HE job, same settings.
+
+Both runs use POC on this machine (full-size network; data and rounds as given), one after the other, each in
+its own run directory under ``--runs-dir``. Prints per-round times, their ratio, the HE cost fields of the HE
+run's summary.json (update bytes, encrypt/aggregate/decrypt seconds per round) and the cross-site Dice of both.
+Asserts nothing. Round 0 of either job includes warm-up (first data caching, first validation), so the ratio is
+also printed for the rounds after it.
+Usage: .venv/bin/python benchmarks/he_round_time.py [--rounds 3 --local-epochs 2 --synthetic-cases 16] [-- ARGS]
+(ARGS after ``--`` go to both runs, e.g. ``-- --data /data/Task09_Spleen``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "spleen_fl.cli.run_experiment",
+        "--job",
+        job,
+        "--sites",
+        str(args.sites),
+        "--rounds",
+        str(args.rounds),
+        "--local-epochs",
+        str(args.local_epochs),
+        "--synthetic-cases",
+        str(args.synthetic_cases),
+        "--runs-dir",
+        str(runs_dir / job),
+        *extra,
+    ]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    summaries = sorted((runs_dir / job).glob("*/summary.json"))
+    if proc.returncode != 0 or not summaries:
+        sys.exit(f"{job} run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(summaries[-1].read_text())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--synthetic-cases", type=int, default=16)
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: a new temporary folder")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="he_round_time_"))
+    plain = run("local", runs_dir, args, extra)
+    he = run("he", runs_dir, args, extra)
+
+    p_times, h_times = plain["round_times_s"], he["round_times_s"]
+    print(f"\nrun directories: {runs_dir}/local, {runs_dir}/he")
+    print(
+        f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
+    )
+    for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
+        cells = [
+            he.get(f"{stage}_s", [])[r] if r < len(he.get(f"{stage}_s", [])) else None
+            for stage in ("encrypt", "aggregate", "decrypt")
+        ]
+        cells = [f"{c:.1f}" if isinstance(c, float | int) else "-" for c in cells]
+        print(f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {cells[0]:>7}  {cells[1]:>9}  {cells[2]:>7}")
+    print(
+        f"mean round: plain {_mean(p_times):.1f} s, HE {_mean(h_times):.1f} s, {_mean(h_times) / _mean(p_times):.2f}x"
+    )
+    if len(p_times) > 1:
+        print(
+            f"after round 0: plain {_mean(p_times[1:]):.1f} s, HE {_mean(h_times[1:]):.1f} s, "
+            f"{_mean(h_times[1:]) / _mean(p_times[1:]):.2f}x"
+        )
+    print(f"wall time: plain {plain['wall_time_s']} s, HE {he['wall_time_s']} s")
+    if he.get("update_bytes_encrypted"):
+        print(
+            f"one client update: plain {he['update_bytes_plain'] / 1e6:.1f} MB, encrypted "
+            f"{he['update_bytes_encrypted'] / 1e6:.1f} MB ({he.get('update_bytes_ratio')}x)"
+        )
+    print(f"final global Dice: plain {plain['final_global_dice']}, HE {he['final_global_dice']}")
+
+
+if __name__ == "__main__":
+    main()
