@@ -563,6 +563,8 @@ class SecureSystem:
         try:
             if self._started:
                 self.left = stop_system(self.workspace, lock_held=self._lock is not None)
+                # Also by our own handles: a signal may land between starting a group and recording it.
+                self.left += terminate([p.pid for p in self._procs.values() if p.poll() is None], grace=5.0)
                 for proc in self._procs.values():
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=5)
