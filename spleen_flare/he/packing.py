@@ -183,7 +183,7 @@ def encrypt_model(
     for name in others:
         a = arrays[name]
         plain.append([name, list(a.shape), str(a.dtype)])
-        data[name] = np.atleast_1d(a).astype(np.float64) * weight  # 1-d: FOBS has no decomposer for numpy scalars
+        data[name] = np.atleast_1d(a).astype(np.float64) * weight  # at least 1-d: a 0-d product is a numpy scalar
     he_meta = {
         "version": FORMAT_VERSION,
         "slots": slots,
