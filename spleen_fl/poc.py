@@ -13,7 +13,6 @@ Why the care:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from spleen_fl.procs import group_alive, port_in_use, start_group, stop_group
+from spleen_fl.procs import LockHeld, group_alive, lock_file, port_in_use, start_group, stop_group, unlock_file
 
 ADMIN = "admin@nvidia.com"
 PROJECT = "example_project"
@@ -47,26 +46,18 @@ class PocLock:
         self._fd: int | None = None
 
     def acquire(self) -> PocLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._fd = lock_file(self.path, self.owner)
+        except LockHeld as held:
             raise PocBusyError(
-                f"another POC run is active ({holder}); wait for it, or stop it "
+                f"another POC run is active ({held.holder}); wait for it, or stop it "
                 f"(`spleen-run --stop RUN_DIR`), then retry (lock: {self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, {self.owner}\n".encode(), 0)
-        self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            unlock_file(self._fd)
             self._fd = None
 
     def __enter__(self) -> PocLock:

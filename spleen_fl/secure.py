@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import io
 import json
 import logging
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spleen_fl.jobs import REPO_ROOT
-from spleen_fl.procs import port_in_use, start_group
+from spleen_fl.procs import LockHeld, lock_file, port_in_use, start_group, unlock_file
 
 WORKSPACES_DIR = REPO_ROOT / "workspaces"
 PROJECT_YML = WORKSPACES_DIR / "secure_project.yml"
@@ -337,25 +336,17 @@ class _PortLock:
     def acquire(self, owner: str) -> None:
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._fd = lock_file(self.path, owner)
+        except LockHeld as held:
             raise SecureBusyError(
-                f"another secure system is starting, running or stopping ({holder}); wait for it or stop it "
+                f"another secure system is starting, running or stopping ({held.holder}); wait for it or stop it "
                 f"({_FIX_STOP}), then retry (lock: {self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, {owner}\n".encode(), 0)
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            unlock_file(self._fd)
             self._fd = None
 
 

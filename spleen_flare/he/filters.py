@@ -48,7 +48,22 @@ def he_log_line(side: str, stage: str, task: str | None, rnd: int | None, second
     return "[spleen-he] " + " ".join(parts)
 
 
-class PackedHEEncryptor(DXOFilter):
+class _SiteContextFilter(DXOFilter):
+    """A DXO filter that holds the site's TenSEAL context (with secret key) for the length of a job."""
+
+    def __init__(self, tenseal_context_file: str) -> None:
+        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
+        self.tenseal_context_file = tenseal_context_file
+        self.tenseal_context = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self.tenseal_context = None
+
+
+class PackedHEEncryptor(_SiteContextFilter):
     """Encrypts a WEIGHTS result into packed, weighted, lowest-level CKKS ciphertexts (see the module doc)."""
 
     def __init__(
@@ -65,18 +80,10 @@ class PackedHEEncryptor(DXOFilter):
             weight_scale: multiplies the step count; lower it if the CKKS range check fails.
             max_clients: how many updates the server may add up (the range check allows for that many).
         """
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
-        self.tenseal_context_file = tenseal_context_file
+        super().__init__(tenseal_context_file)
         self.weigh_by_local_iter = weigh_by_local_iter
         self.weight_scale = float(weight_scale)
         self.max_clients = int(max_clients)
-        self.tenseal_context = None
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self.tenseal_context = None
 
     def aggregation_weight(self, dxo: DXO) -> float:
         if not self.weigh_by_local_iter:
@@ -121,19 +128,11 @@ class PackedHEEncryptor(DXOFilter):
         return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta)
 
 
-class PackedHEDecryptor(DXOFilter):
+class PackedHEDecryptor(_SiteContextFilter):
     """Decrypts packed models with the site's secret key and divides by the total weight."""
 
     def __init__(self, tenseal_context_file: str = "client_context.tenseal") -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
-        self.tenseal_context_file = tenseal_context_file
-        self.tenseal_context = None
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self.tenseal_context = None
+        super().__init__(tenseal_context_file)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         he_meta = (dxo.meta or {}).get(HE_META_KEY)
