@@ -1,11 +1,11 @@
 """HE vs plain round time, side by side: the one command runs the local job and then the HE job, same settings.
 
 Both runs use POC on this machine (full-size network; data and rounds as given), one after the other, each in
-its own run directory under ``--runs-dir``. Prints per-round times, their ratio, the HE cost fields of the HE
+its own run directory under ``--runs-dir``/pairK. Prints per-round times, their ratio, the HE cost fields of the HE
 run's summary.json (update bytes, encrypt/aggregate/decrypt seconds per round) and the cross-site Dice of both.
-Asserts nothing. Round 0 of either job includes warm-up (first data caching, first validation), so the ratio is
-also printed for the rounds after it.
-Usage: .venv/bin/python benchmarks/he_round_time.py [--rounds 3 --local-epochs 2 --synthetic-cases 16] [-- ARGS]
+Round times are the server's own (NVFlare's "Round N started/finished" log lines); with ``--pairs K`` the
+plain and HE runs alternate so that the machine's drift hits both. Asserts nothing.
+Usage: .venv/bin/python benchmarks/he_round_time.py [--rounds 3 --local-epochs 2 --pairs 1] [-- ARGS]
 (ARGS after ``--`` go to both runs, e.g. ``-- --data /data/Task09_Spleen``).
 """
 
@@ -52,46 +52,65 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _cell(values: list, r: int) -> str:
+    value = values[r] if r < len(values) else None
+    return f"{value:.1f}" if isinstance(value, float | int) else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--synthetic-cases", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=1, help="plain/HE run pairs, alternating (HE first in odd pairs)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a new temporary folder")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="he_round_time_"))
-    plain = run("local", runs_dir, args, extra)
-    he = run("he", runs_dir, args, extra)
+    pairs = []
+    for k in range(args.pairs):
+        order = ("local", "he") if k % 2 == 0 else ("he", "local")  # alternate: the machine's drift hits both
+        done = {job: run(job, runs_dir / f"pair{k}", args, extra) for job in order}
+        pairs.append((done["local"], done["he"]))
 
-    p_times, h_times = plain["round_times_s"], he["round_times_s"]
-    print(f"\nrun directories: {runs_dir}/local, {runs_dir}/he")
-    print(
-        f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
-    )
-    for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
-        cells = [
-            he.get(f"{stage}_s", [])[r] if r < len(he.get(f"{stage}_s", [])) else None
-            for stage in ("encrypt", "aggregate", "decrypt")
-        ]
-        cells = [f"{c:.1f}" if isinstance(c, float | int) else "-" for c in cells]
-        print(f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {cells[0]:>7}  {cells[1]:>9}  {cells[2]:>7}")
-    print(
-        f"mean round: plain {_mean(p_times):.1f} s, HE {_mean(h_times):.1f} s, {_mean(h_times) / _mean(p_times):.2f}x"
-    )
-    if len(p_times) > 1:
+    print(f"\nrun directories: {runs_dir}")
+    print("server round = the server's 'Round N started' -> 'Round N finished' (broadcast, site work, encryption,")
+    print("upload, aggregation, persist); site work = the slowest site's validation + local training that round")
+    all_p, all_h = [], []
+    for k, (plain, he) in enumerate(pairs):
+        p_times = plain.get("fl_round_s") or plain["round_times_s"]
+        h_times = he.get("fl_round_s") or he["round_times_s"]
+        all_p += p_times
+        all_h += h_times
+        print(f"\npair {k}")
         print(
-            f"after round 0: plain {_mean(p_times[1:]):.1f} s, HE {_mean(h_times[1:]):.1f} s, "
-            f"{_mean(h_times[1:]) / _mean(p_times[1:]):.2f}x"
+            f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'HE-plain':>8}  {'work p/HE':>11}  "
+            f"{'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
         )
-    print(f"wall time: plain {plain['wall_time_s']} s, HE {he['wall_time_s']} s")
-    if he.get("update_bytes_encrypted"):
+        for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
+            work = f"{_cell(plain.get('site_work_s', []), r)}/{_cell(he.get('site_work_s', []), r)}"
+            stages = [_cell(he.get(f"{stage}_s", []), r) for stage in ("encrypt", "aggregate", "decrypt")]
+            print(
+                f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {h - p:8.1f}  {work:>11}  "
+                f"{stages[0]:>7}  {stages[1]:>9}  {stages[2]:>7}"
+            )
         print(
-            f"one client update: plain {he['update_bytes_plain'] / 1e6:.1f} MB, encrypted "
-            f"{he['update_bytes_encrypted'] / 1e6:.1f} MB ({he.get('update_bytes_ratio')}x)"
+            f"mean round: plain {_mean(p_times):.1f} s, HE {_mean(h_times):.1f} s, "
+            f"{_mean(h_times) / _mean(p_times):.2f}x; wall time: plain {plain['wall_time_s']} s, "
+            f"HE {he['wall_time_s']} s"
         )
-    print(f"final global Dice: plain {plain['final_global_dice']}, HE {he['final_global_dice']}")
+        if he.get("update_bytes_encrypted"):
+            print(
+                f"one client update: plain {he['update_bytes_plain'] / 1e6:.1f} MB, encrypted "
+                f"{he['update_bytes_encrypted'] / 1e6:.1f} MB ({he.get('update_bytes_ratio')}x)"
+            )
+        print(f"final global Dice: plain {plain['final_global_dice']}, HE {he['final_global_dice']}")
+    if len(pairs) > 1:
+        print(
+            f"\nall {len(pairs)} pairs: mean round plain {_mean(all_p):.1f} s, HE {_mean(all_h):.1f} s, "
+            f"{_mean(all_h) / _mean(all_p):.2f}x; mean HE-plain {_mean(all_h) - _mean(all_p):.1f} s per round"
+        )
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class ExperimentSettings:
 # -- progress lines --------------------------------------------------------------------------------------------
 _KV = re.compile(r"(\w+)=(\S+)")
 _TAG = re.compile(r"\[(spleen(?:-he)?)\]\s+(.*)")
+# NVFlare's ScatterAndGather on the server: "<asctime> - ... - Round 3 started." / "... Round 3 finished."
+_FL_ROUND = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\bRound (\d+) (started|finished)\.\s*$")
 
 
 def _number(text: str) -> float | int | str:
@@ -115,11 +117,17 @@ def parse_progress_line(line: str) -> dict | None:
     """``[spleen] site=.. round=.. global_dice=.. ...`` or ``[spleen-he] side=.. stage=..`` -> dict, else None.
 
     Tolerant: extra words, log prefixes and unknown keys are fine; a line without ``site``/``side`` is ignored.
-    The result has ``kind``: "round", "cross_site", "he", or "info".
+    The result has ``kind``: "round", "cross_site", "he", "info", or "fl_round" (the server's round start or end,
+    with the log line's time as ``at``, seconds since the epoch).
     """
     match = _TAG.search(line)
     if not match:
-        return None
+        fl_round = _FL_ROUND.match(line)
+        if not fl_round:
+            return None
+        stamp, rnd, stage = fl_round.groups()
+        at = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return {"kind": "fl_round", "side": "server", "round": int(rnd), "stage": stage, "at": at}
     tag, rest = match.groups()
     fields: dict = {key: _number(value) for key, value in _KV.findall(rest)}
     if tag == "spleen-he":
@@ -192,6 +200,7 @@ class Progress:
     round_done_at: dict[int, float] = field(default_factory=dict)
     cross_site_local: dict[str, float] = field(default_factory=dict)
     he_events: list[dict] = field(default_factory=list)
+    fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -210,6 +219,9 @@ class Progress:
         self._seen.add(key)
         if kind == "he":
             self.he_events.append(event)
+            return []
+        if kind == "fl_round":
+            self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
             return []
         if kind == "cross_site":
             dice = event.get("val_mean_dice")
@@ -241,6 +253,23 @@ class Progress:
             times.append(round(self.round_done_at[rnd] - prev, 1))
             prev = self.round_done_at[rnd]
         return times
+
+    def fl_round_times(self) -> list[float]:
+        """The server's round durations (round started -> finished, from its log's timestamps), in round order."""
+        times = []
+        for rnd in sorted(self.fl_round_marks):
+            marks = self.fl_round_marks[rnd]
+            if "started" in marks and "finished" in marks:
+                times.append(round(marks["finished"] - marks["started"], 1))
+        return times
+
+    def site_work_times(self) -> list[float | None]:
+        """Per round, the slowest site's own work (global-model validation + local training), from ``work_s``."""
+        out = []
+        for rnd in sorted(self.per_round):
+            works = [e["work_s"] for e in self.per_round[rnd].values() if isinstance(e.get("work_s"), float | int)]
+            out.append(round(max(works), 1) if works else None)
+        return out
 
     def estimate_left(self, now: float) -> float:
         """Mean round time x rounds left, plus about half a round for cross-site validation."""
@@ -352,6 +381,8 @@ def build_summary(
         "data": str(settings.data) if settings.data else "synthetic",
         "wall_time_s": round(wall_time_s, 1),
         "round_times_s": progress.round_times(),
+        "fl_round_s": progress.fl_round_times(),
+        "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
         "global_dice_per_round": {
             str(r): {s: e.get("global_dice") for s, e in sorted(progress.per_round[r].items())}
@@ -726,6 +757,11 @@ def _report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None
             )
     out("")
     out(f"wall time {_mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
+    if summary.get("fl_round_s"):
+        out(
+            f"server round times (s): {summary['fl_round_s']}; slowest site's own work per round (validation + "
+            f"training, s): {summary.get('site_work_s')}"
+        )
     if summary.get("update_bytes_encrypted"):
         plain = summary.get("update_bytes_plain")
         ratio = f" = {summary['update_bytes_ratio']}x the plaintext {plain / 1e6:.1f} MB" if plain else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import nvflare.client as flare
@@ -82,16 +83,18 @@ def main() -> None:
                 break
             if flare.is_train():
                 runner.set_weights(model.params)
+                work_start = time.perf_counter()
                 global_metrics = runner.evaluate(external=True)
                 global_dice = global_metrics.get(KEY_METRIC, 0.0)
                 sender.add(GLOBAL_METRIC_TAG, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
                 steps = runner.train(args.local_epochs)
+                work_s = time.perf_counter() - work_start
                 # print() lands in the site's log (NVFlare redirects it); the run helper follows these lines.
                 print(
                     f"[spleen] site={site} round={model.current_round} global_dice={global_dice:.4f} "
                     f"local_dice={runner.last_local_metric:.4f} loss={train_stats.last_epoch_loss:.4f} steps={steps} "
                     f"metrics_sent={train_stats.sent + val_stats.sent} "
-                    f"metrics_failed={train_stats.failed + val_stats.failed}",
+                    f"metrics_failed={train_stats.failed + val_stats.failed} work_s={work_s:.1f}",
                     flush=True,
                 )
                 flare.send(

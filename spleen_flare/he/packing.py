@@ -1,21 +1,31 @@
 """Packed CKKS model updates: all float tensors of a model in as few CKKS ciphertexts as the slots allow.
 
 What travels (and what the server keeps) for one packed model:
-- ``data``: ``{"he/ct/00000": ciphertext, ...}``, each a TenSEAL CKKSVector serialized WITHOUT a TenSEAL context
-  (the server has its public context from its kit, the sites the secret one), plus the integer tensors
-  (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
+- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext of 4096 values (see below), plus the integer
+  tensors (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
 - ``meta[HE_META_KEY]``: the plaintext layout (names, shapes, dtypes, offsets into the flat vector), the slot
-  count and the total aggregation weight ``W``.
+  count, the total aggregation weight ``W``, the number of contributions ``K`` and the ciphertexts' SEAL
+  parameters (parms_id, scale; no key).
 Values are ``w * x`` for one client update and ``sum_i w_i * x_i`` for an aggregate; a site decrypts and divides
-by ``W``, which is FedAvg. The server only adds ciphertexts (no multiplication, no key, no decryption).
+by ``W``, which is FedAvg. The server only adds (no multiplication, no key, no decryption).
 
 How a site encrypts (:func:`encrypt_model`): it multiplies its values by its weight in plaintext, encodes them
 directly at the LOWEST modulus level (one 60-bit prime instead of the two a fresh TenSEAL vector carries) and
-encrypts them with its secret key (the provisioned context is symmetric), which lets SEAL store the random half
-of the ciphertext as a 64-byte seed: 65.7 KB per 4096 values, 4x the fp32 bytes, against 16x for a fresh TenSEAL
-vector. The server expands the seed when it loads the ciphertext; its sums are full lowest-level ciphertexts
-(131 KB per 4096 values, 8x). TenSEAL's Python API cannot encrypt at a chosen level or keep the seed, so this
-uses TenSEAL's bundled SEAL API (``tenseal.sealapi``) and wraps the SEAL bytes in TenSEAL's CKKSVector format.
+encrypts them with its secret key (the provisioned context is symmetric). A symmetric CKKS ciphertext is a pair
+``(c0, c1)`` where ``c1`` is uniformly random: SEAL draws it from a public 64-byte seed, so a ciphertext is fully
+given by ``c0`` and that seed. A blob is ``c0`` (N x L little-endian uint64: 64 KiB at the lowest level) followed
+by ``K`` SEAL PRNG records (81 bytes each, the seed of each contribution): 4x the fp32 bytes, against 16x for a
+fresh TenSEAL vector.
+
+How the server adds (:class:`PackedSum`): a sum of ciphertexts is ``(sum c0 mod q, sum c1)``, and ``sum c1`` is
+the sum of the contributions' seed expansions, so the server adds the ``c0`` polynomials modulo the ciphertext
+prime (numpy, no SEAL) and keeps the seeds; the aggregate stays at 4x. A site rebuilds each ciphertext with SEAL
+(``(c0, expand(seed_1)) + (0, expand(seed_2)) + ...``) and decrypts it. The seeds are public by design; the
+server learns from them exactly what it would learn from ``c1``.
+
+TenSEAL's Python API cannot encrypt at a chosen level or expose the seed, so this uses TenSEAL's bundled SEAL API
+(``tenseal.sealapi``) and SEAL 4's documented serialization layout (header, ciphertext members, DynArray, PRNG
+info); :func:`as_ckks_vector` turns a blob back into a TenSEAL CKKSVector.
 
 Range: at the lowest level a value times the scale must stay below half the remaining prime, i.e.
 ``|sum| < 2^19`` for scale 2^40 and a 60-bit prime; :func:`encrypt_model` refuses updates that could exceed
@@ -35,9 +45,10 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
+import zstandard
 
 HE_META_KEY = "spleen_he_packed"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CT_PREFIX = "he/ct/"
 
 
@@ -114,8 +125,98 @@ def _scratch_file() -> Iterator[tuple[str, int]]:
             os.close(fd)
 
 
-class _SeededEncryptor:
-    """Encodes at the lowest level and encrypts with the secret key; returns TenSEAL CKKSVector bytes."""
+# -- SEAL 4 serialization: header, Ciphertext members, DynArray, UniformRandomGeneratorInfo ----------------------
+_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compression, reserved, total size
+_SEAL_MAGIC = 0xA15E
+_COMPR_NONE, _COMPR_ZSTD = 0, 2
+_MEMBERS = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly degree, moduli, scale, correction
+SEED_RECORD_BYTES = _HEADER.size + 1 + 64  # a saved UniformRandomGeneratorInfo: header, PRNG type, 512-bit seed
+
+
+class SealFormatError(ValueError):
+    """Bytes that are not the SEAL ciphertext layout this module reads and writes."""
+
+
+def _header(total: int, version: tuple[int, int]) -> bytes:
+    return _HEADER.pack(_SEAL_MAGIC, _HEADER.size, version[0], version[1], _COMPR_NONE, 0, total)
+
+
+def _split_seeded(seal_bytes: bytes) -> tuple[dict, bytes, bytes]:
+    """A saved seeded ciphertext -> (its SEAL parameters, c0 bytes, the 81-byte seed record)."""
+    magic, hsize, major, minor, compr, _, total = _HEADER.unpack_from(seal_bytes)
+    if magic != _SEAL_MAGIC or hsize != _HEADER.size or total != len(seal_bytes):
+        raise SealFormatError("not a SEAL object")
+    body = seal_bytes[_HEADER.size :]
+    if compr == _COMPR_ZSTD:
+        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=64 * len(seal_bytes))
+    elif compr != _COMPR_NONE:
+        raise SealFormatError(f"SEAL compression mode {compr} is not supported")
+    parms_id, ntt, size, degree, moduli, scale, correction = _MEMBERS.unpack_from(body)
+    offset = _MEMBERS.size
+    magic, _, _, _, _, _, dyn_total = _HEADER.unpack_from(body, offset)
+    (count,) = struct.unpack_from("<Q", body, offset + _HEADER.size)
+    c0_start = offset + _HEADER.size + 8
+    c0_end = c0_start + 8 * count
+    if size != 2 or count != degree * moduli or dyn_total != c0_end - offset or len(body) != c0_end + SEED_RECORD_BYTES:
+        raise SealFormatError("not a seeded two-polynomial SEAL ciphertext")
+    params = {
+        "parms_id": parms_id.hex(),
+        "ntt": ntt,
+        "degree": degree,
+        "moduli": moduli,
+        "scale": scale,
+        "correction": correction,
+        "seal_version": [major, minor],
+    }
+    return params, body[c0_start:c0_end], body[c0_end:]
+
+
+def _seeded_bytes(params: Mapping, c0: bytes, seed_record: bytes) -> bytes:
+    """The SEAL bytes of the seeded ciphertext (c0, expand(seed)), uncompressed."""
+    version = tuple(params["seal_version"])
+    dyn = struct.pack("<Q", len(c0) // 8) + c0
+    members = (
+        _MEMBERS.pack(
+            bytes.fromhex(params["parms_id"]),
+            params["ntt"],
+            2,
+            params["degree"],
+            params["moduli"],
+            params["scale"],
+            params["correction"],
+        )
+        + _header(_HEADER.size + len(dyn), version)
+        + dyn
+        + seed_record
+    )
+    return _header(_HEADER.size + len(members), version) + members
+
+
+def _parms_id_hex(parms_id: list[int]) -> str:
+    return struct.pack("<4Q", *parms_id).hex()
+
+
+class _SealFile:
+    """A path SEAL can save to and load from, with read/write by descriptor (sealapi only takes paths)."""
+
+    def __enter__(self):
+        self._scratch = _scratch_file()
+        self.path, self.fd = self._scratch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scratch.__exit__(*exc)
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+
+    def write(self, data: bytes) -> None:
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+
+class _SeededEncryptor(_SealFile):
+    """Encodes at the lowest level and encrypts with the secret key; returns (SEAL parameters, c0, seed record)."""
 
     def __init__(self, ctx: ts.Context) -> None:
         if not ctx.is_private():
@@ -126,21 +227,41 @@ class _SeededEncryptor:
         self.encryptor = sealapi.Encryptor(seal_context, ctx.secret_key().data)
         self.parms_id = seal_context.last_parms_id()
 
-    def __enter__(self):
-        self._scratch = _scratch_file()
-        self.path, self.fd = self._scratch.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._scratch.__exit__(*exc)
-
-    def __call__(self, values: np.ndarray) -> bytes:
+    def __call__(self, values: np.ndarray) -> tuple[dict, bytes, bytes]:
         plain = sealapi.Plaintext()
         self.encoder.encode(values, self.parms_id, self.scale, plain)
-        # Serializable<Ciphertext>: SEAL keeps the seed of the random half; sealapi saves it to a path only
+        # Serializable<Ciphertext>: SEAL keeps the seed of the random half when it saves
         self.encryptor.encrypt_symmetric(plain).save(self.path)
-        seal_bytes = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-        return ckks_vector_bytes(seal_bytes, len(values), self.scale)
+        return _split_seeded(self.read())
+
+
+class _Rebuilder(_SealFile):
+    """Blob -> full SEAL ciphertext: ``(c0, expand(seed_1)) + (0, expand(seed_2)) + ...``."""
+
+    def __init__(self, ctx: ts.Context, he_meta: Mapping) -> None:
+        self.seal_context = ctx.seal_context().data
+        self.params = he_meta["ciphertext"]
+        self.contributions = int(he_meta["contributions"])
+        if self.params["parms_id"] != _parms_id_hex(self.seal_context.last_parms_id()):
+            raise ValueError("packed HE model made with other CKKS parameters than this context's")
+        self.c0_bytes = 8 * self.params["degree"] * self.params["moduli"]
+        self.zeros = bytes(self.c0_bytes)
+        self.evaluator = sealapi.Evaluator(self.seal_context)
+
+    def __call__(self, blob: bytes) -> sealapi.Ciphertext:
+        if len(blob) != self.c0_bytes + self.contributions * SEED_RECORD_BYTES:
+            raise SealFormatError(f"ciphertext blob of {len(blob)} bytes for {self.contributions} contributions")
+        total = None
+        for j in range(self.contributions):
+            record = blob[self.c0_bytes + j * SEED_RECORD_BYTES : self.c0_bytes + (j + 1) * SEED_RECORD_BYTES]
+            self.write(_seeded_bytes(self.params, blob[: self.c0_bytes] if j == 0 else self.zeros, record))
+            ct = sealapi.Ciphertext()
+            ct.load(self.seal_context, self.path)  # SEAL checks the parameters and expands the seed
+            if total is None:
+                total = ct
+            else:
+                self.evaluator.add_inplace(total, ct)
+        return total
 
 
 def encrypt_model(
@@ -176,9 +297,11 @@ def encrypt_model(
     slots = slot_count(ctx)
     data: dict[str, Any] = {}
     weighted = flat * float(weight)
+    ct_params: dict = {}
     with _SeededEncryptor(ctx) as encrypt:
         for k, start in enumerate(range(0, flat.size, slots)):
-            data[ct_key(k)] = encrypt(weighted[start : start + slots])
+            ct_params, c0, seed_record = encrypt(weighted[start : start + slots])
+            data[ct_key(k)] = c0 + seed_record
     plain = []
     for name in others:
         a = arrays[name]
@@ -194,23 +317,27 @@ def encrypt_model(
         "weight": float(weight),
         "contributions": 1,
         "level": "lowest",
+        "ciphertext": ct_params,
     }
     return data, he_meta
 
 
 def _layout(meta: Mapping) -> tuple:
     return (meta["version"], meta["slots"], meta["n_values"], meta["chunks"]) + tuple(
-        map(str, (meta["tensors"], meta["plain"]))
+        map(str, (meta["tensors"], meta["plain"], meta["ciphertext"]))
     )
 
 
 class PackedSum:
-    """Running sum of packed models under the public context: ciphertexts are added, nothing is decrypted."""
+    """Running sum of packed models: c0 polynomials added modulo the ciphertext primes, seeds kept; no key."""
 
     def __init__(self, ctx: ts.Context) -> None:
-        self.ctx = ctx
+        last = ctx.seal_context().data.last_context_data()
+        self.parms_id = _parms_id_hex(last.parms_id())
+        self.moduli = np.array([m.value() for m in last.parms().coeff_modulus()], dtype=np.uint64)[:, None]
         self.meta: dict | None = None
-        self._vectors: list[ts.CKKSVector] = []
+        self._c0: np.ndarray | None = None  # (chunks, moduli, degree) uint64
+        self._seeds: list[list[bytes]] = []
         self._plain: dict[str, np.ndarray] = {}
 
     @property
@@ -218,46 +345,91 @@ class PackedSum:
         return 0 if self.meta is None else int(self.meta["contributions"])
 
     def add(self, data: Mapping[str, Any], he_meta: Mapping) -> None:
+        if he_meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
         if self.meta is not None and _layout(he_meta) != _layout(self.meta):
             raise ValueError("packed HE update with a different layout (model or HE parameters differ between sites)")
-        vectors = [ts.ckks_vector_from(self.ctx, data[ct_key(k)]) for k in range(he_meta["chunks"])]
+        params, contributions = he_meta["ciphertext"], int(he_meta["contributions"])
+        if params.get("parms_id") != self.parms_id:
+            raise ValueError("packed HE update made with other CKKS parameters than the server's context")
+        shape = (int(params["moduli"]), int(params["degree"]))
+        c0_bytes = 8 * shape[0] * shape[1]
+        c0 = np.empty((he_meta["chunks"], *shape), dtype=np.uint64)
+        seeds = []
+        for k in range(he_meta["chunks"]):
+            blob = data[ct_key(k)]
+            if not isinstance(blob, bytes) or len(blob) != c0_bytes + contributions * SEED_RECORD_BYTES:
+                raise SealFormatError(f"ciphertext {k}: not a packed blob for {contributions} contribution(s)")
+            c0[k] = np.frombuffer(blob, dtype="<u8", count=shape[0] * shape[1]).reshape(shape)
+            records = blob[c0_bytes:]
+            for j in range(contributions):
+                if _HEADER.unpack_from(records, j * SEED_RECORD_BYTES)[0] != _SEAL_MAGIC:
+                    raise SealFormatError(f"ciphertext {k}: seed record {j} is not a SEAL object")
+            seeds.append(records)
+        if np.any(c0 >= self.moduli):
+            raise SealFormatError("ciphertext coefficients outside the modulus")
         plain = {name: np.atleast_1d(np.asarray(data[name], dtype=np.float64)) for name, _, _ in he_meta["plain"]}
         if self.meta is None:
             self.meta = dict(he_meta)
-            self._vectors, self._plain = vectors, plain
+            self._c0, self._seeds, self._plain = c0, seeds, plain
             return
-        for acc, v in zip(self._vectors, vectors, strict=True):
-            acc.add_(v)
+        self._c0 += c0  # < 2^61 for primes below 2^60: no overflow
+        np.subtract(self._c0, self.moduli, out=self._c0, where=self._c0 >= self.moduli)
+        self._seeds = [mine + theirs for mine, theirs in zip(self._seeds, seeds, strict=True)]
         for name, value in plain.items():
             self._plain[name] = self._plain[name] + value
         self.meta["weight"] += float(he_meta["weight"])
-        self.meta["contributions"] += int(he_meta["contributions"])
+        self.meta["contributions"] += contributions
 
     def result(self) -> tuple[dict[str, Any], dict]:
-        if self.meta is None:
+        if self.meta is None or self._c0 is None:
             raise ValueError("no packed HE update to aggregate")
-        data: dict[str, Any] = {ct_key(k): v.serialize() for k, v in enumerate(self._vectors)}
+        c0 = self._c0.astype("<u8", copy=False)
+        data: dict[str, Any] = {ct_key(k): c0[k].tobytes() + seeds for k, seeds in enumerate(self._seeds)}
         data.update(self._plain)
         return data, dict(self.meta)
+
+
+def _check_version(he_meta: Mapping) -> None:
+    if he_meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
 
 
 def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) -> dict[str, np.ndarray]:
     """Decrypt a packed model with the secret key and divide by its total weight: ``{name: array}``."""
     if not ctx.is_private():
         raise ValueError("decrypting needs the secret key (client_context.tenseal), this context is public")
-    if he_meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
+    _check_version(he_meta)
+    seal_context = ctx.seal_context().data
+    decryptor = sealapi.Decryptor(seal_context, ctx.secret_key().data)
+    encoder = sealapi.CKKSEncoder(seal_context)
+    parts = []
+    with _Rebuilder(ctx, he_meta) as rebuild:
+        for k in range(he_meta["chunks"]):
+            plain = sealapi.Plaintext()
+            decryptor.decrypt(rebuild(data[ct_key(k)]), plain)
+            parts.append(np.asarray(encoder.decode_double(plain)))
     divisor = float(he_meta["weight"])
-    parts = [np.asarray(ts.ckks_vector_from(ctx, data[ct_key(k)]).decrypt()) for k in range(he_meta["chunks"])]
     flat = (np.concatenate(parts) if parts else np.zeros(0))[: he_meta["n_values"]] / divisor
     out: dict[str, np.ndarray] = {}
     for name, shape, dtype, offset in he_meta["tensors"]:
         size = int(np.prod(shape, dtype=np.int64))
         out[name] = flat[offset : offset + size].reshape(shape).astype(dtype)
     for name, shape, dtype in he_meta["plain"]:
-        value = np.asarray(data[name], dtype=np.float64) / float(he_meta["weight"])
+        value = np.asarray(data[name], dtype=np.float64) / divisor
         out[name] = (np.rint(value) if np.dtype(dtype).kind in "iub" else value).astype(dtype).reshape(shape)
     return out
+
+
+def as_ckks_vector(blob: bytes, he_meta: Mapping, ctx: ts.Context) -> ts.CKKSVector:
+    """One blob as a TenSEAL CKKSVector under ``ctx`` (public or secret): to inspect it or decrypt it with TenSEAL."""
+    _check_version(he_meta)
+    with _Rebuilder(ctx, he_meta) as rebuild:
+        rebuild(blob).save(rebuild.path)
+        seal_bytes = rebuild.read()
+    return ts.ckks_vector_from(
+        ctx, ckks_vector_bytes(seal_bytes, int(he_meta["slots"]), he_meta["ciphertext"]["scale"])
+    )
 
 
 def packed_bytes(data: Mapping[str, Any]) -> int:

@@ -97,7 +97,7 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
 
     from spleen_fl.jobs import BUNDLE_SRC
     from spleen_flare.bundle_runner import build_network
-    from spleen_flare.he.packing import HE_META_KEY, decrypt_model
+    from spleen_flare.he.packing import HE_META_KEY, as_ckks_vector, decrypt_model
 
     numpy_decomposers.register()
     run_dir = he_run["_run_dir"]
@@ -116,7 +116,7 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
     client_ctx = ts.context_from(next(run_dir.glob("poc/**/site-1/startup/client_context.tenseal")).read_bytes())
     assert not server_ctx.is_private() and client_ctx.is_private()
     with pytest.raises(ValueError, match="secret"):
-        ts.ckks_vector_from(server_ctx, blobs[0]).decrypt()
+        as_ckks_vector(blobs[0], he_meta, server_ctx).decrypt()
     weights = decrypt_model(stored.data, he_meta, client_ctx)
     assert {k: v.shape for k, v in weights.items()} == shapes
     assert all(np.all(np.isfinite(v)) for v in weights.values())

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from conftest import LOCAL_EPOCHS, REPO_ROOT, ROUNDS, SITES, runner_cmd
 
-from spleen_fl.experiment import GLOBAL_MODEL, all_pids
+from spleen_fl.experiment import GLOBAL_MODEL, all_pids, stop_run
 from spleen_fl.poc import PocLock, pid_alive
 
 pytestmark = pytest.mark.slow
@@ -108,6 +108,15 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
+    """A run that did not end by itself (test failed or interrupted): kill it and stop what it left up."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        if (tmp_path / "latest" / "pids.json").exists():
+            stop_run(tmp_path / "latest", out=lambda _line: None)
+
+
 def test_ctrl_c_stops_everything(experiment_run, tmp_path):
     """SIGINT once the job is submitted: exit 130 and no process of the run left."""
     proc = subprocess.Popen(
@@ -131,8 +140,7 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_and_clean_up(proc, tmp_path)
     assert rc == 130, proc.stderr.read()
     run_dir = (tmp_path / "latest").resolve()
     pids = all_pids(run_dir / "pids.json")
@@ -161,8 +169,7 @@ def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_and_clean_up(proc, tmp_path)
     assert rc == 143, proc.stderr.read()
     pids = all_pids(run_dir / "pids.json")
     assert pids and [p for p in pids if pid_alive(p)] == []

@@ -31,7 +31,16 @@ from nvflare.lighter.impl.he import HEBuilder  # noqa: E402
 
 from spleen_flare.he.aggregator import PackedHEAggregator, PackedHEShareableGenerator  # noqa: E402
 from spleen_flare.he.filters import PackedHEDecryptor, PackedHEEncryptor  # noqa: E402
-from spleen_flare.he.packing import HE_META_KEY, HERangeError, decrypt_model, encrypt_model  # noqa: E402
+from spleen_flare.he.packing import (  # noqa: E402
+    HE_META_KEY,
+    HERangeError,
+    PackedSum,
+    SealFormatError,
+    as_ckks_vector,
+    ct_key,
+    decrypt_model,
+    encrypt_model,
+)
 from spleen_flare.he.persistor import HEBundleModelPersistor  # noqa: E402
 
 # Several ciphertexts' worth of floats (4096 slots each), tensors that straddle ciphertext borders, an int buffer.
@@ -153,7 +162,7 @@ def _assert_ciphertext_only(data: dict, meta: dict, server_ctx: ts.Context, plai
             needles += [values.astype(np.float32).tobytes(), values.astype(np.float64).tobytes()]
     for blob in blobs:
         assert not any(n in blob for n in needles), "plaintext weights inside a ciphertext blob"
-        vec = ts.ckks_vector_from(server_ctx, blob)
+        vec = as_ckks_vector(blob, he_meta, server_ctx)
         with pytest.raises(ValueError, match="secret"):
             vec.decrypt()
 
@@ -212,6 +221,35 @@ def test_server_refuses_plaintext_and_mismatched_updates(contexts, updates) -> N
     assert not agg.accept(_encrypted_update(client_ctx, "site-3", updates["site-3"], 8, rnd=1), fl_ctx)  # old round
 
 
+def test_tampered_or_foreign_ciphertexts_are_refused(contexts, updates) -> None:
+    client_ctx, server_ctx = contexts
+    data, meta = encrypt_model(updates["site-1"], client_ctx, 1.0)
+    blob = data[ct_key(0)]
+    with pytest.raises(SealFormatError, match="blob"):
+        PackedSum(server_ctx).add({**data, ct_key(0): blob[:-1]}, meta)  # cut short
+    above_modulus = (2**64 - 1).to_bytes(8, "little") + blob[8:]
+    with pytest.raises(SealFormatError, match="modulus"):
+        PackedSum(server_ctx).add({**data, ct_key(0): above_modulus}, meta)
+    no_seed = blob[:-81] + bytes(81)
+    with pytest.raises(SealFormatError, match="seed"):
+        PackedSum(server_ctx).add({**data, ct_key(0): no_seed}, meta)
+    other = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
+    other.global_scale = 2**40
+    with pytest.raises(ValueError, match="other CKKS parameters"):
+        PackedSum(other).add(data, meta)
+    with pytest.raises(ValueError, match="other CKKS parameters"):
+        decrypt_model(data, meta, other)
+    total = PackedSum(server_ctx)
+    for site in STEPS:
+        total.add(*encrypt_model(updates[site], client_ctx, 1.0))
+    summed, summed_meta = total.result()
+    assert summed_meta["contributions"] == len(STEPS)
+    assert len(summed[ct_key(0)]) == len(blob) + 81 * (len(STEPS) - 1)  # one more seed per contribution
+    got = decrypt_model(summed, summed_meta, client_ctx)
+    mean = {n: sum(updates[s][n].astype(np.float64) for s in STEPS) / len(STEPS) for n in SHAPES}
+    np.testing.assert_allclose(got["conv.weight"], mean["conv.weight"], rtol=1e-6, atol=1e-6)
+
+
 def test_range_check_names_the_fix(contexts) -> None:
     huge = {"w": np.full(10, 5000.0, dtype=np.float32)}
     with pytest.raises(HERangeError, match="weight_scale"):
@@ -242,7 +280,7 @@ def test_full_size_update_at_most_10x_plaintext(contexts) -> None:
     print(f"full-size update: plaintext {plain_bytes} B, encrypted {encrypted_bytes} B, {ratio:.2f}x")
     assert ratio <= 10.0, ratio
 
-    # the global model the server sends back (sums are full lowest-level ciphertexts, no seed) stays <= 10x too
+    # the global model the server sends back (the c0 sum and one seed per contribution) stays at 4x too
     agg = PackedHEAggregator()
     agg.tenseal_context = contexts[1]
     server_fl_ctx = FLContext()
@@ -253,4 +291,4 @@ def test_full_size_update_at_most_10x_plaintext(contexts) -> None:
     assert agg.accept(sh, server_fl_ctx)
     global_bytes = len(fobs.dumps(agg.aggregate(server_fl_ctx)))
     print(f"full-size global model: encrypted {global_bytes} B, {global_bytes / plain_bytes:.2f}x")
-    assert global_bytes <= 10 * plain_bytes
+    assert global_bytes <= 4.1 * plain_bytes

@@ -25,12 +25,12 @@ from spleen_fl.poc import PocBusyError, PocLock, stop_pids
 SITES = ["site-1", "site-2"]
 ROUND_LINE = (
     "2026-11-28 05:48:17,123 - INFO - [spleen] site={site} round={rnd} global_dice={g} local_dice=0.0175 "
-    "loss={loss} steps=2 metrics_sent=6 metrics_failed=0"
+    "loss={loss} steps=2 metrics_sent=6 metrics_failed=0 work_s={work}"
 )
 
 
 def test_parse_round_line_with_log_prefix():
-    event = parse_progress_line(ROUND_LINE.format(site="site-1", rnd=0, g=0.0185, loss=0.8514))
+    event = parse_progress_line(ROUND_LINE.format(site="site-1", rnd=0, g=0.0185, loss=0.8514, work=12.5))
     assert event == {
         "site": "site-1",
         "round": 0,
@@ -40,6 +40,7 @@ def test_parse_round_line_with_log_prefix():
         "steps": 2,
         "metrics_sent": 6,
         "metrics_failed": 0,
+        "work_s": 12.5,
         "kind": "round",
     }
 
@@ -62,6 +63,15 @@ def test_parse_ignores_other_lines(line):
     assert parse_progress_line(line) is None
 
 
+def test_parse_server_round_lines():
+    started = parse_progress_line("2026-11-29 03:00:01,250 - ScatterAndGather - INFO - [run=abc]: Round 2 started.")
+    assert started["kind"] == "fl_round" and started["round"] == 2 and started["stage"] == "started"
+    finished = parse_progress_line("2026-11-29 03:00:31,750 - INFO - Round 2 finished.")
+    assert finished["stage"] == "finished" and finished["at"] - started["at"] == pytest.approx(30.5)
+    assert parse_progress_line("Round 2 started.") is None  # no timestamp: not a log line
+    assert parse_progress_line("2026-11-29 03:00:01,250 - Round 2 started. (retry)") is None
+
+
 def test_parse_he_line_and_tolerates_odd_values():
     event = parse_progress_line("x [spleen-he] side=server round=1 stage=aggregate seconds=0.5 bytes=n/a extra")
     assert event == {"side": "server", "round": 1, "stage": "aggregate", "seconds": 0.5, "bytes": "n/a", "kind": "he"}
@@ -69,7 +79,7 @@ def test_parse_he_line_and_tolerates_odd_values():
 
 def test_progress_rounds_times_estimate_and_dedupe():
     p = Progress(SITES, rounds=3, start=0.0)
-    e = lambda s, r, g: parse_progress_line(ROUND_LINE.format(site=s, rnd=r, g=g, loss=0.5))  # noqa: E731
+    e = lambda s, r, g: parse_progress_line(ROUND_LINE.format(site=s, rnd=r, g=g, loss=0.5, work=20.0))  # noqa: E731
     assert len(p.add(e("site-1", 0, 0.01), now=30.0)) == 1
     assert p.add(e("site-1", 0, 0.01), now=31.0) == []  # same line in the site log and the job log
     done = p.add(e("site-2", 0, 0.02), now=40.0)
@@ -116,7 +126,12 @@ def test_cross_site_by_model_and_table():
 def test_build_summary_has_the_promised_fields():
     p = Progress(SITES, rounds=1, start=0.0)
     for s in SITES:
-        p.add(parse_progress_line(ROUND_LINE.format(site=s, rnd=0, g=0.02, loss=0.7)), now=10.0)
+        p.add(parse_progress_line(ROUND_LINE.format(site=s, rnd=0, g=0.02, loss=0.7, work=7.0 + len(s))), now=10.0)
+    for line in (
+        "2026-11-29 03:00:01,250 - ScatterAndGather - INFO - [identity=server, run=abc]: Round 0 started.",
+        "2026-11-29 03:00:11,000 - ScatterAndGather - INFO - [identity=server, run=abc]: Round 0 finished.",
+    ):
+        p.add(parse_progress_line(line))
     summary = build_summary(
         settings=ExperimentSettings(rounds=1, local_epochs=2),
         job_id="abc",
@@ -134,6 +149,7 @@ def test_build_summary_has_the_promised_fields():
     assert summary["cross_site"][GLOBAL_MODEL] == {"site-1": 0.5, "site-2": 0.6}
     assert summary["final_global_dice"] == {"site-1": 0.5, "site-2": 0.6}
     assert summary["round_times_s"] == [10.0] and summary["wall_time_s"] == 12.3
+    assert summary["fl_round_s"] == [9.8] and summary["site_work_s"] == [13.0]
     json.dumps(summary)  # machine-readable
     assert "encrypt_s" not in summary  # no HE lines, no HE fields
 
