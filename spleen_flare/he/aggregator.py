@@ -1,8 +1,9 @@
 """Server-side pieces of the HE job: add packed CKKS updates, carry the sum as the global model.
 
 ``PackedHEAggregator`` replaces NVFlare's ``HEInTimeAccumulateWeightedAggregator``: the sites have already
-weighted their values before encrypting, so the server only adds ciphertexts (with the public context
-from its kit; it refuses a context that holds a secret key) and sums the plaintext weights. The aggregate is
+weighted their values before encrypting, so the server only adds ciphertexts (first polynomials modulo the
+ciphertext prime, seeds of the second kept; see ``packing``) and sums the plaintext weights. Its kit's public
+context gives the prime and the parameter id; a context that holds a secret key is refused. The aggregate is
 ``sum_i w_i * x_i`` plus ``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
 ``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->
 ModelLearnable meta and back), so the persistor and cross-site evaluation carry the weight with the model.

@@ -2,8 +2,9 @@
 
 ``PackedHEEncryptor`` (task results: train, submit_model) replaces NVFlare's ``HEModelEncryptor``: all float
 tensors, multiplied by the site's aggregation weight (local steps x ``weight_scale`` for train, 1 for
-submit_model), go into as few CKKS ciphertexts as the slots allow, at the lowest modulus level and seeded,
-serialized without a TenSEAL context (see ``packing``); the weight travels as plaintext metadata.
+submit_model), go into as few CKKS ciphertexts as the slots allow, at the lowest modulus level, each sent as
+its first polynomial plus the seed of the second, without a context (see ``packing``); the weight travels as
+plaintext metadata.
 ``PackedHEDecryptor`` (task data: train, validate) decrypts with the site's secret key and divides by the total
 weight; plaintext models (the initial global model) pass through.
 Both print one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the

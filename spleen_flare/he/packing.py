@@ -1,25 +1,27 @@
 """Packed CKKS model updates: all float tensors of a model in as few CKKS ciphertexts as the slots allow.
 
 What travels (and what the server keeps) for one packed model:
-- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext of 4096 values (see below), plus the integer
-  tensors (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
+- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext (see below), plus the integer tensors
+  (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
 - ``meta[HE_META_KEY]``: the plaintext layout (names, shapes, dtypes, offsets into the flat vector), the slot
   count, the total aggregation weight ``W``, the number of contributions ``K`` and the ciphertexts' SEAL
   parameters (parms_id, scale; no key).
 Values are ``w * x`` for one client update and ``sum_i w_i * x_i`` for an aggregate; a site decrypts and divides
 by ``W``, which is FedAvg. The server only adds (no multiplication, no key, no decryption).
 
-How a site encrypts (:func:`encrypt_model`): it multiplies its values by its weight in plaintext, encodes them
-directly at the LOWEST modulus level (one 60-bit prime instead of the two a fresh TenSEAL vector carries) and
-encrypts them with its secret key (the provisioned context is symmetric). A symmetric CKKS ciphertext is a pair
-``(c0, c1)`` where ``c1`` is uniformly random: SEAL draws it from a public 64-byte seed, so a ciphertext is fully
-given by ``c0`` and that seed. A blob is ``c0`` (N x L little-endian uint64: 64 KiB at the lowest level) followed
-by ``K`` SEAL PRNG records (81 bytes each, the seed of each contribution): 4x the fp32 bytes, against 16x for a
-fresh TenSEAL vector.
+How a site encrypts (:func:`encrypt_model`): it multiplies its values by its weight in plaintext and packs 8192
+of them into one ciphertext: CKKS slots are complex, so 4096 values go in the real parts and the next 4096 in the
+imaginary parts (sums stay slot-wise, so FedAvg is unchanged). It encodes them directly at the LOWEST modulus
+level (one 60-bit prime instead of the two a fresh TenSEAL vector carries) and encrypts them with its secret key
+(the provisioned context is symmetric). A symmetric CKKS ciphertext is a pair ``(c0, c1)`` where ``c1`` is
+uniformly random: SEAL draws it from a public 64-byte seed, so a ciphertext is fully given by ``c0`` and that
+seed. A blob is ``c0`` (N x L little-endian uint64: 64 KiB at the lowest level) followed by ``K`` SEAL PRNG
+records (81 bytes each, the seed of each contribution): 2x the fp32 bytes, against 16x for a
+fresh TenSEAL vector of real values.
 
 How the server adds (:class:`PackedSum`): a sum of ciphertexts is ``(sum c0 mod q, sum c1)``, and ``sum c1`` is
 the sum of the contributions' seed expansions, so the server adds the ``c0`` polynomials modulo the ciphertext
-prime (numpy, no SEAL) and keeps the seeds; the aggregate stays at 4x. A site rebuilds each ciphertext with SEAL
+prime (numpy, no SEAL) and keeps the seeds; the aggregate stays at 2x. A site rebuilds each ciphertext with SEAL
 (``(c0, expand(seed_1)) + (0, expand(seed_2)) + ...``) and decrypts it. The seeds are public by design; the
 server learns from them exactly what it would learn from ``c1``.
 
@@ -27,9 +29,9 @@ TenSEAL's Python API cannot encrypt at a chosen level or expose the seed, so thi
 (``tenseal.sealapi``) and SEAL 4's documented serialization layout (header, ciphertext members, DynArray, PRNG
 info); :func:`as_ckks_vector` turns a blob back into a TenSEAL CKKSVector.
 
-Range: at the lowest level a value times the scale must stay below half the remaining prime, i.e.
-``|sum| < 2^19`` for scale 2^40 and a 60-bit prime; :func:`encrypt_model` refuses updates that could exceed
-half of that.
+Range: at the lowest level a slot's magnitude times the scale must stay below half the remaining prime, i.e.
+``|sum| < 2^19`` for scale 2^40 and a 60-bit prime (for a complex slot, ``|re + i im|``); :func:`encrypt_model`
+refuses updates that could exceed half of that.
 """
 
 from __future__ import annotations
@@ -228,8 +230,11 @@ class _SeededEncryptor(_SealFile):
         self.parms_id = seal_context.last_parms_id()
 
     def __call__(self, values: np.ndarray) -> tuple[dict, bytes, bytes]:
+        """Encrypt up to ``slots`` complex values."""
         plain = sealapi.Plaintext()
-        self.encoder.encode(values, self.parms_id, self.scale, plain)
+        # Python complex numbers and a float scale select SEAL's complex encode; a numpy array with an int scale
+        # would reach the real overload and drop the imaginary parts (numpy only warns)
+        self.encoder.encode(np.asarray(values, dtype=complex).tolist(), self.parms_id, float(self.scale), plain)
         # Serializable<Ciphertext>: SEAL keeps the seed of the random half when it saves
         self.encryptor.encrypt_symmetric(plain).save(self.path)
         return _split_seeded(self.read())
@@ -285,7 +290,13 @@ def encrypt_model(
         tensors.append([name, list(a.shape), str(a.dtype), offset])
         offset += a.size
     flat = np.concatenate([arrays[n].ravel().astype(np.float64) for n in floats])
-    peak = float(np.max(np.abs(flat))) * weight if flat.size else 0.0
+    slots = slot_count(ctx)
+    per_ct = 2 * slots  # complex packing: real parts, then imaginary parts
+    chunks = -(-flat.size // per_ct)
+    z = np.zeros((chunks, 2, slots))
+    z.reshape(-1)[: flat.size] = flat * float(weight)
+    z = z[:, 0, :] + 1j * z[:, 1, :]
+    peak = float(np.max(np.abs(z)))
     limit = max_abs_value(ctx) / 2  # half the modulus range: headroom for CKKS noise
     if not math.isfinite(peak) or peak * max_clients >= limit:
         raise HERangeError(
@@ -294,13 +305,11 @@ def encrypt_model(
             "config_fed_client.json"
         )
 
-    slots = slot_count(ctx)
     data: dict[str, Any] = {}
-    weighted = flat * float(weight)
     ct_params: dict = {}
     with _SeededEncryptor(ctx) as encrypt:
-        for k, start in enumerate(range(0, flat.size, slots)):
-            ct_params, c0, seed_record = encrypt(weighted[start : start + slots])
+        for k in range(chunks):
+            ct_params, c0, seed_record = encrypt(z[k])
             data[ct_key(k)] = c0 + seed_record
     plain = []
     for name in others:
@@ -310,8 +319,9 @@ def encrypt_model(
     he_meta = {
         "version": FORMAT_VERSION,
         "slots": slots,
+        "packing": "complex",
         "n_values": int(flat.size),
-        "chunks": len(data) - len(others),
+        "chunks": chunks,
         "tensors": tensors,
         "plain": plain,
         "weight": float(weight),
@@ -323,7 +333,7 @@ def encrypt_model(
 
 
 def _layout(meta: Mapping) -> tuple:
-    return (meta["version"], meta["slots"], meta["n_values"], meta["chunks"]) + tuple(
+    return (meta["version"], meta["slots"], meta["packing"], meta["n_values"], meta["chunks"]) + tuple(
         map(str, (meta["tensors"], meta["plain"], meta["ciphertext"]))
     )
 
@@ -391,7 +401,7 @@ class PackedSum:
 
 
 def _check_version(he_meta: Mapping) -> None:
-    if he_meta.get("version") != FORMAT_VERSION:
+    if he_meta.get("version") != FORMAT_VERSION or he_meta.get("packing") != "complex":
         raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
 
 
@@ -408,7 +418,8 @@ def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) ->
         for k in range(he_meta["chunks"]):
             plain = sealapi.Plaintext()
             decryptor.decrypt(rebuild(data[ct_key(k)]), plain)
-            parts.append(np.asarray(encoder.decode_double(plain)))
+            z = np.array(encoder.decode_complex(plain), dtype=complex)
+            parts += [z.real, z.imag]
     divisor = float(he_meta["weight"])
     flat = (np.concatenate(parts) if parts else np.zeros(0))[: he_meta["n_values"]] / divisor
     out: dict[str, np.ndarray] = {}
@@ -422,7 +433,10 @@ def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) ->
 
 
 def as_ckks_vector(blob: bytes, he_meta: Mapping, ctx: ts.Context) -> ts.CKKSVector:
-    """One blob as a TenSEAL CKKSVector under ``ctx`` (public or secret): to inspect it or decrypt it with TenSEAL."""
+    """One blob as a TenSEAL CKKSVector under ``ctx`` (public or secret), to inspect it with TenSEAL.
+
+    TenSEAL decrypts the real parts only: the first half of the blob's values.
+    """
     _check_version(he_meta)
     with _Rebuilder(ctx, he_meta) as rebuild:
         rebuild(blob).save(rebuild.path)
