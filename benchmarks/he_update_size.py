@@ -7,7 +7,8 @@ secret key). Messages go through FOBS, NVFlare's wire format, so sizes are what 
 - stock: NVFlare 2.9's HEModelEncryptor (weights by local steps, diffs), HEInTimeAccumulateWeightedAggregator,
   HEModelShareableGenerator, HEModelDecryptor: one CKKS vector per tensor, a context copy in each;
 - ours: spleen_flare.he (PackedHEEncryptor, PackedHEAggregator, PackedHEShareableGenerator, PackedHEDecryptor):
-  all floats weighted and packed in 4096-slot ciphertexts at the lowest level, seeded, no context.
+  all floats weighted and packed 8192 to a ciphertext (4096 complex slots) at the lowest level, each sent as
+  its first polynomial and the seed of the second; the server adds first polynomials and keeps the seeds.
 Columns (seconds on this machine): encrypt = one site's result filter; up = serialize + deserialize one update;
 aggregate = the server's accept of both updates + aggregate + generator; down = serialize + deserialize the
 global model; decrypt = one site's task-data filter; round = encrypt + 2 x up + aggregate + down + decrypt

@@ -5,8 +5,9 @@
 - what the server holds (the aggregate it sends, the global model it persists) is ciphertext bytes that its
   own context cannot decrypt and that contain no plaintext float weights, while a site's context decrypts them
   to the model's shapes and values;
-- one encrypted client update of the full-size network (and the encrypted global model sent back) is <= 10x
-  its plaintext bytes, on the wire (FOBS).
+- one encrypted client update of the full-size network (and the encrypted global model sent back) is about 2x
+  its plaintext bytes on the wire (FOBS); the target is <= 10x;
+- tampered blobs and ciphertexts under other CKKS parameters are refused.
 Contexts come from NVFlare's own ``HEBuilder`` with the provisioning parameters (CKKS, 8192, [60, 40, 40],
 2^40, symmetric encryption): sites get the secret key, the server only the relinearization keys.
 """
@@ -278,9 +279,9 @@ def test_full_size_update_at_most_10x_plaintext(contexts) -> None:
     assert all(state[k].dtype.kind != "f" for k in plaintext)  # only integer buffers travel in plaintext
     ratio = encrypted_bytes / plain_bytes
     print(f"full-size update: plaintext {plain_bytes} B, encrypted {encrypted_bytes} B, {ratio:.2f}x")
-    assert ratio <= 10.0, ratio
+    assert ratio <= 2.1, ratio  # the target is <= 10x; the packed layout gives 2x
 
-    # the global model the server sends back (the c0 sum and one seed per contribution) stays at 4x too
+    # the global model the server sends back (the c0 sum and one seed per contribution) stays at 2x too
     agg = PackedHEAggregator()
     agg.tenseal_context = contexts[1]
     server_fl_ctx = FLContext()
@@ -291,4 +292,4 @@ def test_full_size_update_at_most_10x_plaintext(contexts) -> None:
     assert agg.accept(sh, server_fl_ctx)
     global_bytes = len(fobs.dumps(agg.aggregate(server_fl_ctx)))
     print(f"full-size global model: encrypted {global_bytes} B, {global_bytes / plain_bytes:.2f}x")
-    assert global_bytes <= 4.1 * plain_bytes
+    assert global_bytes <= 2.1 * plain_bytes
