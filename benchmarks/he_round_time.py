@@ -4,7 +4,9 @@ Both runs use POC on this machine (full-size network; data and rounds as given),
 its own run directory under ``--runs-dir``/pairK. Prints per-round times, their ratio, the HE cost fields of the HE
 run's summary.json (update bytes, encrypt/aggregate/decrypt seconds per round) and the cross-site Dice of both.
 Round times are the server's own (NVFlare's "Round N started/finished" log lines); with ``--pairs K`` the
-plain and HE runs alternate so that the machine's drift hits both. Asserts nothing.
+plain and HE runs alternate so that the machine's drift hits both. The sites' own work (validation + training)
+also moves with the load of the shared machine, so the script also prints round time minus site work per job:
+what HE adds per round whatever the training took. Asserts nothing.
 Usage: .venv/bin/python benchmarks/he_round_time.py [--rounds 3 --local-epochs 2 --pairs 1] [-- ARGS]
 (ARGS after ``--`` go to both runs, e.g. ``-- --data /data/Task09_Spleen``).
 """
@@ -19,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+JOBS = ("local", "he")
 
 
 def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) -> dict:
@@ -57,6 +60,12 @@ def _cell(values: list, r: int) -> str:
     return f"{value:.1f}" if isinstance(value, float | int) else "-"
 
 
+def _overheads(times: list[float], summary: dict) -> list[float]:
+    """Per round, server round time minus the slowest site's own work: what FL (and HE) add to the training."""
+    work = summary.get("site_work_s") or []
+    return [t - w for t, w in zip(times, work, strict=False) if isinstance(w, float | int)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2)
@@ -65,19 +74,30 @@ def main() -> None:
     parser.add_argument("--synthetic-cases", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=1, help="plain/HE run pairs, alternating (HE first in odd pairs)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--report", type=Path, metavar="RUNS_DIR", help="only print the figures of earlier runs")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="he_round_time_"))
     pairs = []
-    for k in range(args.pairs):
-        order = ("local", "he") if k % 2 == 0 else ("he", "local")  # alternate: the machine's drift hits both
-        done = {job: run(job, runs_dir / f"pair{k}", args, extra) for job in order}
-        pairs.append((done["local"], done["he"]))
+    if args.report:
+        runs_dir = args.report
+        for pair in sorted(runs_dir.glob("pair*")):
+            found = {job: sorted((pair / job).glob("*/summary.json")) for job in JOBS}
+            if not all(found.values()):
+                print(f"{pair}: no summary.json for {[j for j, f in found.items() if not f]}, left out")
+                continue
+            done = {job: json.loads(files[-1].read_text()) for job, files in found.items()}
+            pairs.append((done["local"], done["he"]))
+    else:
+        runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="he_round_time_"))
+        for k in range(args.pairs):
+            order = JOBS if k % 2 == 0 else JOBS[::-1]  # alternate: the machine's drift hits both
+            done = {job: run(job, runs_dir / f"pair{k}", args, extra) for job in order}
+            pairs.append((done["local"], done["he"]))
 
     print(f"\nrun directories: {runs_dir}")
     print("server round = the server's 'Round N started' -> 'Round N finished' (broadcast, site work, encryption,")
     print("upload, aggregation, persist); site work = the slowest site's validation + local training that round")
-    all_p, all_h = [], []
+    all_p, all_h, all_added = [], [], []
     for k, (plain, he) in enumerate(pairs):
         p_times = plain.get("fl_round_s") or plain["round_times_s"]
         h_times = he.get("fl_round_s") or he["round_times_s"]
@@ -100,6 +120,14 @@ def main() -> None:
             f"{_mean(h_times) / _mean(p_times):.2f}x; wall time: plain {plain['wall_time_s']} s, "
             f"HE {he['wall_time_s']} s"
         )
+        p_extra, h_extra = _overheads(p_times, plain), _overheads(h_times, he)
+        if p_extra and h_extra:
+            added = _mean(h_extra) - _mean(p_extra)
+            all_added.append(added)
+            print(
+                f"round - site work: plain {_mean(p_extra):.1f} s, HE {_mean(h_extra):.1f} s: HE adds {added:.1f} s "
+                f"per round; at the plain run's rounds that is {(_mean(p_times) + added) / _mean(p_times):.2f}x"
+            )
         if he.get("update_bytes_encrypted"):
             print(
                 f"one client update: plain {he['update_bytes_plain'] / 1e6:.1f} MB, encrypted "
@@ -111,6 +139,12 @@ def main() -> None:
             f"\nall {len(pairs)} pairs: mean round plain {_mean(all_p):.1f} s, HE {_mean(all_h):.1f} s, "
             f"{_mean(all_h) / _mean(all_p):.2f}x; mean HE-plain {_mean(all_h) - _mean(all_p):.1f} s per round"
         )
+        if all_added:
+            added, plain_round = _mean(all_added), _mean(all_p)
+            print(
+                f"HE adds {added:.1f} s per round beyond plain's own FL overhead (mean of the pairs); "
+                f"at a plain round of {plain_round:.1f} s that is {(plain_round + added) / plain_round:.2f}x"
+            )
 
 
 if __name__ == "__main__":
