@@ -72,12 +72,16 @@ def test_he_job_completes_with_cross_site_results_for_every_model_and_site(he_ru
 def test_summary_has_he_cost_fields(he_run: dict) -> None:
     plain, encrypted = he_run["update_bytes_plain"], he_run["update_bytes_encrypted"]
     assert plain > 19_000_000  # the full-size network in fp32 (4.8 M weights)
-    assert encrypted <= 10 * plain, (encrypted, plain)
+    assert encrypted <= 2.1 * plain, (encrypted, plain)  # the target is <= 10x; the packed layout gives 2x
     assert len(he_run["encrypt_s"]) == ROUNDS and all(s > 0 for s in he_run["encrypt_s"])
     assert len(he_run["aggregate_s"]) == ROUNDS and all(s > 0 for s in he_run["aggregate_s"])
     # round 0 starts from the plaintext initial model; from round 1 on the sites decrypt the aggregate
     assert he_run["decrypt_s"][0] is None and all(s > 0 for s in he_run["decrypt_s"][1:])
     assert len(he_run["round_times_s"]) == ROUNDS
+    assert len(he_run["fl_round_s"]) == ROUNDS  # the server's round times, from its log
+    for rnd in range(1, ROUNDS):  # a round holds the sites' decryption, work and encryption
+        t = he_run["fl_round_s"][rnd]
+        assert t > he_run["site_work_s"][rnd] and t > he_run["decrypt_s"][rnd] + he_run["aggregate_s"][rnd], rnd
 
 
 def test_mlflow_has_metrics_from_every_site(he_run: dict) -> None:

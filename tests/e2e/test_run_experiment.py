@@ -38,6 +38,9 @@ def test_summary_fields_present_and_consistent(experiment_run):
     assert s["rounds"] == ROUNDS and s["local_epochs"] == LOCAL_EPOCHS
     assert len(s["round_times_s"]) == ROUNDS and all(t > 0 for t in s["round_times_s"])
     assert 0 < sum(s["round_times_s"]) < s["wall_time_s"] < experiment_run.seconds + 1
+    # the server's own round times (from its log) hold the sites' work
+    assert len(s["fl_round_s"]) == ROUNDS and len(s["site_work_s"]) == ROUNDS
+    assert all(0 < w < t for w, t in zip(s["site_work_s"], s["fl_round_s"], strict=True))
     assert sorted(s["untrained_dice"]) == SITES
     assert all(0.0 <= d <= 1.0 for d in s["untrained_dice"].values())
     assert s["mlflow"]["tracking_uri"].startswith("http://127.0.0.1:") and s["mlflow"]["experiment_id"]

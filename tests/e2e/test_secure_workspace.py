@@ -249,6 +249,7 @@ def test_local_job_runs_over_tls_end_to_end(workspaces, tmp_path):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "FINISHED:COMPLETED" and s["sites"] == SITES and s["rounds"] == 1
     assert len(s["round_times_s"]) == 1 and 0 < s["round_times_s"][0] < s["wall_time_s"] < seconds + 1
+    assert len(s["fl_round_s"]) == 1 and 0 < s["site_work_s"][0] < s["fl_round_s"][0]  # the server's log, over TLS
     cross = s["cross_site"]
     assert {GLOBAL_MODEL, *SITES} <= set(cross), sorted(cross)
     for model, by_site in cross.items():
