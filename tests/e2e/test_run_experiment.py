@@ -111,6 +111,19 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _start_run(tmp_path, **popen_args) -> subprocess.Popen:
+    """The one command on the test settings, its output piped, unbuffered."""
+    return subprocess.Popen(
+        runner_cmd(tmp_path, "--timeout", "600"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        **popen_args,
+    )
+
+
 def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
     """A run that did not end by itself (test failed or interrupted): kill it and stop what it left up."""
     if proc.poll() is None:
@@ -122,17 +135,9 @@ def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
 
 def test_ctrl_c_stops_everything(experiment_run, tmp_path):
     """SIGINT once the job is submitted: exit 130 and no process of the run left."""
-    proc = subprocess.Popen(
-        runner_cmd(tmp_path, "--timeout", "600"),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        # A terminal's Ctrl-C: the default SIGINT action, even when pytest itself runs in the background
-        # (a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
-        preexec_fn=_default_sigint,
-    )
+    # A terminal's Ctrl-C: the default SIGINT action, even when pytest itself runs in the background
+    # (a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
+    proc = _start_run(tmp_path, preexec_fn=_default_sigint)
     try:
         for line in proc.stdout:
             if line.startswith("submitted "):
@@ -152,14 +157,7 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
 
 def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
     """SIGTERM (e.g. from a CI timeout) in the middle of the POC start: exit 143, nothing left, lock free again."""
-    proc = subprocess.Popen(
-        runner_cmd(tmp_path, "--timeout", "600"),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    proc = _start_run(tmp_path)
     try:
         for line in proc.stdout:
             if line.startswith("starting the FL system"):
