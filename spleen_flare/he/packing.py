@@ -159,7 +159,8 @@ def _split_seeded(seal_bytes: bytes) -> tuple[dict, bytes, bytes]:
     (count,) = struct.unpack_from("<Q", body, offset + _HEADER.size)
     c0_start = offset + _HEADER.size + 8
     c0_end = c0_start + 8 * count
-    if size != 2 or count != degree * moduli or dyn_total != c0_end - offset or len(body) != c0_end + SEED_RECORD_BYTES:
+    layout_ok = magic == _SEAL_MAGIC and dyn_total == c0_end - offset and len(body) == c0_end + SEED_RECORD_BYTES
+    if size != 2 or count != degree * moduli or not layout_ok:
         raise SealFormatError("not a seeded two-polynomial SEAL ciphertext")
     params = {
         "parms_id": parms_id.hex(),
