@@ -25,6 +25,7 @@ from conftest import REPO_ROOT, SITES, runner_cmd
 
 from spleen_fl.experiment import GLOBAL_MODEL, all_pids
 from spleen_fl.jobs import JobSettings, prepare_job
+from spleen_fl.poc import pid_alive
 from spleen_fl.procs import start_group
 from spleen_fl.secure import (
     PROJECT_YML,
@@ -44,14 +45,6 @@ pytestmark = [
 ]
 
 NVFLARE = str(Path(sys.executable).parent / "nvflare")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _secure_cmd(*args: str) -> list[str]:
@@ -107,7 +100,7 @@ def test_start_fl_secure_brings_up_server_and_sites(running):
     assert connected_sites(kits) == SITES  # site-3 is provisioned but was not asked for
     state = json.loads(state_path(ws).read_text())
     assert sorted(state["participants"]) == ["server", *SITES]
-    assert all(_alive(rec["pgid"]) for rec in state["participants"].values())
+    assert all(pid_alive(rec["pgid"]) for rec in state["participants"].values())
     # The participants talk TLS: the server log names each site's SSL connection.
     server_log = (kits.server / "log.txt").read_text()
     assert all(f"SSL {site}]" in server_log for site in SITES), server_log[-2000:]
@@ -181,7 +174,7 @@ def test_site_with_foreign_certificates_is_refused(running, workspaces, tmp_path
     finally:
         assert terminate([proc.pid], grace=10) == []
         proc.wait(timeout=10)
-    assert not _alive(proc.pid)
+    assert not pid_alive(proc.pid)
 
 
 def test_admin_without_a_valid_kit_cannot_submit(running, workspaces, tmp_path):
@@ -223,7 +216,7 @@ def test_stop_ends_everything_it_started(running):
         _secure_cmd("--stop", "--workspace", str(ws)), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "stopped the secure system" in proc.stdout, _output(proc)
-    assert [p for p in before if _alive(p)] == []
+    assert [p for p in before if pid_alive(p)] == []
     assert not state_path(ws).exists() and running_pids(ws) == []
 
 
@@ -260,6 +253,6 @@ def test_local_job_runs_over_tls_end_to_end(workspaces, tmp_path):
     assert (ws / "localhost" / "storage" / "jobs" / s["job_id"]).is_dir(), "the job store is the workspace's own"
     assert (run_dir / "job_result" / s["job_id"]).is_dir()
     # The run stopped everything it started: its process groups, MLflow, and the secure system's state file.
-    left = [p for p in all_pids(run_dir / "pids.json") if _alive(p)]
+    left = [p for p in all_pids(run_dir / "pids.json") if pid_alive(p)]
     assert left == [] and running_pids(ws) == [] and not state_path(ws).exists()
     assert json.loads((run_dir / "pids.json").read_text())["secure"]["workspace"] == str(ws)

@@ -13,6 +13,7 @@ import pytest
 from spleen_fl.cli import run_experiment as run_cli
 from spleen_fl.cli import secure as cli
 from spleen_fl.fl_system import FLSystem
+from spleen_fl.poc import pid_alive
 from spleen_fl.procs import free_port, start_group, wait_for
 from spleen_fl.secure import (
     PROJECT_YML,
@@ -30,14 +31,6 @@ from spleen_fl.secure import (
     stop_system,
     terminate,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def fake_kits(root: Path, sites: int = 2, ports: tuple[int, int] | None = None) -> Path:
@@ -179,7 +172,7 @@ def test_stale_state_and_reused_pids_are_not_ours(tmp_path, sleeper):
     record(workspace, other, start=start_time(other.pid) - 1)  # same PID, another process: never signalled
     assert running_pids(workspace) == []
     assert stop_system(workspace, grace=1) == []
-    assert _alive(other.pid)
+    assert pid_alive(other.pid)
 
 
 def test_terminate_reaches_job_processes_in_their_own_session(tmp_path):
@@ -188,10 +181,10 @@ def test_terminate_reaches_job_processes_in_their_own_session(tmp_path):
     proc = start_group(["bash", "-c", f"setsid sleep 120 & echo $! > {child_file}; sleep 120"], tmp_path / "log")
     wait_for(lambda: child_file.is_file() and child_file.read_text().strip() != "", 10, "child started")
     child = int(child_file.read_text())
-    assert _alive(child)
+    assert pid_alive(child)
     assert terminate([proc.pid], grace=5) == []
     proc.wait(timeout=5)
-    assert not _alive(child) and not _alive(proc.pid)
+    assert not pid_alive(child) and not pid_alive(proc.pid)
 
 
 # -- provisioning and the system object -----------------------------------------------------------------------
