@@ -339,6 +339,11 @@ def _layout(meta: Mapping) -> tuple:
     )
 
 
+def _check_version(he_meta: Mapping) -> None:
+    if he_meta.get("version") != FORMAT_VERSION or he_meta.get("packing") != "complex":
+        raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
+
+
 class PackedSum:
     """Running sum of packed models: c0 polynomials added modulo the ciphertext primes, seeds kept; no key."""
 
@@ -348,7 +353,7 @@ class PackedSum:
         self.moduli = np.array([m.value() for m in last.parms().coeff_modulus()], dtype=np.uint64)[:, None]
         self.meta: dict | None = None
         self._c0: np.ndarray | None = None  # (chunks, moduli, degree) uint64
-        self._seeds: list[list[bytes]] = []
+        self._seeds: list[bytes] = []  # per ciphertext, the seed records of every contribution so far
         self._plain: dict[str, np.ndarray] = {}
 
     @property
@@ -356,8 +361,7 @@ class PackedSum:
         return 0 if self.meta is None else int(self.meta["contributions"])
 
     def add(self, data: Mapping[str, Any], he_meta: Mapping) -> None:
-        if he_meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
+        _check_version(he_meta)
         if self.meta is not None and _layout(he_meta) != _layout(self.meta):
             raise ValueError("packed HE update with a different layout (model or HE parameters differ between sites)")
         params, contributions = he_meta["ciphertext"], int(he_meta["contributions"])
@@ -399,11 +403,6 @@ class PackedSum:
         data: dict[str, Any] = {ct_key(k): c0[k].tobytes() + seeds for k, seeds in enumerate(self._seeds)}
         data.update(self._plain)
         return data, dict(self.meta)
-
-
-def _check_version(he_meta: Mapping) -> None:
-    if he_meta.get("version") != FORMAT_VERSION or he_meta.get("packing") != "complex":
-        raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
 
 
 def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) -> dict[str, np.ndarray]:
