@@ -6,6 +6,6 @@ from pathlib import Path
 if __name__ == "__main__":
     # Work from a plain checkout too (package not installed).
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from spleen_fl.cli.download import main
+    from spleen_tools.cli.download import main
 
     raise SystemExit(main())

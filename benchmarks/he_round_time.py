@@ -28,7 +28,7 @@ def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) ->
     cmd = [
         sys.executable,
         "-m",
-        "spleen_fl.cli.run_experiment",
+        "spleen_tools.cli.run_experiment",
         "--job",
         job,
         "--sites",

@@ -47,10 +47,10 @@ from nvflare.fuel.utils import fobs
 from nvflare.lighter.impl.he import HEBuilder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spleen_fl.jobs import BUNDLE_SRC  # noqa: E402
 from spleen_flare.bundle_runner import build_network  # noqa: E402
 from spleen_flare.he.aggregator import PackedHEAggregator, PackedHEShareableGenerator  # noqa: E402
 from spleen_flare.he.filters import PackedHEDecryptor, PackedHEEncryptor  # noqa: E402
+from spleen_tools.paths import BUNDLE_SRC  # noqa: E402
 
 SITES = {"site-1": 16, "site-2": 24}  # local steps = aggregation weights
 

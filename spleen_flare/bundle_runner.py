@@ -20,11 +20,10 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from spleen_flare.contract import DATALIST_ENV, KEY_METRIC
+
 logger = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "SPLEEN_DATA_DIR"
-DATALIST_ENV = "SPLEEN_DATALIST"
-KEY_METRIC = "val_mean_dice"
 BEST_LOCAL_MODEL = "best_local_model.pt"
 
 

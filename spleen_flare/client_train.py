@@ -18,17 +18,16 @@ from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTRAP_FILE, MetricsSender
 
-from spleen_flare.bundle_runner import (
-    DATA_DIR_ENV,
-    KEY_METRIC,
-    BundleRunner,
-    find_site_datalist,
-    load_site_datalist,
-)
+from spleen_flare.bundle_runner import BundleRunner, find_site_datalist, load_site_datalist
+from spleen_flare.contract import DATA_DIR_ENV, GLOBAL_METRIC, KEY_METRIC, PROGRESS_TAG, tagged_line
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
-GLOBAL_METRIC_TAG = "global_val_mean_dice"
+
+
+def progress(**fields) -> None:
+    """One progress line; print() lands in the job's log.txt (NVFlare redirects it), which the host follows."""
+    print(tagged_line(PROGRESS_TAG, **fields), flush=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,9 +56,11 @@ def main() -> None:
     training = validation = None
     if datalist_path:
         training, validation = load_site_datalist(datalist_path)
-        print(f"[spleen] site={site} training={len(training)} validation={len(validation)} datalist={datalist_path}")
+        progress(
+            kind="info", site=site, training=len(training), validation=len(validation), datalist=str(datalist_path)
+        )
     else:
-        print(f"[spleen] site={site} no site datalist found: using the bundle's own split of {data_dir}")
+        progress(kind="info", site=site, datalist=None, note=f"no site datalist: the bundle's own split of {data_dir}")
 
     runner = BundleRunner(
         bundle_root,
@@ -86,16 +87,20 @@ def main() -> None:
                 work_start = time.perf_counter()
                 global_metrics = runner.evaluate(external=True)
                 global_dice = global_metrics.get(KEY_METRIC, 0.0)
-                sender.add(GLOBAL_METRIC_TAG, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
+                sender.add(GLOBAL_METRIC, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
                 steps = runner.train(args.local_epochs)
                 work_s = time.perf_counter() - work_start
-                # print() lands in the site's log (NVFlare redirects it); the run helper follows these lines.
-                print(
-                    f"[spleen] site={site} round={model.current_round} global_dice={global_dice:.4f} "
-                    f"local_dice={runner.last_local_metric:.4f} loss={train_stats.last_epoch_loss:.4f} steps={steps} "
-                    f"metrics_sent={train_stats.sent + val_stats.sent} "
-                    f"metrics_failed={train_stats.failed + val_stats.failed} work_s={work_s:.1f}",
-                    flush=True,
+                progress(
+                    kind="round",
+                    site=site,
+                    round=model.current_round,
+                    global_dice=global_dice,
+                    local_dice=runner.last_local_metric,
+                    loss=train_stats.last_epoch_loss,
+                    steps=steps,
+                    metrics_sent=train_stats.sent + val_stats.sent,
+                    metrics_failed=train_stats.failed + val_stats.failed,
+                    work_s=round(work_s, 1),
                 )
                 flare.send(
                     FLModel(
@@ -107,10 +112,7 @@ def main() -> None:
                 )
             elif flare.is_evaluate():
                 metrics = runner.evaluate(model.params)
-                print(
-                    f"[spleen] site={site} cross_site {KEY_METRIC}={metrics.get(KEY_METRIC, float('nan')):.4f}",
-                    flush=True,
-                )
+                progress(kind="cross_site", site=site, **{KEY_METRIC: metrics.get(KEY_METRIC)})
                 flare.send(FLModel(metrics={KEY_METRIC: metrics.get(KEY_METRIC, 0.0)}))
             elif flare.is_submit_model():
                 flare.send(FLModel(params=runner.best_local_weights()))

@@ -115,11 +115,11 @@ class PackedHEAggregator(Aggregator):
                 "train",
                 rnd if isinstance(rnd, int) else None,
                 add_seconds + serialize_seconds,
-                add_s=f"{add_seconds:.3f}",
-                serialize_s=f"{serialize_seconds:.3f}",
+                add_s=add_seconds,
+                serialize_s=serialize_seconds,
                 contributions=he_meta["contributions"],
                 bytes=packed_bytes(data),
-                weight=f"{he_meta['weight']:g}",
+                weight=float(he_meta["weight"]),
             )
         )
         meta = {HE_META_KEY: he_meta, MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM_CKKS}

@@ -7,7 +7,7 @@ its first polynomial plus the seed of the second, without a context (see ``packi
 plaintext metadata.
 ``PackedHEDecryptor`` (task data: train, validate) decrypts with the site's secret key and divides by the total
 weight; plaintext models (the initial global model) pass through.
-Both print one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
+Both log one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
 one command collects into ``summary.json``.
 """
 
@@ -25,6 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
 from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
 
+from spleen_flare.contract import HE_TAG, tagged_line
 from spleen_flare.he.packing import HE_META_KEY, decrypt_model, encrypt_model, packed_bytes
 
 
@@ -40,13 +41,9 @@ def _round_of(shareable: Shareable, fl_ctx: FLContext) -> int | None:
 
 
 def he_log_line(side: str, stage: str, task: str | None, rnd: int | None, seconds: float, **fields) -> str:
-    """``[spleen-he] side=.. stage=.. task=.. round=.. seconds=.. k=v ...`` (round only when known)."""
-    parts = [f"side={side}", f"stage={stage}", f"task={task or '?'}"]
-    if rnd is not None:
-        parts.append(f"round={rnd}")
-    parts.append(f"seconds={seconds:.3f}")
-    parts += [f"{k}={v}" for k, v in fields.items()]
-    return "[spleen-he] " + " ".join(parts)
+    """One ``[spleen-he]`` line (see ``spleen_flare.contract``); ``round`` only when known."""
+    where = {"round": rnd} if rnd is not None else {}
+    return tagged_line(HE_TAG, side=side, stage=stage, task=task or "?", **where, seconds=seconds, **fields)
 
 
 class _SiteContextFilter(DXOFilter):
@@ -121,9 +118,9 @@ class PackedHEEncryptor(_SiteContextFilter):
             seconds,
             bytes=enc_bytes,
             plain_bytes=plain_bytes,
-            ratio=f"{enc_bytes / max(plain_bytes, 1):.2f}",
+            ratio=round(enc_bytes / max(plain_bytes, 1), 2),
             ciphertexts=he_meta["chunks"],
-            weight=f"{weight:g}",
+            weight=float(weight),
         )
         self.logger.info(line)  # the job's log.txt, which the one command follows (print() would miss it)
         return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta)
@@ -154,7 +151,7 @@ class PackedHEDecryptor(_SiteContextFilter):
             seconds,
             bytes=packed_bytes(dxo.data),
             contributions=he_meta["contributions"],
-            weight=f"{he_meta['weight']:g}",
+            weight=float(he_meta["weight"]),
         )
         self.logger.info(line)
         return DXO(data_kind=DataKind.WEIGHTS, data=params, meta=meta)

@@ -27,6 +27,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.decomposers import numpy_decomposers
 
+from spleen_flare.contract import HE_TAG, tagged_line
 from spleen_flare.he.packing import HE_META_KEY, is_packed
 from spleen_flare.persistor import HISTORY_FILE, BundleModelPersistor
 
@@ -65,8 +66,14 @@ class HEBundleModelPersistor(BundleModelPersistor):
         self._record_packed(weights, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         he_meta = ml[ModelLearnableKey.META][HE_META_KEY]
         self.logger.info(
-            f"[spleen-he] side=server stage=persist ciphertexts={he_meta['chunks']} "
-            f"contributions={he_meta['contributions']} path={self._ckpt_save_path}"
+            tagged_line(
+                HE_TAG,
+                side="server",
+                stage="persist",
+                ciphertexts=he_meta["chunks"],
+                contributions=he_meta["contributions"],
+                path=str(self._ckpt_save_path),
+            )
         )
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:

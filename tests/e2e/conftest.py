@@ -1,6 +1,7 @@
-"""One real run of the one command, shared by the e2e tests of the runner and of the MLflow dashboard.
+"""The one command as the e2e tests start it (``runner_cmd``), and one real run of it shared by the tests of the
+runner and of the MLflow dashboard. Everything in this folder is marked slow by ``tests/conftest.py``.
 
-It runs what ``./run_experiment.sh`` runs (``python -m spleen_fl.cli.run_experiment``; the shell script only adds
+It runs what ``./run_experiment.sh`` runs (``python -m spleen_tools.cli.run_experiment``; the shell script only adds
 the venv setup) with 2 sites, 2 rounds, 1 local epoch, tiny synthetic data and ``--quick``, into a temporary
 runs directory. The POC ports are fixed, so the run fails fast with a clear message if another POC is up.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from spleen_fl.mlflow_server import MLflowServer
+from spleen_tools.mlflow_server import MLflowServer
+from spleen_tools.procs import PidFile
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SITES = ["site-1", "site-2"]
@@ -27,10 +29,11 @@ TINY = ["--synthetic-cases", "8", "--synthetic-shape", "80x80x20"]
 
 
 def runner_cmd(runs_dir: Path, *extra: str) -> list[str]:
+    """``run_experiment`` on the test settings; ``extra`` options come last, so they override (``--rounds 1``)."""
     return [
         sys.executable,
         "-m",
-        "spleen_fl.cli.run_experiment",
+        "spleen_tools.cli.run_experiment",
         "--sites",
         str(len(SITES)),
         "--rounds",
@@ -58,8 +61,8 @@ class RunResult:
         return json.loads((self.run_dir / "summary.json").read_text())
 
     @property
-    def pid_file(self) -> Path:
-        return self.run_dir / "pids.json"
+    def pid_file(self) -> PidFile:
+        return PidFile(self.run_dir / "pids.json")
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +90,8 @@ def run_mlflow(experiment_run):
         pytest.fail(f"the run left no MLflow store; output:\n{experiment_run.stdout[-3000:]}\n{experiment_run.stderr}")
     with MLflowServer(experiment_run.run_dir / "mlflow") as server:
         yield server
+
+
+def alive_recorded(run_dir: Path) -> list[int]:
+    """Processes recorded in a run's pids.json (the runner left out) that are still alive."""
+    return [ref.pid for ref in PidFile(run_dir / "pids.json").refs() if ref.alive()]

@@ -7,46 +7,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+import tenseal as ts  # a broken TenSEAL install fails, never skips
+from conftest import REPO_ROOT, ROUNDS, SITES, runner_cmd
 
-pytestmark = [pytest.mark.slow, pytest.mark.he]
-ts = pytest.importorskip("tenseal")
-REPO = Path(__file__).resolve().parents[2]
-SITES = ["site-1", "site-2"]
-ROUNDS = 2
+pytestmark = pytest.mark.he
 
 
 @pytest.fixture(scope="module")
 def he_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs = tmp_path_factory.mktemp("he_runs")
-    cmd = [
-        sys.executable,
-        "-m",
-        "spleen_fl.cli.run_experiment",
-        "--job",
-        "he",
-        "--sites",
-        str(len(SITES)),
-        "--rounds",
-        str(ROUNDS),
-        "--local-epochs",
-        "1",
-        "--quick",
-        "--synthetic-cases",
-        "4",
-        "--synthetic-shape",
-        "80x80x20",
-        "--runs-dir",
-        str(runs),
-        "--timeout",
-        "1200",
-    ]
+    cmd = runner_cmd(runs, "--job", "he", "--synthetic-cases", "4", "--timeout", "1200")
     proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=1320, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1320, env=dict(os.environ, PYTHONUNBUFFERED="1")
     )
     summaries = list(runs.glob("*/summary.json"))
     assert summaries, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,9 +74,9 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
     from nvflare.apis.dxo import from_file
     from nvflare.app_common.decomposers import numpy_decomposers
 
-    from spleen_fl.jobs import BUNDLE_SRC
     from spleen_flare.bundle_runner import build_network
     from spleen_flare.he.packing import HE_META_KEY, as_ckks_vector, decrypt_model
+    from spleen_tools.paths import BUNDLE_SRC
 
     numpy_decomposers.register()
     run_dir = he_run["_run_dir"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import SITES
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.browser
 
 METRICS = ("val_mean_dice", "train_loss", "train_loss_epoch", "global_val_mean_dice")
 FLAGS = (

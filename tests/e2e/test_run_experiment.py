@@ -10,12 +10,12 @@ import time
 
 import mlflow
 import pytest
-from conftest import LOCAL_EPOCHS, REPO_ROOT, ROUNDS, SITES, runner_cmd
+from conftest import LOCAL_EPOCHS, REPO_ROOT, ROUNDS, SITES, alive_recorded, runner_cmd
 
-from spleen_fl.experiment import GLOBAL_MODEL, all_pids, stop_run
-from spleen_fl.poc import PocLock, pid_alive
-
-pytestmark = pytest.mark.slow
+from spleen_tools.procs import PidFile
+from spleen_tools.run.stop import stop_run
+from spleen_tools.run.summary import GLOBAL_MODEL
+from spleen_tools.systems.poc import poc_lock
 
 
 def _output(run) -> str:
@@ -86,25 +86,25 @@ def test_mlflow_server_holds_per_site_series(experiment_run, run_mlflow):
 
 
 def test_no_process_of_the_run_is_left(experiment_run):
-    pids = all_pids(experiment_run.pid_file)
-    recorded = json.loads(experiment_run.pid_file.read_text())
-    assert "mlflow" in recorded and {"server", *SITES} <= set(recorded["poc"]), recorded
-    alive = [p for p in pids if pid_alive(p)]
+    recorded = experiment_run.pid_file.read()
+    assert "mlflow" in recorded and {"server", *SITES} <= set(recorded["poc"]["processes"]), recorded
+    assert len(experiment_run.pid_file.refs()) >= 8  # MLflow, poc start, server and sites with their daemons
+    alive = alive_recorded(experiment_run.run_dir)
     assert alive == [], f"still alive: {alive} ({recorded})"
-    group = recorded["poc"]["poc_group"]
-    assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 1
+    for group in (recorded["poc"]["processes"]["poc_group"]["pid"], recorded["mlflow"]["pid"]):
+        assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 1
 
 
 def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
     """Hold the POC lock the way an active run does; a second run must stop at once, saying why, leaving nothing."""
-    with PocLock("an active test run"):
+    with poc_lock("an active test run"):
         proc = subprocess.run(
             runner_cmd(tmp_path, "--timeout", "300"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=400
         )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: another POC run is active (pid ")
     run_dir = (tmp_path / "latest").resolve()
-    assert [p for p in all_pids(run_dir / "pids.json") if pid_alive(p)] == []
+    assert alive_recorded(run_dir) == []
 
 
 def _default_sigint() -> None:
@@ -151,8 +151,7 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
         _kill_and_clean_up(proc, tmp_path)
     assert rc == 130, proc.stderr.read()
     run_dir = (tmp_path / "latest").resolve()
-    pids = all_pids(run_dir / "pids.json")
-    assert len(pids) >= 4 and [p for p in pids if pid_alive(p)] == []
+    assert len(PidFile(run_dir / "pids.json").refs()) >= 4 and alive_recorded(run_dir) == []
 
 
 def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
@@ -172,7 +171,6 @@ def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
     finally:
         _kill_and_clean_up(proc, tmp_path)
     assert rc == 143, proc.stderr.read()
-    pids = all_pids(run_dir / "pids.json")
-    assert pids and [p for p in pids if pid_alive(p)] == []
-    with PocLock("after the terminated run"):
+    assert PidFile(run_dir / "pids.json").refs() and alive_recorded(run_dir) == []
+    with poc_lock("after the terminated run"):
         pass

@@ -9,12 +9,10 @@ import uuid
 import mlflow
 import pytest
 
-from spleen_fl.data import make_site_datalists, make_synthetic_dataset
-from spleen_fl.jobs import JobSettings, prepare_job
-from spleen_fl.mlflow_server import MLflowServer
-from spleen_fl.simulate import run_simulator
-
-pytestmark = pytest.mark.slow
+from spleen_tools.data import make_site_datalists, make_synthetic_dataset
+from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.mlflow_server import MLflowServer
+from spleen_tools.systems.simulator import run_simulator
 
 SITES = ["site-1", "site-2"]
 ROUNDS = 2

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spleen_fl.data import make_site_datalists, make_synthetic_dataset
-from spleen_fl.jobs import BUNDLE_SRC
 from spleen_flare.bundle_runner import (
     BEST_LOCAL_MODEL,
     BundleRunner,
@@ -15,6 +13,8 @@ from spleen_flare.bundle_runner import (
     load_site_datalist,
 )
 from spleen_flare.persistor import weights_digest
+from spleen_tools.data import make_site_datalists, make_synthetic_dataset
+from spleen_tools.paths import BUNDLE_SRC
 
 QUICK = ["configs/train.json", "../overrides/cpu_quick.json"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spleen_fl.cli.datalists import main
-from spleen_fl.data.datalists import make_site_datalists
+from spleen_tools.cli.datalists import main
+from spleen_tools.data.datalists import make_site_datalists
 
 
 def _fake_dataset(root: Path, n: int) -> Path:
@@ -114,7 +114,7 @@ def test_cli(tmp_path: Path, capsys) -> None:
 
 
 def test_on_synthetic_dataset(tmp_path: Path) -> None:
-    from spleen_fl.data.synthetic import make_synthetic_dataset
+    from spleen_tools.data.synthetic import make_synthetic_dataset
 
     task = make_synthetic_dataset(tmp_path, num_train=6, num_test=1, shape=(16, 16, 8))
     lists = _load(make_site_datalists(task, 2))

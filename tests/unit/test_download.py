@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from spleen_fl.cli.download import main
-from spleen_fl.data.download import ARCHIVE_NAME, TASK_NAME, DownloadError, download_spleen, extract_archive
+from spleen_tools.cli.download import main
+from spleen_tools.data.download import ARCHIVE_NAME, TASK_NAME, DownloadError, download_spleen, extract_archive
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from spleen_fl.jobs import JOBS_DIR, JobSettings, get_script_args, place_bundle_and_code, prepare_job
+from spleen_tools.jobs import JobSettings, get_script_args, place_bundle_and_code, prepare_job
+from spleen_tools.paths import JOBS_DIR
 
 JOBS = sorted(p.name for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file())
 
@@ -128,7 +129,7 @@ def test_missing_bundle_is_a_clear_error(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(capsys):
-    from spleen_fl.cli.prepare_jobs import main
+    from spleen_tools.cli.prepare_jobs import main
 
     assert main(["--job", "spleen_ct_segmentation_local", "--rounds", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_fl.data.synthetic import make_synthetic_dataset
+from spleen_tools.data.synthetic import make_synthetic_dataset
 
 SMALL = {"num_train": 3, "num_test": 1, "shape": (48, 48, 12), "spacing": (0.8, 0.8, 5.0)}
 MSD_KEYS = {

@@ -1,1 +1,0 @@
-"""Helpers behind the scripts of the federated spleen segmentation example."""

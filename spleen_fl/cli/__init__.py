@@ -1,1 +1,0 @@
-"""Thin command-line entry points over the helper package."""

@@ -1,0 +1,56 @@
+"""What the job side and the host tooling agree on: environment names, the key metric, log tags, the line format.
+
+The one module of ``spleen_flare`` that ``spleen_tools`` imports. Standard library only, so that reading it never
+pulls in NVFlare, MONAI or torch.
+
+A tagged line is the tag, one space and one JSON object: ``[spleen] {"kind": "round", "site": "site-1", ...}``.
+Sites ``print()`` progress lines (NVFlare copies them into the job's ``log.txt``); NVFlare components log HE lines
+through their logger. Log prefixes before the tag are fine: the reader looks for the tag anywhere in the line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+# Environment of the participants (jobs inherit their client's environment).
+DATA_DIR_ENV = "SPLEEN_DATA_DIR"  # the dataset folder (MSD layout)
+DATALIST_ENV = "SPLEEN_DATALIST"  # a site's datalist; "{site}" is replaced by the site name
+
+# Metrics.
+KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cross-site metric
+GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it received, per round
+
+# Log tags and the kinds of progress line.
+PROGRESS_TAG = "[spleen]"
+HE_TAG = "[spleen-he]"
+TAGS = (PROGRESS_TAG, HE_TAG)
+PROGRESS_KINDS = ("round", "cross_site", "info")
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf become None: the line stays strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def tagged_line(tag: str, **fields: Any) -> str:
+    """``tag {"k": v, ...}`` on one line; floats are rounded to 4 decimals."""
+    if tag not in TAGS:
+        raise ValueError(f"unknown tag {tag!r}: expected one of {', '.join(TAGS)}")
+    values = {k: _finite(round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()}
+    return f"{tag} {json.dumps(values, separators=(', ', ': '), default=str)}"
+
+
+def read_tagged_line(line: str) -> tuple[str, dict[str, Any]] | None:
+    """``(tag, fields)`` from a line written by :func:`tagged_line` (with any log prefix), else None."""
+    for tag in TAGS:
+        start = line.find(tag + " {")
+        if start < 0:
+            continue
+        try:
+            fields, _ = json.JSONDecoder().raw_decode(line, start + len(tag) + 1)
+        except ValueError:
+            return None
+        return (tag, fields) if isinstance(fields, dict) else None
+    return None

@@ -1,0 +1,48 @@
+"""Place the bundle and integration code into the job folders, optionally writing a configured copy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spleen_tools.jobs import JOB_NAMES, JobSettings, prepare_job
+from spleen_tools.paths import BUNDLE_SRC, JOBS_DIR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--job", choices=JOB_NAMES, action="append", help="job to prepare (default: all)")
+    parser.add_argument("--bundle-src", type=Path, default=BUNDLE_SRC, help="bundle folder to place into the jobs")
+    parser.add_argument("--out", type=Path, help="write a configured copy of each job here (needed for the knobs)")
+    parser.add_argument("--rounds", type=int, help="FL rounds")
+    parser.add_argument("--local-epochs", type=int, help="local epochs per round")
+    parser.add_argument("--sites", type=int, help="minimum number of sites (clients)")
+    parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None, help="CPU-quick override")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for the server's receiver")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = JobSettings(
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        min_clients=args.sites,
+        quick=args.quick,
+        tracking_uri=args.tracking_uri,
+    )
+    try:
+        for name in args.job or JOB_NAMES:
+            if not (JOBS_DIR / name).is_dir():
+                continue
+            path = prepare_job(name, args.out, settings, args.bundle_src)
+            print(f"prepared {path}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

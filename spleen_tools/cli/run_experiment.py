@@ -1,0 +1,117 @@
+"""Run the federated spleen job on a real NVFlare system (POC by default) with an MLflow server, in one command.
+
+Makes runs/<timestamp>/ (runs/latest points at it) with the data's datalists, the job copy, the POC workspace,
+the MLflow store, the logs, the downloaded job and summary.json; stops everything it started when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spleen_tools.cli import OneLineParser
+from spleen_tools.paths import RUNS_DIR
+from spleen_tools.run.runner import run_experiment
+from spleen_tools.run.settings import (
+    JOB_VARIANTS,
+    ExperimentError,
+    ExperimentSettings,
+    RunTimeout,
+    SettingsError,
+    Terminated,
+)
+from spleen_tools.run.stop import stop_run
+
+DEFAULTS = ExperimentSettings()
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected XxYxZ like 96x96x24, got {text!r}") from None
+    if len(parts) != 3 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"expected three sizes >= 16 like 96x96x24, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = OneLineParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOB_VARIANTS), default=d.job, help="local = FedAvg, he = FedAvg + HE")
+    p.add_argument("--sites", type=int, default=d.sites, help="number of sites (site-1..N)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="FL rounds")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round")
+    p.add_argument(
+        "--quick",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CPU-quick bundle override (default: on when CUDA is unavailable)",
+    )
+    p.add_argument("--data", type=Path, help="a real MSD Task09_Spleen folder (default: synthetic data)")
+    p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="synthetic training cases")
+    p.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape, help="synthetic volume size XxYxZ")
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run directories go")
+    p.add_argument("--secure", action="store_true", help="use the provisioned secure workspace instead of POC")
+    p.add_argument("--keep-running", action="store_true", help="leave the FL system and MLflow up afterwards")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="give up (and stop everything) after seconds")
+    p.add_argument("--mlflow-port", type=int, help="MLflow port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--stop", type=Path, metavar="RUN_DIR", help="stop what a --keep-running run left up, and exit")
+    return p
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stop is not None:
+            return stop_run(args.stop)
+        quick = args.quick if args.quick is not None else not _cuda_available()
+        settings = ExperimentSettings(
+            job=args.job,
+            sites=args.sites,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            quick=quick,
+            data=args.data,
+            synthetic_cases=args.synthetic_cases,
+            synthetic_shape=args.synthetic_shape,
+            runs_dir=args.runs_dir,
+            keep_running=args.keep_running,
+            secure=args.secure,
+            timeout=args.timeout,
+            mlflow_port=args.mlflow_port,
+        )
+        settings.validate()
+        return run_experiment(settings, out=lambda msg: print(msg, flush=True))
+    except RunTimeout as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        print("interrupted: stopped everything this run started", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: stopped everything this run started", file=sys.stderr)
+        return 143
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (RuntimeError, TimeoutError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Prepare job folders: place the bundle and the integration code, and set FL knobs in a job copy.
+
+The bundle (``bundles/spleen_ct_segmentation``), its override files (``bundles/overrides``) and the job side
+(``spleen_flare/``) live once in the repo; this module copies them into each job's ``app/`` (those paths are
+git-ignored). Knobs such as rounds and local epochs are written into a *copy* of the job (e.g. under
+a run directory), so the job folders in git keep their documented defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
+
+JOB_NAMES = ("spleen_ct_segmentation_local", "spleen_ct_segmentation_he")
+QUICK_OVERRIDE = "../overrides/cpu_quick.json"
+TRAIN_CONFIG = "configs/train.json"
+# Run-time outputs of a bundle that must never travel with a job.
+_BUNDLE_IGNORE = shutil.ignore_patterns("models", "eval", "__pycache__", "*.pyc")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """FL knobs written into a job copy; ``None`` keeps the job's value."""
+
+    rounds: int | None = None
+    local_epochs: int | None = None
+    min_clients: int | None = None
+    quick: bool | None = None
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+
+
+def job_dir(name: str) -> Path:
+    path = JOBS_DIR / name
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"unknown job {name!r}: expected one of {', '.join(JOB_NAMES)} under {JOBS_DIR}")
+    return path
+
+
+def place_bundle_and_code(job: Path, bundle_src: Path = BUNDLE_SRC) -> None:
+    """Copy the bundle, its overrides and ``spleen_flare`` into ``job/app`` (replacing older copies)."""
+    if not (bundle_src / "configs").is_dir():
+        raise FileNotFoundError(f"no bundle at {bundle_src}: expected {bundle_src}/configs/train.json")
+    app = job / "app"
+    targets = {
+        bundle_src: app / "config" / BUNDLE_NAME,
+        OVERRIDES_SRC: app / "config" / "overrides",
+        JOB_SIDE_SRC: app / "custom" / JOB_SIDE_SRC.name,
+    }
+    for src, dst in targets.items():
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, ignore=_BUNDLE_IGNORE)
+
+
+def _set_script_args(args: str, updates: dict[str, str]) -> str:
+    """Replace ``--key value`` pairs in a task_script_args string, appending keys it lacks."""
+    tokens = shlex.split(args)
+    for key, value in updates.items():
+        flag = f"--{key}"
+        if flag in tokens:
+            tokens[tokens.index(flag) + 1] = value
+        else:
+            tokens += [flag, value]
+    return shlex.join(tokens)
+
+
+def get_script_args(job: Path) -> dict[str, str]:
+    """The ``--key value`` pairs of the client's task_script_args."""
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    tokens = shlex.split(_client_executor_args(client)["task_script_args"])
+    return {tokens[i][2:]: tokens[i + 1] for i in range(0, len(tokens) - 1, 2) if tokens[i].startswith("--")}
+
+
+def _client_executor_args(client: dict) -> dict:
+    for entry in client["executors"]:
+        args = entry["executor"]["args"]
+        if "task_script_args" in args:
+            return args
+    raise ValueError("config_fed_client.json has no executor with task_script_args")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def apply_settings(job: Path, settings: JobSettings) -> None:
+    """Write FL knobs into the job folder ``job`` (meant for a copy, see :func:`prepare_job`)."""
+    config_dir = job / "app" / "config"
+    server_path, client_path, meta_path = (
+        config_dir / "config_fed_server.json",
+        config_dir / "config_fed_client.json",
+        job / "meta.json",
+    )
+    server, client, meta = (json.loads(p.read_text()) for p in (server_path, client_path, meta_path))
+
+    if settings.rounds is not None:
+        server["num_rounds"] = settings.rounds
+    if settings.min_clients is not None:
+        server["min_clients"] = settings.min_clients
+        meta["min_clients"] = settings.min_clients
+    for component in server["components"]:
+        if component["id"] == "mlflow_receiver":
+            if settings.tracking_uri is not None:
+                component["args"]["tracking_uri"] = settings.tracking_uri
+            if settings.experiment_name is not None:
+                component["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
+
+    updates: dict[str, str] = {}
+    if settings.local_epochs is not None:
+        updates["local_epochs"] = str(settings.local_epochs)
+    if settings.quick is not None:
+        updates["config_files"] = f"{TRAIN_CONFIG},{QUICK_OVERRIDE}" if settings.quick else TRAIN_CONFIG
+    if updates:
+        executor_args = _client_executor_args(client)
+        executor_args["task_script_args"] = _set_script_args(executor_args["task_script_args"], updates)
+
+    _write_json(server_path, server)
+    _write_json(client_path, client)
+    _write_json(meta_path, meta)
+
+
+def prepare_job(
+    name: str,
+    out_dir: Path | None = None,
+    settings: JobSettings | None = None,
+    bundle_src: Path = BUNDLE_SRC,
+) -> Path:
+    """Place bundle and code into ``jobs/<name>``; with ``out_dir``, also copy it there and apply ``settings``.
+
+    Returns the folder to submit.
+    """
+    source = job_dir(name)
+    place_bundle_and_code(source, bundle_src)
+    if out_dir is None:
+        if settings and settings != JobSettings():
+            raise ValueError("rounds/epochs/sites/quick/tracking settings are written into a copy: add --out DIR")
+        return source
+    target = Path(out_dir) / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=_BUNDLE_IGNORE)
+    if settings:
+        apply_settings(target, settings)
+    return target

@@ -1,0 +1,24 @@
+"""Every repository path and executable the host tooling uses, defined once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+JOBS_DIR = REPO_ROOT / "jobs"
+BUNDLES_DIR = REPO_ROOT / "bundles"
+BUNDLE_NAME = "spleen_ct_segmentation"
+BUNDLE_SRC = BUNDLES_DIR / BUNDLE_NAME
+OVERRIDES_SRC = BUNDLES_DIR / "overrides"
+JOB_SIDE_SRC = REPO_ROOT / "spleen_flare"  # the package shipped into every job's app/custom/
+WORKSPACES_DIR = REPO_ROOT / "workspaces"
+SECURE_PROJECT_YML = WORKSPACES_DIR / "secure_project.yml"
+RUNS_DIR = REPO_ROOT / "runs"
+# Lock files of the systems with fixed ports (one machine-wide lock per server port).
+LOCK_DIR = Path("/tmp")
+
+# The interpreter's own folder: nvflare, mlflow and the participants' python3 come from the same environment.
+BIN_DIR = Path(sys.executable).parent
+NVFLARE = BIN_DIR / "nvflare"
+MLFLOW = BIN_DIR / "mlflow"

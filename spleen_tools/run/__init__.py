@@ -1,0 +1,1 @@
+"""The one command: settings, data, progress, summary, report, the run itself and stopping it."""

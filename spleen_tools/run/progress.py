@@ -1,0 +1,197 @@
+"""Following a run: the tagged lines the sites and the server write into their logs, and what they add up to.
+
+Sites write ``[spleen]`` progress lines and NVFlare components ``[spleen-he]`` lines in the format of
+``spleen_flare.contract``; the server's own ``Round N started/finished`` lines give its round times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_KINDS, PROGRESS_TAG, read_tagged_line
+from spleen_tools.run.report import fmt, mmss
+
+# NVFlare's ScatterAndGather on the server: "<asctime> - ... - Round 3 started." / "... Round 3 finished."
+_FL_ROUND = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\bRound (\d+) (started|finished)\.\s*$")
+
+
+def parse_event(line: str) -> dict | None:
+    """One log line -> an event dict with ``kind`` ("round", "cross_site", "info", "he" or "fl_round"), else None.
+
+    Progress lines need a ``site`` and a known ``kind``; HE lines a ``side`` and a ``stage``. ``fl_round`` events
+    are the server's round start or end, with the log line's time as ``at`` (seconds since the epoch).
+    """
+    tagged = read_tagged_line(line)
+    if tagged is None:
+        return _fl_round_event(line)
+    tag, fields = tagged
+    if tag == HE_TAG:
+        return {**fields, "kind": "he"} if "side" in fields and "stage" in fields else None
+    if tag == PROGRESS_TAG and "site" in fields and fields.get("kind") in PROGRESS_KINDS:
+        if fields["kind"] == "round" and not isinstance(fields.get("round"), int):
+            return None
+        return fields
+    return None
+
+
+def _fl_round_event(line: str) -> dict | None:
+    match = _FL_ROUND.match(line)
+    if not match:
+        return None
+    stamp, rnd, stage = match.groups()
+    at = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return {"kind": "fl_round", "side": "server", "round": int(rnd), "stage": stage, "at": at}
+
+
+class LogFollower:
+    """Reads new lines from log files under some folders (``log.txt`` and ``<job_id>/log.txt``)."""
+
+    def __init__(self, roots: Iterable[Path], patterns: tuple[str, ...] = ("log.txt", "*/log.txt")) -> None:
+        self.roots = [Path(r) for r in roots]
+        self.patterns = patterns
+        self._offsets: dict[Path, int] = {}
+        self._partial: dict[Path, str] = {}
+
+    def files(self) -> list[Path]:
+        found = []
+        for root in self.roots:
+            for pattern in self.patterns:
+                found.extend(p for p in root.glob(pattern) if p.is_file())
+        return sorted(set(found))
+
+    def skip_existing(self) -> None:
+        """Start after what the files hold now (lines from earlier jobs are not ours)."""
+        for path in self.files():
+            self._offsets[path] = path.stat().st_size
+
+    def poll(self) -> list[str]:
+        lines: list[str] = []
+        for path in self.files():
+            offset = self._offsets.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except OSError:
+                continue
+            if not chunk:
+                continue
+            self._offsets[path] = offset + len(chunk)
+            text = self._partial.pop(path, "") + chunk.decode(errors="replace")
+            *complete, last = text.split("\n")
+            if last:
+                self._partial[path] = last
+            lines.extend(complete)
+        return lines
+
+
+@dataclass
+class Progress:
+    """Collects progress events; knows when a round is complete (all sites reported it)."""
+
+    sites: list[str]
+    rounds: int
+    start: float = field(default_factory=time.monotonic)
+    per_round: dict[int, dict[str, dict]] = field(default_factory=dict)
+    round_done_at: dict[int, float] = field(default_factory=dict)
+    cross_site_local: dict[str, float] = field(default_factory=dict)
+    he_events: list[dict] = field(default_factory=list)
+    fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
+    _seen: set = field(default_factory=set)
+
+    def add(self, event: dict, now: float | None = None) -> list[str]:
+        """Record one parsed event; return the lines to print about it (maybe none)."""
+        now = time.monotonic() if now is None else now
+        kind = event["kind"]
+        key = (
+            kind,
+            event.get("site") or event.get("side"),
+            event.get("round"),
+            event.get("stage"),
+            event.get(KEY_METRIC) if kind == "cross_site" else None,
+        )
+        if key in self._seen:  # the same line can show up in the site log and the job log
+            return []
+        self._seen.add(key)
+        if kind == "he":
+            self.he_events.append(event)
+            return []
+        if kind == "fl_round":
+            self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
+            return []
+        if kind == "cross_site":
+            dice = event.get(KEY_METRIC)
+            if isinstance(dice, float | int):
+                self.cross_site_local[event["site"]] = float(dice)
+            return [f"{self._clock(now)} cross-site validation: {event['site']} scored a model, Dice {fmt(dice)}"]
+        if kind != "round":
+            return []
+        rnd, site = event["round"], event["site"]
+        self.per_round.setdefault(rnd, {})[site] = event
+        out = [
+            f"{self._clock(now)} round {rnd + 1}/{self.rounds} {site}: loss {fmt(event.get('loss'))}, "
+            f"local Dice {fmt(event.get('local_dice'))} (global model before training: "
+            f"{fmt(event.get('global_dice'))})"
+        ]
+        if set(self.per_round[rnd]) >= set(self.sites) and rnd not in self.round_done_at:
+            self.round_done_at[rnd] = now
+            times = self.round_times()
+            left = self.estimate_left(now)
+            out.append(
+                f"{self._clock(now)} round {rnd + 1}/{self.rounds} done in {times[-1]:.0f} s; "
+                f"elapsed {mmss(now - self.start)}, about {mmss(left)} left"
+            )
+        return out
+
+    def round_times(self) -> list[float]:
+        times, prev = [], self.start
+        for rnd in sorted(self.round_done_at):
+            times.append(round(self.round_done_at[rnd] - prev, 1))
+            prev = self.round_done_at[rnd]
+        return times
+
+    def fl_round_times(self) -> list[float]:
+        """The server's round durations (round started -> finished, from its log's timestamps), in round order."""
+        times = []
+        for rnd in sorted(self.fl_round_marks):
+            marks = self.fl_round_marks[rnd]
+            if "started" in marks and "finished" in marks:
+                times.append(round(marks["finished"] - marks["started"], 1))
+        return times
+
+    def site_work_times(self) -> list[float | None]:
+        """Per round, the slowest site's own work (global-model validation + local training), from ``work_s``."""
+        out = []
+        for rnd in sorted(self.per_round):
+            works = [e["work_s"] for e in self.per_round[rnd].values() if isinstance(e.get("work_s"), float | int)]
+            out.append(round(max(works), 1) if works else None)
+        return out
+
+    def estimate_left(self, now: float) -> float:
+        """Mean round time x rounds left, plus about half a round for cross-site validation."""
+        times = self.round_times()
+        if not times:
+            return math.nan
+        mean = sum(times) / len(times)
+        return max(0.0, mean * (self.rounds - len(times)) + 0.5 * mean)
+
+    def untrained_dice(self) -> dict[str, float]:
+        return {s: float(e["global_dice"]) for s, e in self.per_round.get(0, {}).items() if "global_dice" in e}
+
+    def _clock(self, now: float) -> str:
+        return f"[{mmss(now - self.start)}]"
+
+
+def follow(follower: LogFollower, progress: Progress, out) -> None:
+    """Read the new log lines and print what they say."""
+    for line in follower.poll():
+        event = parse_event(line)
+        if event:
+            for message in progress.add(event):
+                out(message)

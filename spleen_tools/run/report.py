@@ -1,0 +1,76 @@
+"""What the one command prints: numbers, times, the cross-site table and the closing report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float | int) else "?"
+
+
+def mmss(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?:??"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_cross_site_table(cross_site: dict[str, dict[str, float]], sites: list[str]) -> str:
+    """Rows: models, columns: sites, Dice with 4 decimals (``-`` where missing)."""
+    models = sorted(cross_site, key=lambda m: (not m.startswith("SRV_"), m))
+    width = max([len("model"), *map(len, models)])
+    header = "model".ljust(width) + "".join(f"  {s:>8}" for s in sites)
+    lines = [header, "-" * len(header)]
+    for model in models:
+        cells = "".join(f"  {cross_site[model][s]:8.4f}" if s in cross_site[model] else f"  {'-':>8}" for s in sites)
+        lines.append(model.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
+    out("")
+    out("cross-site validation (Dice, rows: models, columns: sites):")
+    out(format_cross_site_table(summary["cross_site"], sites))
+    untrained, final = summary["untrained_dice"], summary["final_global_dice"]
+    if untrained or final:
+        out("")
+        out("global model Dice on each site's validation data:")
+        for site in sites:
+            out(
+                f"  {site}: untrained {fmt(untrained.get(site))} -> "
+                f"after {summary['rounds']} rounds {fmt(final.get(site))}"
+            )
+    out("")
+    out(f"wall time {mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
+    if summary.get("fl_round_s"):
+        out(
+            f"server round times (s): {summary['fl_round_s']}; slowest site's own work per round (validation + "
+            f"training, s): {summary.get('site_work_s')}"
+        )
+    if summary.get("update_bytes_encrypted"):
+        plain = summary.get("update_bytes_plain")
+        ratio = f" = {summary['update_bytes_ratio']}x the plaintext {plain / 1e6:.1f} MB" if plain else ""
+        out(
+            f"HE: one client update {summary['update_bytes_encrypted'] / 1e6:.1f} MB{ratio}; per round (s): "
+            f"encrypt {summary.get('encrypt_s')}, aggregate {summary.get('aggregate_s')}, "
+            f"decrypt {summary.get('decrypt_s')}"
+        )
+    m = summary["mlflow"]
+    out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
+    if m.get("experiment_id") is not None:
+        out(f"  {m['tracking_uri']}/#/experiments/{m['experiment_id']}")
+    out(f"summary: {summary['paths']['run_dir']}/summary.json")
+
+
+def report_still_running(run_dir, secure: bool, mlflow_pid: int | None, out: Callable[[str], None]) -> None:
+    """How to stop what ``--keep-running`` left up."""
+    out("")
+    system = "the secure system" if secure else "POC"
+    out(f"still running (--keep-running): {system} and MLflow stay up. Stop them with:")
+    out(f"  ./run_experiment.sh --stop {run_dir}")
+    if not secure:
+        out(
+            f"  (or by hand: HOME={run_dir}/nvflare_home NVFLARE_POC_WORKSPACE={run_dir}/poc "
+            f".venv/bin/nvflare poc stop; kill -TERM -- -{mlflow_pid})"
+        )

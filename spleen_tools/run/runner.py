@@ -1,0 +1,226 @@
+"""One command for the real federated system: data, jobs, POC (or a secure system), MLflow, submit, follow, results.
+
+``run_experiment(settings)`` does, in order: make a run directory ``runs/<timestamp>/`` (and ``runs/latest``);
+make or reuse the synthetic dataset (or use ``--data``) and write per-site datalists into the run directory;
+prepare a configured job copy; start an MLflow server (SQLite store in the run directory) and the FL system;
+submit the job; follow the sites' ``[spleen]`` progress lines; download the job; write ``summary.json``; print
+the cross-site table; stop everything it started (also on error, Ctrl-C, SIGTERM and ``--timeout``).
+Every process it starts is recorded in ``<run dir>/pids.json`` (``--stop RUN_DIR`` uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
+from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
+from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.mlflow_server import MLflowServer
+from spleen_tools.procs import PidFile, ProcessRef
+from spleen_tools.run import report, summary
+from spleen_tools.run.progress import LogFollower, Progress, follow
+from spleen_tools.run.rundir import make_run_dir, prepare_data
+from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError
+from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
+from spleen_tools.run.tracking import mlflow_runs
+from spleen_tools.systems.base import FLSystem
+
+STATUS_EVERY = 10.0  # seconds between job status queries
+
+
+@dataclass
+class Run:
+    """What one run holds while it goes: its folder, deadline, pids file, and the servers it started."""
+
+    settings: ExperimentSettings
+    run_dir: Path
+    started: float
+    out: Callable[[str], None]
+    mlflow: MLflowServer | None = None
+    system: FLSystem | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.settings.timeout
+
+    @property
+    def pid_file(self) -> PidFile:
+        return PidFile(self.run_dir / PIDS_FILE)
+
+
+def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = print) -> int:
+    """The whole run; returns 0 on success. Raises ExperimentError (user-facing), RunTimeout, KeyboardInterrupt."""
+    settings.validate()
+    run = Run(settings, make_run_dir(Path(settings.runs_dir).resolve()), time.monotonic(), out)
+    run.pid_file.update(runner=ProcessRef.of(os.getpid()))
+    (run.run_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str) + "\n")
+    out(f"run directory: {run.run_dir}")
+    keep = False
+    try:
+        with sigterm_raises():
+            preflight(settings)
+            dataset, datalists = prepare_data(settings, run.run_dir, out)
+            start_mlflow(run)
+            job_folder = prepare_job_copy(run)
+            start_system(run, {DATA_DIR_ENV: str(dataset), DATALIST_ENV: str(datalists / "{site}.json")})
+            admin = JobAdmin(run.system.admin_startup_kit, run.system.env(), run.run_dir / "logs" / "nvflare_cli.log")
+            follower = LogFollower(log_roots(run.system).values())
+            follower.skip_existing()
+            job_id = admin.submit(job_folder)
+            run.pid_file.update(job_id=job_id)
+            out(f"submitted {settings.job_name}: job_id {job_id}")
+            progress = Progress(list(run.system.site_names), settings.rounds)
+            status = follow_job(run, admin, job_id, follower, progress)
+            result = collect_results(run, admin, job_id, status, progress)
+            report.report(result, list(run.system.site_names), out)
+            check(run, result)
+            keep = settings.keep_running
+            if keep:
+                report.report_still_running(run.run_dir, settings.secure, run.mlflow.process.pid, out)
+            return 0
+    finally:
+        if not keep:
+            stop_everything(run)
+
+
+def preflight(settings: ExperimentSettings) -> None:
+    """Fail fast, before data and MLflow, when the FL system cannot start."""
+    if settings.secure:
+        from spleen_tools.systems.secure import NotProvisionedError, SecureError
+        from spleen_tools.systems.secure import preflight as secure_preflight
+
+        try:
+            secure_preflight(settings.sites)
+        except NotProvisionedError as err:
+            raise SettingsError(str(err)) from None
+        except SecureError as err:
+            raise ExperimentError(str(err)) from None
+    else:
+        from spleen_tools.systems.poc import preflight as poc_preflight
+
+        poc_preflight()
+
+
+def start_mlflow(run: Run) -> None:
+    run.mlflow = MLflowServer(run.run_dir / "mlflow", port=run.settings.mlflow_port)
+    run.mlflow.start()
+    run.pid_file.update(**{MLFLOW: run.mlflow.ref})
+    run.out(f"MLflow: {run.mlflow.url} (store {run.run_dir / 'mlflow'}, log {run.mlflow.log_path})")
+
+
+def prepare_job_copy(run: Run) -> Path:
+    s = run.settings
+    job_settings = JobSettings(
+        rounds=s.rounds,
+        local_epochs=s.local_epochs,
+        min_clients=s.sites,
+        quick=s.quick,
+        tracking_uri=run.mlflow.url,
+        experiment_name=s.job_name,
+    )
+    job_folder = prepare_job(s.job_name, run.run_dir / "jobs", job_settings)
+    run.out(f"job: {job_folder} ({s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick})")
+    return job_folder
+
+
+def start_system(run: Run, env: dict[str, str]) -> None:
+    s = run.settings
+    if s.secure:
+        from spleen_tools.systems.secure import SecureSystem
+
+        # The provisioned kits already hold the TLS certificates and the CKKS context (HE needs no extra flag).
+        run.system = SecureSystem(n_sites=s.sites, env=env, pid_file=run.pid_file.path)
+    else:
+        from spleen_tools.systems.poc import PocSystem
+
+        run.system = PocSystem(run.run_dir / "poc", s.sites, he=s.job == "he", env=env, pid_file=run.pid_file.path)
+    run.out(f"starting the FL system ({'secure' if s.secure else 'POC'}, {s.sites} sites) ...")
+    run.system.start()
+    if time.monotonic() > run.deadline:
+        raise RunTimeout(f"timed out after {s.timeout:.0f} s while starting the FL system")
+    for name, root in log_roots(run.system).items():
+        run.out(f"  {name} logs: {root}/log.txt and {root}/<job_id>/log.txt")
+
+
+def log_roots(system: FLSystem) -> dict[str, Path]:
+    """Participant -> the folder of its log.txt (a job's own log is ``<folder>/<job_id>/log.txt``)."""
+    return {name: path.parent for name, path in system.log_paths.items()}
+
+
+def follow_job(run: Run, admin: JobAdmin, job_id: str, follower: LogFollower, progress: Progress) -> str | None:
+    """Print progress until the job ends; abort it and raise RunTimeout past the deadline."""
+    next_status = 0.0
+    while True:
+        follow(follower, progress, run.out)
+        now = time.monotonic()
+        if now > run.deadline:
+            with contextlib.suppress(Exception):
+                admin.abort(job_id)
+            raise RunTimeout(f"timed out after {run.settings.timeout:.0f} s (job {job_id} aborted)")
+        if now >= next_status:
+            status = admin.status(job_id)
+            next_status = now + STATUS_EVERY
+            if is_finished(status):
+                follow(follower, progress, run.out)  # the last lines
+                run.out(f"job {job_id} finished: {status}")
+                return status
+        time.sleep(run.settings.poll_interval)
+
+
+def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, progress: Progress) -> dict:
+    """Download the job, query MLflow, write and return ``summary.json``."""
+    download_dir = admin.download(job_id, run.run_dir / "job_result")
+    found = sorted(download_dir.rglob("cross_val_results.json"))
+    cross_site_results = json.loads(found[0].read_text()) if found else None
+    if found:
+        (run.run_dir / "cross_val_results.json").write_text(found[0].read_text())
+    sites = list(run.system.site_names)
+    paths = {
+        "run_dir": str(run.run_dir),
+        "job_result": str(download_dir),
+        "cross_val_results": str(found[0]) if found else None,
+        "mlflow_store": str(run.run_dir / "mlflow"),
+        "logs": str(run.run_dir / "logs"),
+        **{f"log_{n}": str(p) for n, p in log_roots(run.system).items()},
+    }
+    result = summary.build_summary(
+        settings=run.settings,
+        job_id=job_id,
+        status=status,
+        sites=sites,
+        wall_time_s=time.monotonic() - run.started,
+        progress=progress,
+        cross_site_results=cross_site_results,
+        mlflow_info=mlflow_runs(run.mlflow.url, run.settings.job_name, job_id, sites),
+        paths=paths,
+        param_count=summary.count_weights(download_dir) if progress.he_events else None,
+    )
+    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def check(run: Run, result: dict) -> None:
+    """A job that did not complete, or an incomplete cross-site table, fails the run (COMPLETED is not enough)."""
+    found = summary.problems(result, list(run.system.site_names), TERMINAL_OK)
+    if found:
+        logs = ", ".join(map(str, log_roots(run.system).values()))
+        raise ExperimentError("; ".join(found) + f" (logs: {run.run_dir / 'logs'}, {logs})")
+
+
+def stop_everything(run: Run) -> None:
+    """Stop the system and MLflow (by their objects, then whatever pids.json still names); warn about survivors."""
+    with signals_ignored():
+        if run.system is not None:
+            run.system.stop()
+        if run.mlflow is not None:
+            run.mlflow.stop()
+        stop_recorded(run.pid_file)  # a signal may have landed between starting something and keeping its handle
+    left = alive_pids(run.pid_file)
+    if left:
+        run.out(f"warning: processes still alive after stopping: {left}")

@@ -1,0 +1,70 @@
+"""The one command's settings and the errors it reports to the user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from spleen_tools.paths import JOBS_DIR, RUNS_DIR
+
+JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
+
+
+class ExperimentError(RuntimeError):
+    """A failure with a message meant for the user (printed as one line)."""
+
+
+class SettingsError(ExperimentError):
+    """Bad options or a missing job/module: the command line is at fault (exit status 2)."""
+
+
+class RunTimeout(ExperimentError):
+    pass
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception so that cleanup runs (BaseException, like KeyboardInterrupt)."""
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    job: str = "local"  # "local" or "he"
+    sites: int = 2
+    rounds: int = 3
+    local_epochs: int = 2
+    quick: bool = True
+    data: Path | None = None  # a real MSD Task09_Spleen folder; None = synthetic data
+    synthetic_cases: int = 16
+    synthetic_shape: tuple[int, int, int] = (96, 96, 24)
+    synthetic_seed: int = 0
+    runs_dir: Path = RUNS_DIR
+    keep_running: bool = False
+    secure: bool = False
+    timeout: float = 1800.0
+    mlflow_port: int | None = None
+    poll_interval: float = 2.0
+
+    @property
+    def job_name(self) -> str:
+        return JOB_VARIANTS[self.job]
+
+    def validate(self) -> None:
+        if self.job not in JOB_VARIANTS:
+            raise SettingsError(f"--job must be one of {', '.join(JOB_VARIANTS)}, got {self.job!r}")
+        for name, value in (("--sites", self.sites), ("--rounds", self.rounds), ("--local-epochs", self.local_epochs)):
+            if value < 1:
+                raise SettingsError(f"{name} must be at least 1, got {value}")
+        if self.timeout <= 0:
+            raise SettingsError(f"--timeout must be positive, got {self.timeout}")
+        if self.data is not None and not (Path(self.data) / "dataset.json").is_file():
+            raise SettingsError(f"--data {self.data}: no dataset.json there (expected an MSD Task09_Spleen folder)")
+        if self.data is None and self.synthetic_cases < 2 * self.sites:
+            raise SettingsError(
+                f"--synthetic-cases {self.synthetic_cases} is too few for {self.sites} sites "
+                f"(need at least {2 * self.sites}: one training and one validation case per site)"
+            )
+        if not (JOBS_DIR / self.job_name / "meta.json").is_file():
+            raise SettingsError(
+                f"job {self.job_name} not found under {JOBS_DIR} (--job {self.job} needs it; the HE job comes with "
+                "the HE work)"
+            )

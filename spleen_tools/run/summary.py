@@ -1,0 +1,126 @@
+"""``summary.json``: what a finished run measured, from its progress events and the downloaded job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spleen_flare.contract import KEY_METRIC
+from spleen_tools.run.progress import Progress
+from spleen_tools.run.settings import ExperimentSettings
+
+GLOBAL_MODEL = "SRV_FL_global_model.pt"  # the server's final global model in NVFlare's cross-site results
+
+
+def cross_site_by_model(results: dict) -> dict[str, dict[str, float]]:
+    """``{site: {model: {KEY_METRIC: x}}}`` (cross_val_results.json) -> ``{model: {site: x}}``."""
+    table: dict[str, dict[str, float]] = {}
+    for site, models in sorted(results.items()):
+        for model, metrics in (models or {}).items():
+            dice = metrics.get(KEY_METRIC) if isinstance(metrics, dict) else None
+            if isinstance(dice, float | int):
+                table.setdefault(model, {})[site] = float(dice)
+    return table
+
+
+def he_summary(events: list[dict], param_count: int | None = None) -> dict:
+    """HE costs from ``[spleen-he]`` events: per-round seconds per stage and one client update's size.
+
+    ``<stage>_s[r]`` is round r's time (the slowest participant), ``None`` where round r had no such step (no
+    decryption in round 0: the initial global model is plaintext). Only training rounds count (``task=train``,
+    or no task, and an integer ``round``): cross-site evaluation's encrypt/decrypt lines are left out.
+    """
+    train = [e for e in events if e.get("task", "train") == "train" and isinstance(e.get("round"), int)]
+    if not train:
+        return {}
+    out: dict = {}
+    last_round = max(e["round"] for e in train)
+    for stage in ("encrypt", "aggregate", "decrypt"):
+        per_round: dict[int, float] = {}
+        for e in train:
+            if e.get("stage") == stage and isinstance(e.get("seconds"), float | int):
+                per_round[e["round"]] = max(per_round.get(e["round"], 0.0), float(e["seconds"]))
+        out[f"{stage}_s"] = [per_round.get(r) for r in range(last_round + 1)]
+    client_enc = [
+        e
+        for e in train
+        if e.get("stage") == "encrypt" and e.get("side") != "server" and isinstance(e.get("bytes"), int)
+    ]
+    if client_enc:
+        first = min(client_enc, key=lambda e: (e["round"], str(e.get("side"))))
+        out["update_bytes_encrypted"] = first["bytes"]
+        plain = first.get("plain_bytes")
+        if not isinstance(plain, int) and param_count:
+            plain = 4 * param_count  # float32 weights
+        out["update_bytes_plain"] = plain
+        if isinstance(plain, int) and plain > 0:
+            out["update_bytes_ratio"] = round(first["bytes"] / plain, 2)
+    return out
+
+
+def build_summary(
+    *,
+    settings: ExperimentSettings,
+    job_id: str | None,
+    status: str | None,
+    sites: list[str],
+    wall_time_s: float,
+    progress: Progress,
+    cross_site_results: dict | None,
+    mlflow_info: dict,
+    paths: dict[str, str],
+    param_count: int | None = None,
+) -> dict:
+    cross_site = cross_site_by_model(cross_site_results or {})
+    summary = {
+        "job_id": job_id,
+        "job_name": settings.job_name,
+        "status": status,
+        "sites": sites,
+        "rounds": settings.rounds,
+        "local_epochs": settings.local_epochs,
+        "quick": settings.quick,
+        "data": str(settings.data) if settings.data else "synthetic",
+        "wall_time_s": round(wall_time_s, 1),
+        "round_times_s": progress.round_times(),
+        "fl_round_s": progress.fl_round_times(),
+        "site_work_s": progress.site_work_times(),
+        "untrained_dice": progress.untrained_dice(),
+        "global_dice_per_round": {
+            str(r): {s: e.get("global_dice") for s, e in sorted(progress.per_round[r].items())}
+            for r in sorted(progress.per_round)
+        },
+        "final_global_dice": cross_site.get(GLOBAL_MODEL, {}),
+        "cross_site": cross_site,
+        "mlflow": mlflow_info,
+        "paths": paths,
+    }
+    summary.update(he_summary(progress.he_events, param_count))
+    return summary
+
+
+def count_weights(download_dir: Path) -> int | None:
+    """Number of weights in the downloaded global model (for the plain update size of HE runs)."""
+    found = sorted(download_dir.rglob("FL_global_model.pt"))
+    if not found:
+        return None
+    try:
+        import torch
+
+        state = torch.load(found[0], map_location="cpu", weights_only=False)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        return int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
+    except Exception:
+        return None
+
+
+def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> list[str]:
+    """What makes a finished run a failure: a job that did not complete, or missing cross-site results."""
+    found = []
+    if summary["status"] not in terminal_ok:
+        found.append(f"job ended {summary['status']}")
+    cross_site = summary["cross_site"]
+    if not cross_site:
+        found.append("no cross-site results in the downloaded job")
+    elif any(set(sites) - set(v) for v in cross_site.values()) or GLOBAL_MODEL not in cross_site:
+        found.append("the cross-site table is incomplete")
+    return found

@@ -1,0 +1,44 @@
+"""What a running federated system offers the runner, and the environment its participants start with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from spleen_tools.paths import BIN_DIR
+
+
+def participant_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus ``extra`` (e.g. ``SPLEEN_DATA_DIR``), with this interpreter's folder first on ``PATH``
+    (NVFlare's start scripts run ``python3``) and unbuffered output (progress lines reach the logs at once)."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@runtime_checkable
+class FLSystem(Protocol):
+    """A server plus sites that ``start()`` brings up and ``stop()`` takes down again.
+
+    ``start()`` returns only when the server is up and every site is connected (a readiness check, not a sleep);
+    ``stop()`` stops exactly the processes ``start()`` started and is safe to call twice or after a failed start.
+    Used as a context manager: ``with system: ...``. ``env()`` is the environment for commands against it.
+    """
+
+    kind: str  # the key of its entry in the run's pids.json ("poc", "secure")
+    site_names: list[str]
+    admin_startup_kit: Path  # the admin kit to submit jobs with (``nvflare job submit --startup-kit``)
+    log_paths: dict[str, Path]  # participant ("server", "site-1", ...) -> its log file
+
+    def env(self) -> dict[str, str]: ...
+
+    def start(self) -> FLSystem: ...
+
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> FLSystem: ...
+
+    def __exit__(self, *exc) -> None: ...

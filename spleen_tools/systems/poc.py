@@ -1,0 +1,230 @@
+"""An NVFlare POC system (server + N sites on 127.0.0.1) in a folder we choose, started and stopped by PID.
+
+Why the care:
+- ``nvflare poc`` keeps its CLI state in ``$HOME/.nvflare/config.conf``; we give the nvflare commands a
+  ``HOME`` inside our workspace so a run never rewrites the user's (or another developer's) POC settings.
+- POC ports 8002/8003 are fixed, so only one POC may run on a machine. We hold an exclusive lock on
+  ``/tmp/spleen-poc-8002.lock`` (one lock per server port) for as long as the system runs; a second run fails at
+  once with a message naming the holder.
+- ``start.sh`` runs the participants with ``python3`` from ``PATH``: we put this interpreter's folder first.
+- ``nvflare poc start`` is started in its own session, so server, clients and their job processes share one
+  process group; after ``nvflare poc stop`` we terminate that group, every recorded PID and their descendants.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from spleen_tools.flare import FlareError, nvflare, nvflare_command
+from spleen_tools.paths import LOCK_DIR
+from spleen_tools.procs import HostLock, PidFile, ProcessRef, busy_ports, start_group, stop_started, terminate
+from spleen_tools.systems.base import participant_env
+
+KIND = "poc"
+ADMIN = "admin@nvidia.com"
+PROJECT = "example_project"
+SERVER_PORTS = (8002, 8003)
+STARTER = "poc_group"  # the pids entry of `nvflare poc start`, the leader of the participants' process group
+
+
+class PocBusyError(RuntimeError):
+    """Another POC run holds the lock or the fixed POC ports."""
+
+
+def poc_lock(owner: str, port: int = SERVER_PORTS[0]) -> HostLock:
+    """The machine-wide lock of the POC on ``port``."""
+
+    def busy(holder: str) -> PocBusyError:
+        return PocBusyError(
+            f"another POC run is active ({holder}); wait for it, or stop it "
+            f"(`./run_experiment.sh --stop RUN_DIR`), then retry (lock: {LOCK_DIR / f'spleen-poc-{port}.lock'})"
+        )
+
+    return HostLock(LOCK_DIR / f"spleen-poc-{port}.lock", owner, busy)
+
+
+def check_ports() -> None:
+    busy = busy_ports(SERVER_PORTS)
+    if busy:
+        raise PocBusyError(
+            f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 are in use: another NVFlare POC or server is "
+            "running; stop it first"
+        )
+
+
+def preflight(owner: str = "preflight") -> None:
+    """Fail fast (before data and MLflow are set up) when another POC holds the lock or the ports."""
+    poc_lock(owner).acquire().release()
+    check_ports()
+
+
+def poc_env(workspace: Path, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = participant_env(extra)
+    env["HOME"] = str(home)
+    env["NVFLARE_POC_WORKSPACE"] = str(workspace)
+    return env
+
+
+def stop_poc(
+    workspace: Path, home: Path, processes: dict[str, ProcessRef], logs_dir: Path, grace: float = 10.0
+) -> list[int]:
+    """``nvflare poc stop`` while a participant lives, then terminate every recorded process, the group of
+    ``poc start`` and all their descendants; returns the PIDs still alive (none on success)."""
+    if any(ref.alive() for key, ref in processes.items() if key != STARTER):
+        try:
+            nvflare("poc", "stop", env=poc_env(workspace, home), log_path=logs_dir / "poc_stop.log", timeout=90)
+        except (FlareError, subprocess.TimeoutExpired, OSError):
+            pass  # terminate() finishes the job
+    return terminate(processes.values(), grace=grace)
+
+
+def stop_recorded(record: dict) -> list[int]:
+    """Stop a POC from its entry in a run's ``pids.json`` (``./run_experiment.sh --stop``)."""
+    processes = {k: ProcessRef.from_json(v) for k, v in (record.get("processes") or {}).items()}
+    workspace = Path(record["workspace"])
+    return stop_poc(workspace, Path(record["home"]), processes, workspace.parent / "logs")
+
+
+class PocSystem:
+    """``with PocSystem(workspace, 2) as poc: poc.admin_startup_kit`` prepares, starts, waits, and stops.
+
+    ``env`` adds variables for the participants (e.g. ``SPLEEN_DATA_DIR``): jobs inherit the clients' env.
+    ``pid_file`` (optional) gets the processes under ``"poc"`` as soon as they are known.
+    """
+
+    kind = KIND
+
+    def __init__(
+        self,
+        workspace: Path,
+        n_sites: int,
+        he: bool = False,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 180.0,
+        pid_file: Path | None = None,
+    ) -> None:
+        if n_sites < 1:
+            raise ValueError(f"n_sites must be at least 1, got {n_sites}")
+        self.workspace = Path(workspace).resolve()
+        self.n_sites = n_sites
+        self.he = he
+        self.extra_env = dict(env or {})
+        self.start_timeout = start_timeout
+        self.pid_file = PidFile(pid_file) if pid_file is not None else None
+        self.site_names = [f"site-{i}" for i in range(1, n_sites + 1)]
+        self._lock = poc_lock(owner=f"workspace {self.workspace}")
+        self._starter: subprocess.Popen | None = None
+        self.processes: dict[str, ProcessRef] = {}
+
+    # -- layout ------------------------------------------------------------------------------------------
+    @property
+    def prod_dir(self) -> Path:
+        return self.workspace / PROJECT / "prod_00"
+
+    @property
+    def admin_startup_kit(self) -> Path:
+        return self.prod_dir / ADMIN
+
+    @property
+    def participants(self) -> list[str]:
+        return ["server", *self.site_names]
+
+    @property
+    def log_paths(self) -> dict[str, Path]:
+        """Each participant's main log; a job's own log is ``<participant dir>/<job_id>/log.txt``."""
+        return {name: self.prod_dir / name / "log.txt" for name in self.participants}
+
+    @property
+    def home(self) -> Path:
+        return self.workspace.parent / "nvflare_home"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.workspace.parent / "logs"
+
+    def env(self) -> dict[str, str]:
+        return poc_env(self.workspace, self.home, self.extra_env)
+
+    def _nvflare(self, *args: str, log_name: str, timeout: float = 300.0) -> None:
+        nvflare(*args, env=self.env(), log_path=self.logs_dir / log_name, timeout=timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> PocSystem:
+        self._lock.acquire()
+        try:
+            check_ports()
+            self.home.mkdir(parents=True, exist_ok=True)
+            self._nvflare(
+                "poc",
+                "prepare",
+                "-n",
+                str(self.n_sites),
+                "--force",
+                *(["-he"] if self.he else []),
+                log_name="poc_prepare.log",
+            )
+            if not (self.admin_startup_kit / "startup").is_dir():
+                raise RuntimeError(f"`nvflare poc prepare` made no admin kit at {self.admin_startup_kit}")
+            cmd = nvflare_command("poc", "start", "-ex", ADMIN, "--timeout", str(int(self.start_timeout)))
+            # Own session: server, clients and job processes all land in this process group.
+            self._starter = start_group(cmd, self.logs_dir / "poc_start.log", env=self.env())
+            self.processes[STARTER] = ProcessRef.of(self._starter.pid)
+            self._record()
+            try:
+                rc = self._starter.wait(timeout=self.start_timeout + 60)
+            except subprocess.TimeoutExpired:
+                rc = None
+            self._read_pid_files()
+            if rc != 0:
+                raise RuntimeError(
+                    f"POC did not become ready (nvflare poc start exit {rc}); see {self.logs_dir / 'poc_start.log'}"
+                )
+            missing = [p for p in self.participants if p not in self.processes]
+            if missing:
+                raise RuntimeError(f"POC started but wrote no pid file for {', '.join(missing)}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read_pid_files(self) -> None:
+        """The participants' and their daemons' PIDs, from the files NVFlare's start scripts write."""
+        for name in self.participants:
+            for suffix, fname in (("", "pid.fl"), ("_daemon", "daemon_pid.fl")):
+                key = f"{name}{suffix}"
+                try:
+                    pid = int((self.prod_dir / name / fname).read_text().strip())
+                except (OSError, ValueError):
+                    continue
+                if self.processes.get(key, ProcessRef(-1)).pid != pid:
+                    self.processes[key] = ProcessRef.of(pid)
+        self._record()
+
+    def _record(self) -> None:
+        if self.pid_file is not None:
+            processes = {k: v.to_json() for k, v in self.processes.items()}
+            self.pid_file.update(
+                **{KIND: {"workspace": str(self.workspace), "home": str(self.home), "processes": processes}}
+            )
+
+    def alive_pids(self) -> list[int]:
+        return [ref.pid for ref in self.processes.values() if ref.alive()]
+
+    def stop(self) -> None:
+        """``nvflare poc stop``, then make sure by process group and PID that nothing we started is left."""
+        try:
+            if self._starter is not None or self.processes:
+                self._read_pid_files()
+                stop_poc(self.workspace, self.home, self.processes, self.logs_dir)
+                if self._starter is not None:
+                    stop_started(self._starter, grace=5.0)
+                    self._starter = None
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> PocSystem:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,249 @@
+"""The provisioned secure system on real NVFlare processes: start_fl_secure.sh, mutual TLS, foreign kits, --stop,
+and the one command with --secure.
+
+A temporary copy of ``workspaces/secure_project.yml`` with one more site (``site-3``) is provisioned twice into
+two folders: the first is the system under test (``start_fl_secure.sh 2`` starts site-1 and site-2); the second,
+a separate provisioning with its own root CA, gives the "foreign" kits. So the foreign site-3 has a name our
+provisioning knows too: only its certificates differ. Ports 8102/8103 (fixed by the project) must be free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, SITES, alive_recorded, runner_cmd
+
+from spleen_tools import flare
+from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.paths import NVFLARE, SECURE_PROJECT_YML
+from spleen_tools.procs import ProcessRef, start_group, terminate
+from spleen_tools.run.summary import GLOBAL_MODEL
+from spleen_tools.systems.base import participant_env
+from spleen_tools.systems.secure import stop_system
+from spleen_tools.systems.secure_workspace import provision, read_kits, running_pids, state_path
+
+# aiohttp, inside NVFlare's admin client (used in-process for connected_sites).
+pytestmark = pytest.mark.filterwarnings("ignore:ssl_context is deprecated:DeprecationWarning")
+
+
+def connected_sites(kits) -> list[str]:
+    return flare.connected_sites(kits.admin_user, kits.admin)
+
+
+def _secure_cmd(*args: str) -> list[str]:
+    return ["bash", str(REPO_ROOT / "start_fl_secure.sh"), *args]
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("secure")
+    project = yaml.safe_load(SECURE_PROJECT_YML.read_text())
+    admin_at = next(i for i, p in enumerate(project["participants"]) if p["type"] == "admin")
+    project["participants"].insert(admin_at, {"name": "site-3", "type": "client", "org": "nvidia"})
+    yml = root / "secure_project.yml"
+    yml.write_text(yaml.safe_dump(project, sort_keys=False))
+    ours = provision(root / "ours", yml)
+    foreign = provision(root / "foreign", yml)
+    assert (ours / "localhost/startup/rootCA.pem").read_bytes() != (
+        foreign / "localhost/startup/rootCA.pem"
+    ).read_bytes()
+    return {"ours": ours, "foreign": foreign, "root": root}
+
+
+@pytest.fixture(scope="module")
+def running(workspaces):
+    """``start_fl_secure.sh 2`` on our workspace; whatever the tests do, everything is stopped at the end."""
+    ws = workspaces["ours"]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        _secure_cmd("2", "--workspace", str(ws), "--timeout", "400"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    seconds = time.monotonic() - t0
+    try:
+        yield {"proc": proc, "seconds": seconds, "workspace": ws, "kits": read_kits(ws)}
+    finally:
+        assert stop_system(ws, grace=10) == []
+
+
+def _output(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+
+
+def test_start_fl_secure_brings_up_server_and_sites(running):
+    proc, ws, kits = running["proc"], running["workspace"], running["kits"]
+    assert proc.returncode == 0, _output(proc)
+    out = proc.stdout
+    for name, kit in (("server", kits.server), ("site-1", kits.sites["site-1"]), ("site-2", kits.sites["site-2"])):
+        assert f"  {name}: {kit / 'log.txt'}; {ws / 'logs' / f'{name}.console.log'}" in out, out
+    assert "stop: ./start_fl_secure.sh --stop" in out
+    assert connected_sites(kits) == SITES  # site-3 is provisioned but was not asked for
+    state = json.loads(state_path(ws).read_text())
+    assert sorted(state["participants"]) == ["server", *SITES]
+    assert all(ProcessRef.from_json(rec).alive() for rec in state["participants"].values())
+    # The participants talk TLS: the server log names each site's SSL connection.
+    server_log = (kits.server / "log.txt").read_text()
+    assert all(f"SSL {site}]" in server_log for site in SITES), server_log[-2000:]
+
+
+def test_second_start_is_refused_while_running(running):
+    proc = subprocess.run(
+        _secure_cmd("2", "--workspace", str(running["workspace"])),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "still runs" in proc.stderr and "./start_fl_secure.sh --stop" in proc.stderr, _output(proc)
+
+
+def _tls_exchange(port: int, ca: Path, cert: Path, key: Path) -> bytes | str:
+    """Connect trusting ``ca`` and presenting ``cert``; send one HTTP request; the reply bytes or the TLS error."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                return conn.recv(64)
+        except (ssl.SSLError, ConnectionError) as err:
+            return f"{type(err).__name__}: {err}"
+
+
+def test_server_refuses_foreign_certificates(running, workspaces):
+    """Trusting our CA (so the client side is satisfied), a foreign certificate is cut off by the server, on the FL
+    port (a site) and on the admin port (an admin); our own certificates get an HTTP answer."""
+    kits, foreign = running["kits"], read_kits(workspaces["foreign"])
+    ca = kits.server / "startup" / "rootCA.pem"
+    cases = {
+        "our site-1": (kits.fl_port, kits.sites["site-1"], True),
+        "foreign site-3": (kits.fl_port, foreign.sites["site-3"], False),
+        "our admin": (kits.admin_port, kits.admin, True),
+        "foreign admin": (kits.admin_port, foreign.admin, False),
+    }
+    for what, (port, kit, accepted) in cases.items():
+        reply = _tls_exchange(port, ca, kit / "startup" / "client.crt", kit / "startup" / "client.key")
+        got_http = isinstance(reply, bytes) and reply.startswith(b"HTTP/")
+        assert got_http == accepted, (what, reply)
+
+
+def test_site_with_foreign_certificates_is_refused(running, workspaces, tmp_path):
+    """The foreign provisioning's site-3, started from its own kit, never shows up at our server."""
+    kits = running["kits"]
+    foreign_kit = tmp_path / "site-3"
+    shutil.copytree(workspaces["foreign"] / "site-3", foreign_kit)
+    proc = start_group(
+        ["bash", str(foreign_kit / "startup" / "sub_start.sh")], tmp_path / "site-3.console.log", env=participant_env()
+    )
+    ref = ProcessRef.of(proc.pid)
+    try:
+        log = foreign_kit / "log.txt"
+        deadline = time.monotonic() + 180
+        refused = False
+        while time.monotonic() < deadline and not refused:
+            assert "site-3" not in connected_sites(kits)
+            refused = log.is_file() and "CERTIFICATE_VERIFY_FAILED" in log.read_text()
+            time.sleep(2)
+        assert refused, f"no TLS failure in {log} within 180 s"
+        # It keeps retrying; give it a few more attempts (it retries every few seconds): still not connected.
+        for _ in range(5):
+            time.sleep(3)
+            assert connected_sites(kits) == SITES
+    finally:
+        assert terminate([ref], grace=10) == []
+        proc.wait(timeout=10)
+    assert not ref.alive()
+
+
+def test_admin_without_a_valid_kit_cannot_submit(running, workspaces, tmp_path):
+    kits = running["kits"]
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path / "jobs", JobSettings(rounds=1, local_epochs=1))
+    no_certs = tmp_path / "admin_without_certs"
+    shutil.copytree(kits.admin, no_certs)
+    (no_certs / "startup" / "client.crt").unlink()
+    (no_certs / "startup" / "client.key").unlink()
+    attempts = {"foreign admin kit": read_kits(workspaces["foreign"]).admin, "kit without its certificates": no_certs}
+    for what, kit in attempts.items():
+        proc = subprocess.run(
+            [str(NVFLARE), "--format", "json", "job", "submit", "-j", str(job), "--startup-kit", str(kit)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        reply = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode != 0 and reply["status"] == "error", (what, proc.stdout, proc.stderr)
+        assert reply["error_code"] in ("CONNECTION_FAILED", "STARTUP_KIT_MISSING"), (what, reply)
+    with pytest.raises(Exception, match="(?i)connect"):
+        connected_sites(read_kits(workspaces["foreign"]))
+    # Our own kit works, and sees that nothing was submitted.
+    listed = subprocess.run(
+        [str(NVFLARE), "--format", "json", "job", "list", "--startup-kit", str(kits.admin)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    reply = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert listed.returncode == 0 and reply["status"] == "ok" and reply["data"] == [], listed.stdout
+
+
+def test_stop_ends_everything_it_started(running):
+    ws = running["workspace"]
+    before = [ProcessRef.of(pid) for pid in running_pids(ws)]
+    assert len(before) >= 6, before  # 3 restart loops, 3 python participants (plus their sleeps)
+    proc = subprocess.run(
+        _secure_cmd("--stop", "--workspace", str(ws)), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "stopped the secure system" in proc.stdout, _output(proc)
+    assert [ref for ref in before if ref.alive()] == []
+    assert not state_path(ws).exists() and running_pids(ws) == []
+
+
+def test_local_job_runs_over_tls_end_to_end(workspaces, tmp_path):
+    """``run_experiment --secure``: its own SecureSystem on the provisioned kits, 1 round, results, nothing left."""
+    ws = workspaces["ours"]
+    assert running_pids(ws) == [], "test_stop_ends_everything_it_started stops start_fl_secure.sh's system first"
+    runs_dir = tmp_path / "runs"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        runner_cmd(runs_dir, "--secure", "--rounds", "1", "--timeout", "800"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", SPLEEN_SECURE_WORKSPACE=str(ws)),
+    )
+    seconds = time.monotonic() - t0
+    run_dir = (runs_dir / "latest").resolve()
+    assert proc.returncode == 0, _output(proc)
+    assert "starting the FL system (secure, 2 sites)" in proc.stdout
+    assert "round 1/1 done" in proc.stdout and "cross-site validation (Dice" in proc.stdout
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "FINISHED:COMPLETED" and s["sites"] == SITES and s["rounds"] == 1
+    assert len(s["round_times_s"]) == 1 and 0 < s["round_times_s"][0] < s["wall_time_s"] < seconds + 1
+    assert len(s["fl_round_s"]) == 1 and 0 < s["site_work_s"][0] < s["fl_round_s"][0]  # the server's log, over TLS
+    cross = s["cross_site"]
+    assert {GLOBAL_MODEL, *SITES} <= set(cross), sorted(cross)
+    for model, by_site in cross.items():
+        assert sorted(by_site) == SITES and all(0.0 <= d <= 1.0 for d in by_site.values()), (model, by_site)
+    assert s["final_global_dice"] == cross[GLOBAL_MODEL]
+    assert s["paths"]["log_site-1"] == str(ws / "site-1")
+    assert (ws / "site-1" / s["job_id"] / "log.txt").is_file()
+    assert (ws / "localhost" / "storage" / "jobs" / s["job_id"]).is_dir(), "the job store is the workspace's own"
+    assert (run_dir / "job_result" / s["job_id"]).is_dir()
+    # The run stopped everything it started: its process groups, MLflow, and the secure system's state file.
+    assert alive_recorded(run_dir) == [] and running_pids(ws) == [] and not state_path(ws).exists()
+    assert json.loads((run_dir / "pids.json").read_text())["secure"]["workspace"] == str(ws)

@@ -1,0 +1,47 @@
+"""The one command's command line: bad input is one line, exit 2, and leaves nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spleen_tools.cli import run_experiment as cli
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--sites", "0"], "--sites must be at least 1"),
+        (["--local-epochs", "-1"], "--local-epochs must be at least 1"),
+        (["--rounds", "two"], "invalid int value"),
+        (["--job", "fancy"], "invalid choice"),
+        (["--synthetic-shape", "9x9"], "expected three sizes"),
+        (["--synthetic-cases", "3"], "too few for 2 sites"),
+        (["--data", "/nonexistent/Task09_Spleen"], "no dataset.json"),
+        (["--no-such-option"], "unrecognized arguments"),
+        (["--stop", "/nonexistent/run"], "no pids.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(cli.main([*argv, "--quick", "--runs-dir", str(tmp_path)]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert not any(tmp_path.iterdir()), "bad input must not make a run directory"
+
+
+def test_he_job_missing_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("spleen_tools.run.settings.JOBS_DIR", tmp_path / "jobs")
+    assert cli.main(["--job", "he", "--quick", "--runs-dir", str(tmp_path)]) == 2
+    assert "spleen_ct_segmentation_he not found" in capsys.readouterr().err
+
+
+def test_secure_not_provisioned_is_exit_2_before_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPLEEN_SECURE_WORKSPACE", str(tmp_path / "nothing"))
+    assert cli.main(["--secure", "--quick", "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "provision it first (./start_fl_secure.sh provision)" in err, err
+    assert not (Path(tmp_path / "runs" / "latest") / "mlflow").exists(), "no MLflow started before the check"

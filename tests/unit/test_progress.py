@@ -1,0 +1,92 @@
+"""Following a run: events from tagged lines and server round lines, the log follower, progress and ETA."""
+
+from __future__ import annotations
+
+import pytest
+
+from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
+from spleen_tools.run.progress import LogFollower, Progress, parse_event
+
+SITES = ["site-1", "site-2"]
+PREFIX = "2026-11-28 05:48:17,123 - INFO - "
+
+
+def round_line(site: str, rnd: int, global_dice: float, loss: float = 0.5, work: float = 20.0) -> str:
+    fields = dict(site=site, round=rnd, global_dice=global_dice, local_dice=0.0175, loss=loss, steps=2, work_s=work)
+    return PREFIX + tagged_line(PROGRESS_TAG, kind="round", **fields)
+
+
+def test_round_event_from_a_logged_line():
+    assert parse_event(round_line("site-1", 0, 0.0185, loss=0.8514, work=12.5)) == {
+        "kind": "round",
+        "site": "site-1",
+        "round": 0,
+        "global_dice": 0.0185,
+        "local_dice": 0.0175,
+        "loss": 0.8514,
+        "steps": 2,
+        "work_s": 12.5,
+    }
+
+
+def test_cross_site_info_and_he_events():
+    cross = parse_event(tagged_line(PROGRESS_TAG, kind="cross_site", site="site-2", **{KEY_METRIC: 0.0167}))
+    assert cross == {"kind": "cross_site", "site": "site-2", KEY_METRIC: 0.0167}
+    info = parse_event(tagged_line(PROGRESS_TAG, kind="info", site="site-1", training=3, validation=1))
+    assert info["kind"] == "info" and info["training"] == 3
+    he = parse_event("x " + tagged_line(HE_TAG, side="server", round=1, stage="aggregate", seconds=0.5))
+    assert he == {"side": "server", "round": 1, "stage": "aggregate", "seconds": 0.5, "kind": "he"}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "no tag here",
+        tagged_line(PROGRESS_TAG, kind="round", round=1, loss=0.3),  # no site
+        tagged_line(PROGRESS_TAG, kind="round", site="site-1", round="1"),  # round not an integer
+        tagged_line(PROGRESS_TAG, kind="party", site="site-1"),  # unknown kind
+        tagged_line(HE_TAG, side="site-1", round=0),  # no stage
+        "[spleen] site=site-1 round=0 global_dice=0.1",  # the old k=v format
+    ],
+)
+def test_other_lines_are_ignored(line):
+    assert parse_event(line) is None
+
+
+def test_server_round_lines():
+    started = parse_event("2026-11-29 03:00:01,250 - ScatterAndGather - INFO - [run=abc]: Round 2 started.")
+    assert started["kind"] == "fl_round" and started["round"] == 2 and started["stage"] == "started"
+    finished = parse_event("2026-11-29 03:00:31,750 - INFO - Round 2 finished.")
+    assert finished["stage"] == "finished" and finished["at"] - started["at"] == pytest.approx(30.5)
+    assert parse_event("Round 2 started.") is None  # no timestamp: not a log line
+    assert parse_event("2026-11-29 03:00:01,250 - Round 2 started. (retry)") is None
+
+
+def test_progress_rounds_times_estimate_and_dedupe():
+    p = Progress(SITES, rounds=3, start=0.0)
+    assert len(p.add(parse_event(round_line("site-1", 0, 0.01)), now=30.0)) == 1
+    assert p.add(parse_event(round_line("site-1", 0, 0.01)), now=31.0) == []  # site log and job log
+    done = p.add(parse_event(round_line("site-2", 0, 0.02)), now=40.0)
+    assert "round 1/3 done in 40 s" in done[-1] and "about 1:40 left" in done[-1]
+    p.add(parse_event(round_line("site-2", 1, 0.3)), now=60.0)
+    p.add(parse_event(round_line("site-1", 1, 0.4)), now=70.0)
+    assert p.round_times() == [40.0, 30.0]
+    assert p.untrained_dice() == {"site-1": 0.01, "site-2": 0.02}
+    assert p.site_work_times() == [20.0, 20.0]
+
+
+def test_log_follower_reads_only_new_complete_lines(tmp_path):
+    site = tmp_path / "site-1"
+    (site / "job1").mkdir(parents=True)
+    (site / "log.txt").write_text("old line\n")
+    follower = LogFollower([site])
+    follower.skip_existing()
+    with open(site / "log.txt", "a") as f:
+        f.write("new 1\npart")
+    (site / "job1" / "log.txt").write_text("job line\n")
+    assert sorted(follower.poll()) == ["job line", "new 1"]
+    with open(site / "log.txt", "a") as f:
+        f.write("ial\n")
+    assert follower.poll() == ["partial"]
+    assert follower.poll() == []

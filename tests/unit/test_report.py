@@ -1,0 +1,49 @@
+"""What the one command prints: the cross-site table and the closing report."""
+
+from __future__ import annotations
+
+from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report
+from spleen_tools.run.summary import GLOBAL_MODEL
+
+SITES = ["site-1", "site-2"]
+
+
+def test_cross_site_table_global_model_first_and_gaps():
+    table = {GLOBAL_MODEL: {"site-1": 0.5, "site-2": 0.6}, "site-1": {"site-1": 0.4, "site-2": 0.3}}
+    text = format_cross_site_table(table, SITES).splitlines()
+    assert text[0].split() == ["model", "site-1", "site-2"]
+    assert text[2].split() == [GLOBAL_MODEL, "0.5000", "0.6000"]
+    assert text[3].split() == ["site-1", "0.4000", "0.3000"]
+    partial = format_cross_site_table({"site-2": {"site-1": 0.1}}, SITES)
+    assert partial.splitlines()[2].split() == ["site-2", "0.1000", "-"]
+
+
+def test_numbers_and_times():
+    assert (fmt(0.12345), fmt(None), fmt("x")) == ("0.1235", "?", "?")
+    assert (mmss(0), mmss(61.4), mmss(float("nan"))) == ("0:00", "1:01", "?:??")
+
+
+def test_report_names_results_times_he_cost_and_mlflow():
+    summary = {
+        "cross_site": {GLOBAL_MODEL: {"site-1": 0.5, "site-2": 0.6}},
+        "untrained_dice": {"site-1": 0.01},
+        "final_global_dice": {"site-1": 0.5, "site-2": 0.6},
+        "rounds": 2,
+        "wall_time_s": 75.0,
+        "round_times_s": [30.0, 31.0],
+        "fl_round_s": [29.0, 30.0],
+        "site_work_s": [20.0, 21.0],
+        "update_bytes_encrypted": 38_600_000,
+        "update_bytes_plain": 19_300_000,
+        "update_bytes_ratio": 2.0,
+        "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment_name": "e", "experiment_id": "1"},
+        "paths": {"run_dir": "/runs/x"},
+    }
+    lines = []
+    report(summary, SITES, lines.append)
+    text = "\n".join(lines)
+    assert "site-1: untrained 0.0100 -> after 2 rounds 0.5000" in text
+    assert "site-2: untrained ? -> after 2 rounds 0.6000" in text
+    assert "wall time 1:15" in text and "server round times (s): [29.0, 30.0]" in text
+    assert "HE: one client update 38.6 MB = 2.0x the plaintext 19.3 MB" in text
+    assert "http://127.0.0.1:5000/#/experiments/1" in text and "summary: /runs/x/summary.json" in text

@@ -1,0 +1,47 @@
+"""The provisioned secure workspace: provisioning with real ``nvflare provision``, reading kits, server storage."""
+
+from __future__ import annotations
+
+import pytest
+
+from spleen_tools.paths import SECURE_PROJECT_YML
+from spleen_tools.systems.secure_workspace import NotProvisionedError, isolate_server_storage, provision, read_kits
+
+
+def test_empty_folder_is_not_provisioned(tmp_path):
+    with pytest.raises(NotProvisionedError, match="not a provisioned secure workspace"):
+        read_kits(tmp_path)
+
+
+def test_provision_places_the_newest_kits_and_replaces_atomically(tmp_path):
+    target = provision(tmp_path, SECURE_PROJECT_YML)
+    kits = read_kits(target)
+    assert target == tmp_path / "secure_workspace"
+    assert list(kits.sites) == ["site-1", "site-2"] and kits.server.name == "localhost"
+    assert (kits.fl_port, kits.admin_port, kits.admin_user) == (8102, 8103, "admin@nvidia.com")
+    for kit in (kits.server, *kits.sites.values(), kits.admin):
+        assert (kit / "startup" / "rootCA.pem").is_file()
+    assert (kits.server / "startup" / "server_context.tenseal").is_file()  # HEBuilder: public context only
+    assert (kits.sites["site-1"] / "startup" / "client_context.tenseal").is_file()
+    (target / "marker").write_text("old")
+    provision(tmp_path, SECURE_PROJECT_YML)
+    assert not (target / "marker").exists()
+    newest = tmp_path / "workspace" / "secure_project" / "prod_01"
+    crt = "localhost/startup/server.crt"
+    assert (target / crt).read_bytes() == (newest / crt).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secure_workspace", "workspace"], "no temporary leftovers"
+
+
+def test_server_storage_moves_out_of_the_shared_tmp(tmp_path):
+    """NVFlare's default job store /tmp/nvflare/jobs-storage would be shared by every provisioned server."""
+    kits = read_kits(provision(tmp_path, SECURE_PROJECT_YML))
+    default = kits.server / "local" / "resources.json.default"
+    before = default.read_text()
+    written = isolate_server_storage(kits.server)
+    assert written == kits.server / "local" / "resources.json" and default.read_text() == before
+    text = written.read_text()
+    assert "/tmp/nvflare" not in text
+    assert str(kits.server / "storage" / "jobs") in text and str(kits.server / "storage" / "snapshot") in text
+    written.write_text("{}")  # the user's own file is left alone
+    isolate_server_storage(kits.server)
+    assert written.read_text() == "{}"

@@ -1,0 +1,104 @@
+"""summary.json from progress events and cross-site results; the HE cost fields; what fails a finished run."""
+
+from __future__ import annotations
+
+import json
+
+from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
+from spleen_tools.run.progress import Progress, parse_event
+from spleen_tools.run.settings import ExperimentSettings
+from spleen_tools.run.summary import GLOBAL_MODEL, build_summary, cross_site_by_model, he_summary, problems
+
+SITES = ["site-1", "site-2"]
+CROSS = {
+    "site-1": {GLOBAL_MODEL: {KEY_METRIC: 0.5}, "site-1": {KEY_METRIC: 0.4}, "site-2": {}},
+    "site-2": {GLOBAL_MODEL: {KEY_METRIC: 0.6}, "site-1": {KEY_METRIC: 0.3}},
+}
+
+
+def he(**fields) -> dict:
+    return parse_event(tagged_line(HE_TAG, **fields))
+
+
+def test_cross_site_by_model():
+    assert cross_site_by_model(CROSS) == {
+        GLOBAL_MODEL: {"site-1": 0.5, "site-2": 0.6},
+        "site-1": {"site-1": 0.4, "site-2": 0.3},
+    }
+
+
+def summary_of(progress: Progress, cross=CROSS, status="FINISHED:COMPLETED") -> dict:
+    return build_summary(
+        settings=ExperimentSettings(rounds=1, local_epochs=2),
+        job_id="abc",
+        status=status,
+        sites=SITES,
+        wall_time_s=12.34,
+        progress=progress,
+        cross_site_results=cross,
+        mlflow_info={"tracking_uri": "http://127.0.0.1:1", "experiment_id": "1", "run_ids": {}},
+        paths={"run_dir": "/x"},
+    )
+
+
+def test_build_summary_has_the_promised_fields():
+    p = Progress(SITES, rounds=1, start=0.0)
+    for s in SITES:
+        line = tagged_line(PROGRESS_TAG, kind="round", site=s, round=0, global_dice=0.02, work_s=7.0 + len(s))
+        p.add(parse_event(line), now=10.0)
+    for line in (
+        "2026-11-29 03:00:01,250 - ScatterAndGather - INFO - [identity=server, run=abc]: Round 0 started.",
+        "2026-11-29 03:00:11,000 - ScatterAndGather - INFO - [identity=server, run=abc]: Round 0 finished.",
+    ):
+        p.add(parse_event(line))
+    summary = summary_of(p)
+    for key in ("job_id", "job_name", "sites", "rounds", "local_epochs", "wall_time_s", "round_times_s"):
+        assert key in summary
+    assert summary["untrained_dice"] == {"site-1": 0.02, "site-2": 0.02}
+    assert summary["cross_site"][GLOBAL_MODEL] == {"site-1": 0.5, "site-2": 0.6}
+    assert summary["final_global_dice"] == {"site-1": 0.5, "site-2": 0.6}
+    assert summary["round_times_s"] == [10.0] and summary["wall_time_s"] == 12.3
+    assert summary["fl_round_s"] == [9.8] and summary["site_work_s"] == [13.0]
+    json.dumps(summary)  # machine-readable
+    assert "encrypt_s" not in summary  # no HE lines, no HE fields
+    assert problems(summary, SITES, ("FINISHED:COMPLETED",)) == []
+
+
+def test_problems_of_a_finished_run():
+    complete = {m: {s: {KEY_METRIC: 0.5} for s in [GLOBAL_MODEL, *SITES]} for m in SITES}
+    ok = ("FINISHED:COMPLETED",)
+    assert problems(summary_of(Progress(SITES, 1), cross=complete), SITES, ok) == []
+    one_site = {"site-1": {GLOBAL_MODEL: {KEY_METRIC: 0.5}}}
+    assert problems(summary_of(Progress(SITES, 1), cross=one_site), SITES, ok) == ["the cross-site table is incomplete"]
+    assert problems(summary_of(Progress(SITES, 1), cross=None, status="ABORTED"), SITES, ok) == [
+        "job ended ABORTED",
+        "no cross-site results in the downloaded job",
+    ]
+
+
+def test_he_summary_per_round_slowest_and_sizes():
+    events = [
+        he(side="site-1", round=0, stage="encrypt", seconds=1.5, bytes=5000),
+        he(side="site-2", round=0, stage="encrypt", seconds=1.7, bytes=5001),
+        he(side="server", round=0, stage="aggregate", seconds=0.9),
+        he(side="site-1", round=0, stage="decrypt", seconds=0.4),
+        he(side="site-1", round=1, stage="encrypt", seconds=1.2, bytes=5000),
+    ]
+    out = he_summary(events, param_count=100)
+    assert out["encrypt_s"] == [1.7, 1.2]  # per round, the slowest site
+    assert out["aggregate_s"] == [0.9, None] and out["decrypt_s"] == [0.4, None]  # indexed by round
+    assert out["update_bytes_encrypted"] == 5000 and out["update_bytes_plain"] == 400
+
+
+def test_he_summary_leaves_cross_site_out():
+    events = [
+        he(side="site-1", stage="encrypt", task="train", round=0, seconds=4.8, bytes=1600, plain_bytes=200),
+        he(side="server", stage="aggregate", task="train", round=0, seconds=1.1, add_s=0.5),
+        he(side="site-1", stage="decrypt", task="train", round=1, seconds=2.9, bytes=1600),
+        he(side="site-2", stage="encrypt", task="submit_model", seconds=9.9, bytes=1),
+        he(side="site-2", stage="decrypt", task="validate", round=1, seconds=9.9, bytes=1),
+    ]
+    out = he_summary(events)
+    assert out["encrypt_s"] == [4.8, None] and out["aggregate_s"] == [1.1, None] and out["decrypt_s"] == [None, 2.9]
+    assert out["update_bytes_encrypted"] == 1600 and out["update_bytes_plain"] == 200
+    assert out["update_bytes_ratio"] == 8.0
