@@ -33,7 +33,7 @@ def make_run_dir(runs_dir: Path) -> Path:
 
 def prepare_data(settings: ExperimentSettings, run_dir: Path, log: Callable[[str], None]) -> tuple[Path, Path]:
     """Dataset folder and the folder of per-site datalists (always inside the run directory)."""
-    from spleen_fl.data import make_site_datalists, make_synthetic_dataset
+    from spleen_tools.data import make_site_datalists, make_synthetic_dataset
 
     if settings.data is not None:
         dataset = Path(settings.data).resolve()
