@@ -2,7 +2,8 @@
 
 Run by NVFlare's ``ClientAPIExecutor`` from the job's ``app/custom/``. Tasks:
 - train: score the received global model on local validation data, train ``--local_epochs``, send weights;
-- validate (cross-site evaluation): score the received model, send its metrics;
+- validate: score the received model, send its metrics (the last global model after training, with a round
+  number; cross-site evaluation's models, without);
 - submit_model (cross-site evaluation): send this site's best locally trained weights.
 """
 
@@ -112,8 +113,13 @@ def main() -> None:
                 )
             elif flare.is_evaluate():
                 metrics = runner.evaluate(model.params)
-                progress(kind="cross_site", site=site, **{KEY_METRIC: metrics.get(KEY_METRIC)})
-                flare.send(FLModel(metrics={KEY_METRIC: metrics.get(KEY_METRIC, 0.0)}))
+                dice = metrics.get(KEY_METRIC)
+                if model.current_round is not None:  # the server's final validation of the last global model
+                    sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
+                    progress(kind="final", site=site, round=model.current_round, global_dice=dice)
+                else:
+                    progress(kind="cross_site", site=site, **{KEY_METRIC: dice})
+                flare.send(FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0}))
             elif flare.is_submit_model():
                 flare.send(FLModel(params=runner.best_local_weights()))
     finally:

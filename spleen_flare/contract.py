@@ -26,7 +26,7 @@ GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it 
 PROGRESS_TAG = "[spleen]"
 HE_TAG = "[spleen-he]"
 TAGS = (PROGRESS_TAG, HE_TAG)
-PROGRESS_KINDS = ("round", "cross_site", "info")
+PROGRESS_KINDS = ("round", "final", "cross_site", "info")  # final: the last global model, scored by a site
 
 
 def _finite(value: Any) -> Any:

@@ -11,9 +11,7 @@ initial (plaintext) model is handled by the usual PyTorch checkpoint code.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from pathlib import Path
 
 from nvflare.apis.dxo import from_file
 from nvflare.apis.fl_context import FLContext
@@ -29,7 +27,7 @@ from nvflare.app_common.decomposers import numpy_decomposers
 
 from spleen_flare.contract import HE_TAG, tagged_line
 from spleen_flare.he.packing import HE_META_KEY, is_packed
-from spleen_flare.persistor import HISTORY_FILE, BundleModelPersistor
+from spleen_flare.persistor import BundleModelPersistor
 
 
 def packed_digest(weights: dict) -> str:
@@ -81,6 +79,7 @@ class HEBundleModelPersistor(BundleModelPersistor):
             ml = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             if self._is_packed(ml):
                 self._write_packed(ml, self._best_ckpt_save_path)
+                self.record_best(packed_digest(ml[ModelLearnableKey.WEIGHTS]), fl_ctx)
                 return
         super().handle_event(event, fl_ctx)
 
@@ -97,12 +96,7 @@ class HEBundleModelPersistor(BundleModelPersistor):
         os.replace(tmp, save_path)
 
     def _record_packed(self, weights: dict, round_label) -> None:
-        history_path = Path(self.log_dir) / HISTORY_FILE
-        history = json.loads(history_path.read_text()) if history_path.is_file() else []
-        history.append({"round": round_label, "sha256": packed_digest(weights), "encrypted": True})
-        tmp = history_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(history, indent=2))
-        os.replace(tmp, history_path)
+        self.append_history({"round": round_label, "sha256": packed_digest(weights), "encrypted": True})
 
     def _get_model_from_location(self, location, fl_ctx: FLContext):
         try:

@@ -34,7 +34,7 @@ def parse_event(line: str) -> dict | None:
     if tag == HE_TAG:
         return {**fields, "kind": "he"} if "side" in fields and "stage" in fields else None
     if tag == PROGRESS_TAG and "site" in fields and fields.get("kind") in PROGRESS_KINDS:
-        if fields["kind"] == "round" and not isinstance(fields.get("round"), int):
+        if fields["kind"] in ("round", "final") and not isinstance(fields.get("round"), int):
             return None
         return fields
     return None
@@ -101,6 +101,7 @@ class Progress:
     per_round: dict[int, dict[str, dict]] = field(default_factory=dict)
     round_done_at: dict[int, float] = field(default_factory=dict)
     cross_site_local: dict[str, float] = field(default_factory=dict)
+    final_dice: dict[str, float] = field(default_factory=dict)  # each site's score of the last global model
     he_events: list[dict] = field(default_factory=list)
     fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
     _seen: set = field(default_factory=set)
@@ -130,6 +131,11 @@ class Progress:
             if isinstance(dice, float | int):
                 self.cross_site_local[event["site"]] = float(dice)
             return [f"{self._clock(now)} cross-site validation: {event['site']} scored a model, Dice {fmt(dice)}"]
+        if kind == "final":
+            if isinstance(event.get("global_dice"), float | int):
+                self.final_dice[event["site"]] = float(event["global_dice"])
+            dice = fmt(event.get("global_dice"))
+            return [f"{self._clock(now)} final validation: {event['site']} scored the last global model, Dice {dice}"]
         if kind != "round":
             return []
         rnd, site = event["round"], event["site"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from spleen_flare.contract import KEY_METRIC
+
 
 def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float | int) else "?"
@@ -41,6 +43,11 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
                 f"  {site}: untrained {fmt(untrained.get(site))} -> "
                 f"after {summary['rounds']} rounds {fmt(final.get(site))}"
             )
+    best, last = summary.get("best_model"), summary.get("final_model")
+    if best:
+        is_last = last and best.get("sha256") == last.get("sha256")
+        which = "the final one" if is_last else f"the one after round {best['round'] + 1}"
+        out(f"  best global model: {which} (mean validation Dice {fmt(best.get(KEY_METRIC))})")
     out("")
     out(f"wall time {mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
     if summary.get("fl_round_s"):
@@ -60,6 +67,8 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
     out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
     if m.get("experiment_id") is not None:
         out(f"  {m['tracking_uri']}/#/experiments/{m['experiment_id']}")
+    for name, path in (summary.get("plots") or {}).items():
+        out(f"{name.replace('_', ' ')}: {path}")
     out(f"summary: {summary['paths']['run_dir']}/summary.json")
 
 

@@ -24,6 +24,7 @@ from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
+from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError
@@ -200,7 +201,10 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         mlflow_info=mlflow_runs(run.mlflow.url, run.settings.job_name, job_id, sites),
         paths=paths,
         param_count=summary.count_weights(download_dir) if progress.he_events else None,
+        model_history=summary.read_model_history(download_dir),
     )
+    # Read back from the MLflow server while it still runs: the curves show what MLflow holds.
+    result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}
     (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from spleen_flare.contract import KEY_METRIC
@@ -69,8 +70,15 @@ def build_summary(
     mlflow_info: dict,
     paths: dict[str, str],
     param_count: int | None = None,
+    model_history: list[dict] | None = None,
 ) -> dict:
     cross_site = cross_site_by_model(cross_site_results or {})
+    per_round = {
+        str(r): {s: e.get("global_dice") for s, e in sorted(progress.per_round[r].items())}
+        for r in sorted(progress.per_round)
+    }
+    if progress.final_dice:  # the last global model, scored as if round N started
+        per_round[str(settings.rounds)] = dict(sorted(progress.final_dice.items()))
     summary = {
         "job_id": job_id,
         "job_name": settings.job_name,
@@ -85,17 +93,33 @@ def build_summary(
         "fl_round_s": progress.fl_round_times(),
         "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
-        "global_dice_per_round": {
-            str(r): {s: e.get("global_dice") for s, e in sorted(progress.per_round[r].items())}
-            for r in sorted(progress.per_round)
-        },
+        "global_dice_per_round": per_round,
         "final_global_dice": cross_site.get(GLOBAL_MODEL, {}),
+        **model_choice(model_history or []),
         "cross_site": cross_site,
         "mlflow": mlflow_info,
         "paths": paths,
     }
     summary.update(he_summary(progress.he_events, param_count))
     return summary
+
+
+def model_choice(history: list[dict]) -> dict:
+    """The saved best global model and the final one, from the server's ``global_model_history.json``: rounds
+    (the aggregate of that round), digests, and the mean validation Dice the best was chosen on."""
+    models = [e for e in history if not e.get("best") and isinstance(e.get("round"), int)]
+    bests = [e for e in history if e.get("best")]
+    out = {}
+    if models:
+        out["final_model"] = {"round": models[-1]["round"], "sha256": models[-1]["sha256"]}
+    if bests:
+        out["best_model"] = {k: bests[-1].get(k) for k in ("round", "sha256", KEY_METRIC)}
+    return out
+
+
+def read_model_history(download_dir: Path) -> list[dict] | None:
+    found = sorted(Path(download_dir).rglob("global_model_history.json"))
+    return json.loads(found[0].read_text()) if found else None
 
 
 def count_weights(download_dir: Path) -> int | None:
