@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import tenseal as ts  # a broken TenSEAL install fails, never skips
-from conftest import REPO_ROOT, ROUNDS, SITES, runner_cmd
+from conftest import REPO_ROOT, ROUNDS, SITES, assert_best_model_is_the_best_scored, runner_cmd
 
 pytestmark = pytest.mark.he
 
@@ -67,7 +67,12 @@ def test_mlflow_has_metrics_from_every_site(he_run: dict) -> None:
     for site, run_id in he_run["mlflow"]["run_ids"].items():
         metrics = client.get_run(run_id).data.metrics
         assert {"global_val_mean_dice", "train_loss"} <= set(metrics), (site, sorted(metrics))
-        assert len(client.get_metric_history(run_id, "global_val_mean_dice")) == ROUNDS, site
+        assert len(client.get_metric_history(run_id, "global_val_mean_dice")) == ROUNDS + 1, site  # + final
+
+
+def test_best_model_is_chosen_on_metrics_among_every_global_model(he_run: dict) -> None:
+    """The server cannot read the weights: it selects on the sites' Dice, the last global model included."""
+    assert_best_model_is_the_best_scored(he_run)
 
 
 def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: dict) -> None:

@@ -7,10 +7,20 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import LOCAL_EPOCHS, REPO_ROOT, ROUNDS, SITES, alive_recorded, runner_cmd
+from conftest import (
+    LOCAL_EPOCHS,
+    REPO_ROOT,
+    ROUNDS,
+    SITES,
+    alive_recorded,
+    assert_best_model_is_the_best_scored,
+    runner_cmd,
+)
+from PIL import Image
 
 from spleen_tools.procs import PidFile
 from spleen_tools.run.stop import stop_run
@@ -81,8 +91,22 @@ def test_mlflow_server_holds_per_site_series(experiment_run, run_mlflow):
         assert len(dice) == epochs and len({m.step for m in dice}) == epochs, (site, dice)
         assert len(loss_epoch) == epochs, (site, loss_epoch)
         assert len(loss) >= epochs, (site, loss)
-        assert sorted(m.step for m in global_dice) == list(range(ROUNDS)), (site, global_dice)
+        assert sorted(m.step for m in global_dice) == list(range(ROUNDS + 1)), (site, global_dice)  # + final
         assert global_dice[0].value == pytest.approx(s["untrained_dice"][site], abs=1e-3)
+
+
+def test_best_global_model_is_the_best_scored_one(experiment_run):
+    assert_best_model_is_the_best_scored(experiment_run.summary)
+    assert "best global model: " in experiment_run.stdout
+
+
+def test_run_directory_holds_the_pictures(experiment_run):
+    plots = experiment_run.summary["plots"]
+    assert sorted(plots) == ["cross_site_heatmap", "learning_curves"]
+    for path in map(Path, plots.values()):
+        assert path.parent == experiment_run.run_dir and f": {path}" in experiment_run.stdout
+        with Image.open(path) as image:
+            assert image.format == "PNG" and len(image.convert("RGB").getcolors(1 << 20)) > 20, path
 
 
 def test_no_process_of_the_run_is_left(experiment_run):

@@ -57,8 +57,9 @@ def test_global_model_saved_and_changed_every_round(simulated):
     result, _ = simulated
     assert result.global_model_path.is_file()
     history = json.loads((result.global_model_path.parent / "global_model_history.json").read_text())
-    assert [entry["round"] for entry in history] == ["initial", *range(ROUNDS)]
-    digests = [entry["sha256"] for entry in history]
+    models = [entry for entry in history if not entry.get("best")]
+    assert [entry["round"] for entry in models] == ["initial", *range(ROUNDS)]
+    digests = [entry["sha256"] for entry in models]
     assert len(set(digests)) == len(digests), "the global model did not change between rounds"
 
 
@@ -82,7 +83,8 @@ def test_metrics_reach_mlflow_per_site(simulated):
             steps = [m.step for m in series[name]]
             assert steps, f"{site}: no {name} in MLflow"
             assert len(steps) == len(set(steps)), f"{site}: {name} repeats steps {steps}"
-        assert [m.step for m in series["global_val_mean_dice"]] == list(range(ROUNDS))
+        # one score per round's received model, and the last global model's (final validation) at step ROUNDS
+        assert [m.step for m in series["global_val_mean_dice"]] == list(range(ROUNDS + 1))
         assert [m.step for m in series["val_mean_dice"]] == list(range(1, ROUNDS + 1))
 
 
