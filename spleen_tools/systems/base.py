@@ -8,14 +8,28 @@ from typing import Protocol, runtime_checkable
 
 from spleen_tools.paths import BIN_DIR
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op pool follows OMP_NUM_THREADS
 
-def participant_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+
+def thread_share(sites: int, cores: int | None = None) -> int:
+    """Threads per site when ``sites`` train side by side on this machine: its cores divided among them."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, sites))
+
+
+def participant_env(extra: dict[str, str] | None = None, sites: int | None = None) -> dict[str, str]:
     """This environment plus ``extra`` (e.g. ``SPLEEN_DATA_DIR``), with this interpreter's folder first on ``PATH``
-    (NVFlare's start scripts run ``python3``) and unbuffered output (progress lines reach the logs at once)."""
+    (NVFlare's start scripts run ``python3``) and unbuffered output (progress lines reach the logs at once).
+
+    With ``sites`` (participants sharing this machine), each gets its share of the cores: default thread pools
+    oversubscribe them (two trainings side by side take 5-11 s per epoch instead of about 2 s). Thread counts the
+    user set already are kept."""
     env = dict(os.environ)
     env.update(extra or {})
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    if sites:
+        for var in THREAD_VARS:
+            env.setdefault(var, str(thread_share(sites)))
     return env
 
 

@@ -59,8 +59,10 @@ def preflight(owner: str = "preflight") -> None:
     check_ports()
 
 
-def poc_env(workspace: Path, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = participant_env(extra)
+def poc_env(
+    workspace: Path, home: Path, extra: dict[str, str] | None = None, sites: int | None = None
+) -> dict[str, str]:
+    env = participant_env(extra, sites)
     env["HOME"] = str(home)
     env["NVFLARE_POC_WORKSPACE"] = str(workspace)
     return env
@@ -144,7 +146,7 @@ class PocSystem:
         return self.workspace.parent / "logs"
 
     def env(self) -> dict[str, str]:
-        return poc_env(self.workspace, self.home, self.extra_env)
+        return poc_env(self.workspace, self.home, self.extra_env, self.n_sites)
 
     def _nvflare(self, *args: str, log_name: str, timeout: float = 300.0) -> None:
         nvflare(*args, env=self.env(), log_path=self.logs_dir / log_name, timeout=timeout)

@@ -145,7 +145,7 @@ class SecureSystem:
         return {name: self.workspace / CONSOLE_DIR / f"{name}.console.log" for name in self.participants}
 
     def env(self) -> dict[str, str]:
-        return participant_env(self.extra_env)
+        return participant_env(self.extra_env, self.n_sites)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> SecureSystem:

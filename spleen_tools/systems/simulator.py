@@ -44,7 +44,7 @@ def run_simulator(
     log_path = workspace.parent / f"{workspace.name}.simulator.log"  # the simulator empties its workspace
     job = str(Path(job_folder).resolve())
     cmd = nvflare_command("simulator", job, "-w", str(workspace), "-n", str(sites), "-t", str(sites))
-    proc = start_group(cmd, log_path, env=participant_env({DATA_DIR_ENV: str(Path(data_dir).resolve())}))
+    proc = start_group(cmd, log_path, env=participant_env({DATA_DIR_ENV: str(Path(data_dir).resolve())}, sites))
     try:
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
