@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from spleen_flare.contract import KEY_METRIC
 
+SEGMENTS_AT = 0.8  # Dice at which we call the model's masks a segmentation of the spleen
+
 
 def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float | int) else "?"
@@ -16,6 +18,13 @@ def mmss(seconds: float) -> str:
         return "?:??"
     seconds = int(round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def segments_note(dice: float | None) -> str:
+    """Whether a Dice value means the model segments the spleen (the demo's bar), for the report line."""
+    if not isinstance(dice, float | int):
+        return ""
+    return f" (segments: Dice >= {SEGMENTS_AT})" if dice >= SEGMENTS_AT else f" (does not segment yet: < {SEGMENTS_AT})"
 
 
 def format_cross_site_table(cross_site: dict[str, dict[str, float]], sites: list[str]) -> str:
@@ -41,7 +50,7 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
         for site in sites:
             out(
                 f"  {site}: untrained {fmt(untrained.get(site))} -> "
-                f"after {summary['rounds']} rounds {fmt(final.get(site))}"
+                f"after {summary['rounds']} rounds {fmt(final.get(site))}{segments_note(final.get(site))}"
             )
     best, last = summary.get("best_model"), summary.get("final_model")
     if best:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report
+from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report, segments_note
 from spleen_tools.run.summary import GLOBAL_MODEL
 
 SITES = ["site-1", "site-2"]
@@ -42,8 +42,14 @@ def test_report_names_results_times_he_cost_and_mlflow():
     lines = []
     report(summary, SITES, lines.append)
     text = "\n".join(lines)
-    assert "site-1: untrained 0.0100 -> after 2 rounds 0.5000" in text
+    assert "site-1: untrained 0.0100 -> after 2 rounds 0.5000 (does not segment yet: < 0.8)" in text
     assert "site-2: untrained ? -> after 2 rounds 0.6000" in text
     assert "wall time 1:15" in text and "server round times (s): [29.0, 30.0]" in text
     assert "HE: one client update 38.6 MB = 2.0x the plaintext 19.3 MB" in text
     assert "http://127.0.0.1:5000/#/experiments/1" in text and "summary: /runs/x/summary.json" in text
+
+
+def test_segments_note():
+    assert segments_note(0.85) == " (segments: Dice >= 0.8)"
+    assert segments_note(0.2) == " (does not segment yet: < 0.8)"
+    assert segments_note(None) == ""
