@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import record  # noqa: E402
+
 from spleen_tools.run.progress import parse_event  # noqa: E402
 
 STAGES = ("dispatch", "receive", "prepare", "work", "pack", "send", "server")
@@ -139,10 +141,15 @@ def report(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories of the one command")
+    parser.add_argument("--labels", nargs="+", default=[], help="a label per run dir (what differs between them)")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/round_cost.json")
     args = parser.parse_args(argv)
+    results = []
+    labels = dict(zip(args.run_dirs, args.labels, strict=False))
     header = f"{'round':>5} {'site':>7} {'round_s':>8} " + " ".join(f"{s:>8}" for s in STAGES)
     for run_dir in args.run_dirs:
-        result = report(run_dir.resolve())
+        result = {"label": labels.get(run_dir, run_dir.name), **report(run_dir.resolve())}
+        results.append(result)
         print(f"{result['run_dir']}\n{header}")
         for row in result["rounds"]:
             print(
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"server round / slowest site's work (rounds >= 1): {result['ratio_round_to_work']}; largest fixed "
                 f"cost: {result['largest_fixed_cost']} ({later[result['largest_fixed_cost']]} s)"
             )
+    if args.save:
+        print(f"saved {record.save('round_cost', {'runs': results})}")
     return 0
 
 

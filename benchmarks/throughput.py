@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import record  # noqa: E402
+
 from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG  # noqa: E402
 from spleen_tools.paths import BIN_DIR  # noqa: E402
 from spleen_tools.systems.base import participant_env  # noqa: E402
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a finished run directory of the one command")
     parser.add_argument("--epochs", type=int, default=8, help="standalone epochs per site (default: 8)")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/throughput.json")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(median of {len(alone[site]) - SKIP}): throughput in FL / standalone = {ratio}"
         )
     (run_dir / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.save:
+        print(f"saved {record.save('throughput', result)}")
     return 0
 
 
