@@ -60,13 +60,29 @@ def throughput(record: dict) -> list[str]:
     return [*lines, ""]
 
 
+def site_scaling(record: dict) -> list[str]:
+    result = record["result"]
+    lines = ["## Sites on one machine", "", *provenance(record)]
+    lines += [
+        f"POC, tiny synthetic data (80x80x20, 2 cases per site + 2), {result['rounds']} rounds x 1 local epoch; the "
+        "sites share the cores (1 thread each from 2 sites on 2 cores). Round 0 includes the sites' start-up.",
+        "",
+        "| sites | server round times (s) | slowest site's work (s) | server peak memory (MB) | wall (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["runs"]:
+        cells = (row["sites"], row["fl_round_s"], row["site_work_s"], row["server_peak_mb"], row["wall_s"])
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return [*lines, ""]
+
+
 def validity(record: dict) -> list[str]:
     lines = ["## Does federation pay off (validity study)", "", *provenance(record)]
     markdown = record["result"].get("markdown")
     return [*lines, markdown or "(no tables in the result)", ""]
 
 
-SECTIONS = {"validity": validity, "round_cost": round_cost, "throughput": throughput}
+SECTIONS = {"validity": validity, "round_cost": round_cost, "throughput": throughput, "site_scaling": site_scaling}
 
 
 def main() -> int:
