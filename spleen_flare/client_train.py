@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nvflare.client as flare
@@ -45,12 +46,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    app_root = Path(__file__).resolve().parents[2]  # app/custom/spleen_flare/client_train.py
-    bundle_root = (app_root / args.bundle).resolve()
+@dataclass
+class Site:
+    """One site's bundle, its metric streams and its name, kept across rounds."""
 
-    flare.init()
+    name: str
+    runner: BundleRunner
+    sender: MetricsSender
+    train_stats: NVFlareStatsHandler
+    val_stats: NVFlareStatsHandler
+
+
+def open_site(args: argparse.Namespace) -> Site:
+    """The site's datalist, its bundle and the handlers that stream its metrics to the server."""
+    app_root = Path(__file__).resolve().parents[2]  # app/custom/spleen_flare/client_train.py
     site = flare.get_site_name()
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
     datalist_path = find_site_datalist(site, data_dir, args.datalist)
@@ -62,68 +71,78 @@ def main() -> None:
         )
     else:
         progress(kind="info", site=site, datalist=None, note=f"no site datalist: the bundle's own split of {data_dir}")
-
     runner = BundleRunner(
-        bundle_root,
+        (app_root / args.bundle).resolve(),
         config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
         dataset_dir=data_dir,
         training=training,
         validation=validation,
     )
-
     sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
     sender.init()
     train_stats = NVFlareStatsHandler(sender)
     train_stats.attach(runner.trainer)
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
+    return Site(site, runner, sender, train_stats, val_stats)
 
+
+def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
+    """Score the received global model, train on, send the weights with the score."""
+    runner = site.runner
+    runner.set_weights(model.params)
+    work_start = time.perf_counter()
+    global_dice = runner.evaluate(external=True).get(KEY_METRIC, 0.0)
+    site.sender.add(GLOBAL_METRIC, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
+    steps = runner.train(local_epochs)
+    progress(
+        kind="round",
+        site=site.name,
+        round=model.current_round,
+        global_dice=global_dice,
+        local_dice=runner.last_local_metric,
+        loss=site.train_stats.last_epoch_loss,
+        steps=steps,
+        metrics_sent=site.train_stats.sent + site.val_stats.sent,
+        metrics_failed=site.train_stats.failed + site.val_stats.failed,
+        work_s=round(time.perf_counter() - work_start, 1),
+    )
+    return FLModel(
+        params=runner.get_weights(),
+        metrics={KEY_METRIC: global_dice},
+        meta={NUM_STEPS_KEY: steps},
+        current_round=model.current_round,  # result filters (HE) log the round
+    )
+
+
+def validate(site: Site, model: FLModel) -> FLModel:
+    """Score a received model: the last global model (it carries a round number) or a cross-site one."""
+    dice = site.runner.evaluate(model.params).get(KEY_METRIC)
+    if model.current_round is not None:  # the server's final validation of the last global model
+        site.sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
+        progress(kind="final", site=site.name, round=model.current_round, global_dice=dice)
+    else:
+        progress(kind="cross_site", site=site.name, **{KEY_METRIC: dice})
+    return FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0})
+
+
+def main() -> None:
+    args = parse_args()
+    flare.init()
+    site = open_site(args)
     try:
         while flare.is_running():
             model = flare.receive()
             if model is None:
                 break
             if flare.is_train():
-                runner.set_weights(model.params)
-                work_start = time.perf_counter()
-                global_metrics = runner.evaluate(external=True)
-                global_dice = global_metrics.get(KEY_METRIC, 0.0)
-                sender.add(GLOBAL_METRIC, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
-                steps = runner.train(args.local_epochs)
-                work_s = time.perf_counter() - work_start
-                progress(
-                    kind="round",
-                    site=site,
-                    round=model.current_round,
-                    global_dice=global_dice,
-                    local_dice=runner.last_local_metric,
-                    loss=train_stats.last_epoch_loss,
-                    steps=steps,
-                    metrics_sent=train_stats.sent + val_stats.sent,
-                    metrics_failed=train_stats.failed + val_stats.failed,
-                    work_s=round(work_s, 1),
-                )
-                flare.send(
-                    FLModel(
-                        params=runner.get_weights(),
-                        metrics={KEY_METRIC: global_dice},
-                        meta={NUM_STEPS_KEY: steps},
-                        current_round=model.current_round,  # result filters (HE) log the round
-                    )
-                )
+                flare.send(train(site, model, args.local_epochs))
             elif flare.is_evaluate():
-                metrics = runner.evaluate(model.params)
-                dice = metrics.get(KEY_METRIC)
-                if model.current_round is not None:  # the server's final validation of the last global model
-                    sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
-                    progress(kind="final", site=site, round=model.current_round, global_dice=dice)
-                else:
-                    progress(kind="cross_site", site=site, **{KEY_METRIC: dice})
-                flare.send(FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0}))
+                flare.send(validate(site, model))
             elif flare.is_submit_model():
-                flare.send(FLModel(params=runner.best_local_weights()))
+                flare.send(FLModel(params=site.runner.best_local_weights()))
     finally:
-        sender.shutdown()
+        site.sender.shutdown()
 
 
 if __name__ == "__main__":
