@@ -40,11 +40,11 @@ def versions() -> dict:
     return found
 
 
-def save(name: str, result: dict, argv: list[str] | None = None) -> Path:
-    """Write the result with its provenance; returns the file."""
+def save(name: str, result: dict, argv: list[str] | None = None, command: str | None = None) -> Path:
+    """Write the result with its provenance (this script's command line unless ``command`` names another)."""
     argv = sys.argv if argv is None else argv
     script = os.path.relpath(Path(argv[0]).resolve(), Path.cwd()) if argv else ""
-    command = shlex.join([".venv/bin/python", script, *argv[1:]])
+    command = command or shlex.join([".venv/bin/python", script, *argv[1:]])
     record = {
         "name": name,
         "command": command,

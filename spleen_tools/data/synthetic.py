@@ -53,8 +53,12 @@ def _make_case(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     with_label: bool,
+    intensity_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one volume (int16 HU) and its spleen label (uint8), array axes = (left, posterior, superior)."""
+    """Draw one volume (int16 HU) and its spleen label (uint8), array axes = (left, posterior, superior).
+
+    ``intensity_offset`` (HU) is added to every voxel before the noise, like a scanner's calibration offset.
+    """
     nx, ny, nz = shape
     sx, sy, sz = spacing
     # Millimetres from the centre; +x = patient's left, +y = posterior, +z = superior (LPS storage order).
@@ -97,6 +101,8 @@ def _make_case(
     spleen = (u**2 + v**2 + w**2 <= bump**2) & inner
     img[spleen] = rng.uniform(100.0, 130.0)
 
+    if intensity_offset:
+        img += np.float32(intensity_offset)
     img += rng.normal(0.0, NOISE_SD, size=shape).astype(np.float32)
     image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
     label = spleen.astype(np.uint8) if with_label else np.zeros(shape, dtype=np.uint8)
@@ -149,10 +155,12 @@ def make_synthetic_dataset(
     shape: tuple[int, int, int] = (96, 96, 24),
     spacing: tuple[float, float, float] = (0.8, 0.8, 5.0),
     seed: int = 0,
+    intensity_offset: float = 0.0,
 ) -> Path:
     """Write ``<out_dir>/Task09_Spleen`` (dataset.json, imagesTr, labelsTr, imagesTs) and return its path.
 
     Deterministic for a seed (same bytes). Slice counts vary by up to +-4 around ``shape[2]`` like real scans.
+    ``intensity_offset`` adds that many HU to every voxel (a site's calibration offset); labels are unchanged.
     An existing synthetic dataset at that place is replaced; anything else there raises FileExistsError.
     """
     if num_train < 1 or num_test < 0:
@@ -161,6 +169,8 @@ def make_synthetic_dataset(
         raise ValueError(f"shape must be three sizes >= 4, got {shape}")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive millimetre values, got {spacing}")
+    if not np.isfinite(intensity_offset) or abs(intensity_offset) > 1000:
+        raise ValueError(f"intensity_offset must be a finite HU value within +-1000, got {intensity_offset}")
     out_dir = Path(out_dir)
     task_dir = out_dir / TASK_NAME
     if task_dir.exists() and not _is_synthetic(task_dir):
@@ -177,7 +187,7 @@ def make_synthetic_dataset(
         for case_id in train + test:
             rng = np.random.default_rng([seed, 1, case_id])  # one stream per case: order-independent
             case_shape = (shape[0], shape[1], shape[2] + int(rng.integers(-dz, dz + 1)))
-            image, label = _make_case(rng, case_shape, spacing, with_label=case_id in train)
+            image, label = _make_case(rng, case_shape, spacing, case_id in train, intensity_offset)
             affine = _affine(case_shape, spacing)
             name = f"spleen_{case_id}.nii.gz"
             if case_id in train:

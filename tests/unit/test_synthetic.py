@@ -116,3 +116,38 @@ def test_default_size_is_fast(tmp_path: Path) -> None:
     assert meta["numTraining"] == 12 and meta["numTest"] == 2
     depths = {nib.load(task / c["image"]).shape[2] for c in meta["training"]}
     assert len(depths) > 1 and min(depths) >= 20 and max(depths) <= 28  # slice count varies like real scans
+
+
+def test_intensity_offset_shifts_every_voxel_and_keeps_labels(tmp_path: Path, task_dir: Path) -> None:
+    """A site's calibration offset: same anatomy and noise, every voxel +offset HU (clipped to int16 HU range)."""
+    shifted = make_synthetic_dataset(tmp_path / "shifted", seed=3, intensity_offset=60.0, **SMALL)
+    meta = json.loads((task_dir / "dataset.json").read_text())
+    assert json.loads((shifted / "dataset.json").read_text()) == meta
+    for case in meta["training"]:
+        base, moved = (np.asarray(nib.load(d / case["image"]).dataobj).astype(np.int32) for d in (task_dir, shifted))
+        unclipped = base > -1024
+        diff = moved[unclipped] - base[unclipped]
+        assert np.abs(diff - 60).max() <= 1 and np.mean(diff == 60) > 0.99  # float32 rounding at .5 aside
+        assert (task_dir / case["label"]).read_bytes() == (shifted / case["label"]).read_bytes()
+        label = np.asarray(nib.load(shifted / case["label"]).dataobj)
+        assert 150 < moved[label == 1].mean() < 200
+
+
+def test_zero_offset_is_the_default_output(tmp_path: Path, task_dir: Path) -> None:
+    explicit = make_synthetic_dataset(tmp_path / "zero", seed=3, intensity_offset=0.0, **SMALL)
+    for path in sorted(p for p in task_dir.rglob("*") if p.is_file()):
+        assert (explicit / path.relative_to(task_dir)).read_bytes() == path.read_bytes()
+
+
+def test_site_styles_spacing_and_shape(tmp_path: Path) -> None:
+    """Non-IID sites: another slice spacing and field of view are written into the files' geometry."""
+    task = make_synthetic_dataset(tmp_path, num_train=1, num_test=0, shape=(56, 60, 16), spacing=(0.8, 0.8, 3.0))
+    image = nib.load(next((task / "imagesTr").iterdir()))
+    assert image.shape[:2] == (56, 60) and np.allclose(image.header.get_zooms(), (0.8, 0.8, 3.0))
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), 1500.0])
+def test_bad_intensity_offset(tmp_path: Path, offset: float) -> None:
+    with pytest.raises(ValueError, match="intensity_offset"):
+        make_synthetic_dataset(tmp_path, intensity_offset=offset, **SMALL)
+    assert not (tmp_path / "Task09_Spleen").exists()
