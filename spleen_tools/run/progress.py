@@ -18,6 +18,7 @@ from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_KINDS, PROGRESS_T
 from spleen_tools.run.report import fmt, mmss
 
 # NVFlare's ScatterAndGather on the server: "<asctime> - ... - Round 3 started." / "... Round 3 finished."
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _FL_ROUND = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\bRound (\d+) (started|finished)\.\s*$")
 
 
@@ -31,6 +32,9 @@ def parse_event(line: str) -> dict | None:
     if tagged is None:
         return _fl_round_event(line)
     tag, fields = tagged
+    stamp = _STAMP.match(line)
+    if stamp and "at" not in fields:
+        fields["at"] = dt.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     if tag == HE_TAG:
         return {**fields, "kind": "he"} if "side" in fields and "stage" in fields else None
     if tag == PROGRESS_TAG and "site" in fields and fields.get("kind") in PROGRESS_KINDS:
@@ -97,7 +101,7 @@ class Progress:
 
     sites: list[str]
     rounds: int
-    start: float = field(default_factory=time.monotonic)
+    start: float = field(default_factory=time.time)  # wall clock: log lines carry wall-clock times
     per_round: dict[int, dict[str, dict]] = field(default_factory=dict)
     round_done_at: dict[int, float] = field(default_factory=dict)
     cross_site_local: dict[str, float] = field(default_factory=dict)
@@ -108,7 +112,7 @@ class Progress:
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
         """Record one parsed event; return the lines to print about it (maybe none)."""
-        now = time.monotonic() if now is None else now
+        now = time.time() if now is None else now
         kind = event["kind"]
         key = (
             kind,
@@ -146,7 +150,8 @@ class Progress:
             f"{fmt(event.get('global_dice'))})"
         ]
         if set(self.per_round[rnd]) >= set(self.sites) and rnd not in self.round_done_at:
-            self.round_done_at[rnd] = now
+            # the log line's own time: several rounds can finish between two polls of the logs
+            self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
             times = self.round_times()
             left = self.estimate_left(now)
             out.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
@@ -11,13 +13,15 @@ SITES = ["site-1", "site-2"]
 PREFIX = "2026-11-28 05:48:17,123 - INFO - "
 
 
-def round_line(site: str, rnd: int, global_dice: float, loss: float = 0.5, work: float = 20.0) -> str:
+def round_line(site: str, rnd: int, global_dice: float, loss: float = 0.5, work: float = 20.0, prefix="") -> str:
     fields = dict(site=site, round=rnd, global_dice=global_dice, local_dice=0.0175, loss=loss, steps=2, work_s=work)
-    return PREFIX + tagged_line(PROGRESS_TAG, kind="round", **fields)
+    return prefix + tagged_line(PROGRESS_TAG, kind="round", **fields)
 
 
 def test_round_event_from_a_logged_line():
-    assert parse_event(round_line("site-1", 0, 0.0185, loss=0.8514, work=12.5)) == {
+    at = dt.datetime(2026, 11, 28, 5, 48, 17, 123000).timestamp()  # the log line's time
+    assert parse_event(round_line("site-1", 0, 0.0185, loss=0.8514, work=12.5, prefix=PREFIX)) == {
+        "at": at,
         "kind": "round",
         "site": "site-1",
         "round": 0,
@@ -74,6 +78,16 @@ def test_progress_rounds_times_estimate_and_dedupe():
     assert p.round_times() == [40.0, 30.0]
     assert p.untrained_dice() == {"site-1": 0.01, "site-2": 0.02}
     assert p.site_work_times() == [20.0, 20.0]
+
+
+def test_rounds_finished_between_two_polls_keep_their_log_times():
+    p = Progress(SITES, rounds=2, start=dt.datetime(2026, 11, 28, 5, 48, 0).timestamp())
+    lines = [
+        round_line(s, r, 0.1, prefix=f"2026-11-28 05:48:{10 + 3 * r:02d},500 - INFO - ") for r in (0, 1) for s in SITES
+    ]
+    for line in lines:  # all read in one poll, 20 s later
+        p.add(parse_event(line), now=p.start + 20.0)
+    assert p.round_times() == [10.5, 3.0]
 
 
 def test_log_follower_reads_only_new_complete_lines(tmp_path):
