@@ -47,6 +47,8 @@ from nvflare.fuel.utils import fobs
 from nvflare.lighter.impl.he import HEBuilder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import record  # noqa: E402
+
 from spleen_flare.bundle_runner import build_network  # noqa: E402
 from spleen_flare.he.aggregator import PackedHEAggregator, PackedHEShareableGenerator  # noqa: E402
 from spleen_flare.he.filters import PackedHEDecryptor, PackedHEEncryptor  # noqa: E402
@@ -176,6 +178,7 @@ def main() -> None:
         help="seconds of local training + validation per round (e.g. a plain run's round time): also print the "
         "projected HE round time vs plain",
     )
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/he_update_size.json")
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)  # components outside a running system log about the missing engine
     numpy_decomposers.register()
@@ -209,6 +212,9 @@ def main() -> None:
                 ratio = (args.train_s + r["round_s"]) / (args.train_s + base)
                 line += f"; with {args.train_s:.0f} s of training per round: {ratio:.2f}x the plain round time"
             print(line)
+    if args.save:
+        kept = {layout: {k: v for k, v in r.items() if isinstance(v, int | float)} for layout, r in rows.items()}
+        print(f"saved {record.save('he_update_size', {'plain_bytes': plain_bytes, 'layouts': kept})}")
 
 
 if __name__ == "__main__":
