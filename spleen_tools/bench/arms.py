@@ -7,7 +7,6 @@ process, start from the FedAvg job's initial model (the bundle network, seed 0) 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -120,19 +119,6 @@ def run_local(data: StudyData, epochs: int, workdir: Path, log: Log) -> ArmResul
     return result
 
 
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def run_fedavg(
     data: StudyData,
     rounds: int,
@@ -160,9 +146,10 @@ def run_fedavg(
     job = prepare_job(FEDAVG_JOB, workdir / "jobs", settings)
     workspace = workdir / "workspace"
     start = time.perf_counter()
-    # The sites read <data.root>/datalists/<site>.json; the variable wins over any value the user has set.
-    with _env(DATALIST_ENV, str(data.datalist_dir / "{site}.json")), _watch(workspace, sites, rounds, log):
-        result = run_simulator(job, workspace, len(sites), data.root, timeout=timeout)
+    # The sites read the study's datalists; the variable wins over any value the user has set.
+    datalists = {DATALIST_ENV: str(data.datalist_dir / "{site}.json")}
+    with _watch(workspace, sites, rounds, log):
+        result = run_simulator(job, workspace, len(sites), data.root, timeout=timeout, env=datalists)
     seconds = round(time.perf_counter() - start, 1)
     info = {"returncode": result.returncode, "workspace": str(workspace), "log": str(result.log_path)}
     if result.returncode != 0 or not result.global_model_path.is_file():

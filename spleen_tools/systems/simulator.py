@@ -36,7 +36,12 @@ class SimulatorResult:
 
 
 def run_simulator(
-    job_folder: Path, workspace: Path, sites: int, data_dir: Path, timeout: float = 1800
+    job_folder: Path,
+    workspace: Path,
+    sites: int,
+    data_dir: Path,
+    timeout: float = 1800,
+    env: dict[str, str] | None = None,
 ) -> SimulatorResult:
     """``nvflare simulator`` with ``sites`` clients in parallel; output to ``workspace/simulator.log``."""
     workspace = Path(workspace).resolve()
@@ -44,7 +49,8 @@ def run_simulator(
     log_path = workspace.parent / f"{workspace.name}.simulator.log"  # the simulator empties its workspace
     job = str(Path(job_folder).resolve())
     cmd = nvflare_command("simulator", job, "-w", str(workspace), "-n", str(sites), "-t", str(sites))
-    proc = start_group(cmd, log_path, env=participant_env({DATA_DIR_ENV: str(Path(data_dir).resolve())}, sites))
+    extra = {**(env or {}), DATA_DIR_ENV: str(Path(data_dir).resolve())}  # ``env``: e.g. SPLEEN_DATALIST
+    proc = start_group(cmd, log_path, env=participant_env(extra, sites))
     try:
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
