@@ -24,9 +24,10 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 from spleen_flare.contract import KEY_METRIC
+from spleen_flare.workflows import HonoursTaskCheckPeriod
 
 
-class FinalGlobalValidation(Controller):
+class FinalGlobalValidation(HonoursTaskCheckPeriod, Controller):
     def __init__(
         self,
         model_selector_id: str = "model_selector",
@@ -36,8 +37,9 @@ class FinalGlobalValidation(Controller):
         key_metric: str = KEY_METRIC,
         timeout: int = 0,
         wait_time_after_min_received: int = 10,
+        task_check_period: float = 0.2,
     ) -> None:
-        super().__init__()
+        super().__init__(task_check_period=task_check_period)
         self.model_selector_id = model_selector_id
         self.shareable_generator_id = shareable_generator_id
         self.persistor_id = persistor_id

@@ -14,8 +14,10 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.he.cross_site_model_eval import HECrossSiteModelEval
 from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
 
+from spleen_flare.workflows import HonoursTaskCheckPeriod
 
-class SerializingHECrossSiteModelEval(HECrossSiteModelEval):
+
+class SerializingHECrossSiteModelEval(HonoursTaskCheckPeriod, HECrossSiteModelEval):
     """``HECrossSiteModelEval`` that serializes CKKS vectors before saving and broadcasting."""
 
     def _save_dxo_content(self, name: str, save_dir: str, dxo: DXO, fl_ctx: FLContext) -> str:
