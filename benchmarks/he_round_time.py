@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import record
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("local", "he")
 
@@ -66,6 +68,74 @@ def _overheads(times: list[float], summary: dict) -> list[float]:
     return [t - w for t, w in zip(times, work, strict=False) if isinstance(w, float | int)]
 
 
+def pair_figures(plain: dict, he: dict) -> dict:
+    """Means over the rounds of one plain/HE pair: round times, what each adds to its sites' work, HE stages."""
+    p_times = plain.get("fl_round_s") or plain["round_times_s"]
+    h_times = he.get("fl_round_s") or he["round_times_s"]
+    p_extra, h_extra = _overheads(p_times, plain), _overheads(h_times, he)
+    figures = {
+        "plain_round_s": round(_mean(p_times), 2),
+        "he_round_s": round(_mean(h_times), 2),
+        "he_over_plain": round(_mean(h_times) / _mean(p_times), 3),
+        "plain_overhead_s": round(_mean(p_extra), 2) if p_extra else None,
+        "he_overhead_s": round(_mean(h_extra), 2) if h_extra else None,
+        "wall_s": {"plain": plain.get("wall_time_s"), "he": he.get("wall_time_s")},
+        "final_global_dice": {"plain": plain.get("final_global_dice"), "he": he.get("final_global_dice")},
+        "update_mb": {
+            "plain": round(he["update_bytes_plain"] / 1e6, 1) if he.get("update_bytes_plain") else None,
+            "encrypted": round(he["update_bytes_encrypted"] / 1e6, 1) if he.get("update_bytes_encrypted") else None,
+        },
+    }
+    if p_extra and h_extra:
+        figures["he_adds_s"] = round(_mean(h_extra) - _mean(p_extra), 2)
+    for stage in ("encrypt", "aggregate", "decrypt"):
+        values = [v for v in he.get(f"{stage}_s", []) if isinstance(v, float | int)]
+        figures[f"{stage}_s"] = round(_mean(values), 2) if values else None
+    return figures
+
+
+def print_pair(k: int, plain: dict, he: dict, figures: dict) -> None:
+    p_times = plain.get("fl_round_s") or plain["round_times_s"]
+    h_times = he.get("fl_round_s") or he["round_times_s"]
+    print(f"\npair {k}")
+    print(
+        f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'HE-plain':>8}  {'work p/HE':>11}  "
+        f"{'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
+    )
+    for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
+        work = f"{_cell(plain.get('site_work_s', []), r)}/{_cell(he.get('site_work_s', []), r)}"
+        stages = [_cell(he.get(f"{stage}_s", []), r) for stage in ("encrypt", "aggregate", "decrypt")]
+        print(
+            f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {h - p:8.1f}  {work:>11}  "
+            f"{stages[0]:>7}  {stages[1]:>9}  {stages[2]:>7}"
+        )
+    print(
+        f"mean round: plain {figures['plain_round_s']} s, HE {figures['he_round_s']} s, {figures['he_over_plain']}x; "
+        f"wall time: plain {figures['wall_s']['plain']} s, HE {figures['wall_s']['he']} s"
+    )
+    if "he_adds_s" in figures:
+        print(
+            f"round - site work: plain {figures['plain_overhead_s']} s, HE {figures['he_overhead_s']} s: HE adds "
+            f"{figures['he_adds_s']} s per round"
+        )
+    if figures["update_mb"]["encrypted"]:
+        sizes = figures["update_mb"]
+        print(f"one client update: plain {sizes['plain']} MB, encrypted {sizes['encrypted']} MB")
+    print(f"final global Dice: plain {figures['final_global_dice']['plain']}, HE {figures['final_global_dice']['he']}")
+
+
+def earlier_pairs(runs_dir: Path) -> list[tuple[dict, dict]]:
+    pairs = []
+    for pair in sorted(runs_dir.glob("pair*")):
+        found = {job: sorted((pair / job).glob("*/summary.json")) for job in JOBS}
+        if not all(found.values()):
+            print(f"{pair}: no summary.json for {[j for j, f in found.items() if not f]}, left out")
+            continue
+        done = {job: json.loads(files[-1].read_text()) for job, files in found.items()}
+        pairs.append((done["local"], done["he"]))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2)
@@ -75,20 +145,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="plain/HE run pairs, alternating (HE first in odd pairs)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("--report", type=Path, metavar="RUNS_DIR", help="only print the figures of earlier runs")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/he_round_time.json")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    pairs = []
     if args.report:
         runs_dir = args.report
-        for pair in sorted(runs_dir.glob("pair*")):
-            found = {job: sorted((pair / job).glob("*/summary.json")) for job in JOBS}
-            if not all(found.values()):
-                print(f"{pair}: no summary.json for {[j for j, f in found.items() if not f]}, left out")
-                continue
-            done = {job: json.loads(files[-1].read_text()) for job, files in found.items()}
-            pairs.append((done["local"], done["he"]))
+        pairs = earlier_pairs(runs_dir)
     else:
         runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="he_round_time_"))
+        pairs = []
         for k in range(args.pairs):
             order = JOBS if k % 2 == 0 else JOBS[::-1]  # alternate: the machine's drift hits both
             done = {job: run(job, runs_dir / f"pair{k}", args, extra) for job in order}
@@ -97,54 +162,17 @@ def main() -> None:
     print(f"\nrun directories: {runs_dir}")
     print("server round = the server's 'Round N started' -> 'Round N finished' (broadcast, site work, encryption,")
     print("upload, aggregation, persist); site work = the slowest site's validation + local training that round")
-    all_p, all_h, all_added = [], [], []
+    results = []
     for k, (plain, he) in enumerate(pairs):
-        p_times = plain.get("fl_round_s") or plain["round_times_s"]
-        h_times = he.get("fl_round_s") or he["round_times_s"]
-        all_p += p_times
-        all_h += h_times
-        print(f"\npair {k}")
-        print(
-            f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'HE-plain':>8}  {'work p/HE':>11}  "
-            f"{'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
-        )
-        for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
-            work = f"{_cell(plain.get('site_work_s', []), r)}/{_cell(he.get('site_work_s', []), r)}"
-            stages = [_cell(he.get(f"{stage}_s", []), r) for stage in ("encrypt", "aggregate", "decrypt")]
-            print(
-                f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {h - p:8.1f}  {work:>11}  "
-                f"{stages[0]:>7}  {stages[1]:>9}  {stages[2]:>7}"
-            )
-        print(
-            f"mean round: plain {_mean(p_times):.1f} s, HE {_mean(h_times):.1f} s, "
-            f"{_mean(h_times) / _mean(p_times):.2f}x; wall time: plain {plain['wall_time_s']} s, "
-            f"HE {he['wall_time_s']} s"
-        )
-        p_extra, h_extra = _overheads(p_times, plain), _overheads(h_times, he)
-        if p_extra and h_extra:
-            added = _mean(h_extra) - _mean(p_extra)
-            all_added.append(added)
-            print(
-                f"round - site work: plain {_mean(p_extra):.1f} s, HE {_mean(h_extra):.1f} s: HE adds {added:.1f} s "
-                f"per round; at the plain run's rounds that is {(_mean(p_times) + added) / _mean(p_times):.2f}x"
-            )
-        if he.get("update_bytes_encrypted"):
-            print(
-                f"one client update: plain {he['update_bytes_plain'] / 1e6:.1f} MB, encrypted "
-                f"{he['update_bytes_encrypted'] / 1e6:.1f} MB ({he.get('update_bytes_ratio')}x)"
-            )
-        print(f"final global Dice: plain {plain['final_global_dice']}, HE {he['final_global_dice']}")
-    if len(pairs) > 1:
-        print(
-            f"\nall {len(pairs)} pairs: mean round plain {_mean(all_p):.1f} s, HE {_mean(all_h):.1f} s, "
-            f"{_mean(all_h) / _mean(all_p):.2f}x; mean HE-plain {_mean(all_h) - _mean(all_p):.1f} s per round"
-        )
-        if all_added:
-            added, plain_round = _mean(all_added), _mean(all_p)
-            print(
-                f"HE adds {added:.1f} s per round beyond plain's own FL overhead (mean of the pairs); "
-                f"at a plain round of {plain_round:.1f} s that is {(plain_round + added) / plain_round:.2f}x"
-            )
+        figures = pair_figures(plain, he)
+        print_pair(k, plain, he, figures)
+        results.append(figures)
+    added = [r["he_adds_s"] for r in results if "he_adds_s" in r]
+    if len(results) > 1 and added:
+        print(f"\nall {len(results)} pairs: HE adds {_mean(added):.2f} s per round beyond plain's own FL overhead")
+    if args.save and results:
+        settings = {k: getattr(args, k) for k in ("sites", "rounds", "local_epochs", "synthetic_cases", "pairs")}
+        print(f"saved {record.save('he_round_time', {'settings': settings, 'pairs': results})}")
 
 
 if __name__ == "__main__":
