@@ -22,6 +22,7 @@ from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
 from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
+from spleen_tools.model_bundle import EXPORT_DIR, ExportError, export_bundle, source_from_job, verify_bundle
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
 from spleen_tools.run.plots import write_run_plots
@@ -81,6 +82,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             result = collect_results(run, admin, job_id, status, progress)
             report.report(result, list(run.system.site_names), out)
             check(run, result)
+            export_model(run, result)
             keep = settings.keep_running
             if keep:
                 report.report_still_running(run.run_dir, settings.secure, run.mlflow.process.pid, out)
@@ -215,6 +217,20 @@ def check(run: Run, result: dict) -> None:
     if found:
         logs = ", ".join(map(str, log_roots(run.system).values()))
         raise ExperimentError("; ".join(found) + f" (logs: {run.run_dir / 'logs'}, {logs})")
+
+
+def export_model(run: Run, result: dict) -> None:
+    """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``."""
+    if run.settings.job == "he":  # the server holds only ciphertext; the sites hold the key
+        run.out("model bundle: not exported for the HE job (the server's model is encrypted)")
+        return
+    try:
+        bundle = export_bundle(source_from_job(Path(result["paths"]["job_result"])), run.run_dir / EXPORT_DIR)
+        result["model_bundle"] = {"path": str(bundle), **verify_bundle(bundle)}
+    except ExportError as err:
+        raise ExperimentError(f"model bundle: {err}") from None
+    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    run.out(f"model bundle: {bundle} (verified: metadata, network, TorchScript = state dict)")
 
 
 def stop_everything(run: Run) -> None:

@@ -109,6 +109,24 @@ def test_run_directory_holds_the_pictures(experiment_run):
             assert image.format == "PNG" and len(image.convert("RGB").getcolors(1 << 20)) > 20, path
 
 
+def test_run_directory_holds_the_verified_model_bundle(experiment_run):
+    exported = experiment_run.summary["model_bundle"]
+    bundle = Path(exported["path"])
+    assert bundle == experiment_run.run_dir / "model_bundle" / "spleen_ct_segmentation"
+    assert f"model bundle: {bundle}" in experiment_run.stdout
+    assert exported["torchscript_max_abs_diff"] <= 1e-4
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["federated_training"]["job_id"] == experiment_run.summary["job_id"]
+    assert meta["federated_training"]["cross_site_dice"] == pytest.approx(experiment_run.summary["final_global_dice"])
+    # the exported weights are the server's final global model, byte for byte in the tensors
+    import torch
+
+    (server_model,) = Path(experiment_run.summary["paths"]["job_result"]).rglob("app_server/FL_global_model.pt")
+    final = torch.load(server_model, map_location="cpu", weights_only=False)["model"]
+    exported_weights = torch.load(bundle / "models" / "model.pt", map_location="cpu")
+    assert all(torch.equal(final[k], exported_weights[k]) for k in final)
+
+
 def test_no_process_of_the_run_is_left(experiment_run):
     recorded = experiment_run.pid_file.read()
     assert "mlflow" in recorded and {"server", *SITES} <= set(recorded["poc"]["processes"]), recorded

@@ -324,7 +324,7 @@ def test_metadata_matches_configs_and_environment() -> None:
     assert meta["monai_version"] == monai.__version__
     assert meta["pytorch_version"] == torch.__version__.split("+")[0]
     assert meta["numpy_version"] == np.__version__
-    assert meta["optional_packages_version"]["nibabel"] == nib.__version__
+    assert meta["required_packages_version"]["nibabel"] == nib.__version__
     train = _parser(TRAIN)
     net = train.get("network_def")
     inputs, outputs = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]

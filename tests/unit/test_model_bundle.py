@@ -1,0 +1,133 @@
+"""A downloaded job's global model exported as a MONAI bundle, verified, and run by the bundle's own inference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from spleen_tools.cli.export_model import main as export_main
+from spleen_tools.model_bundle import (
+    ExportError,
+    export_bundle,
+    find_job,
+    read_state_dict,
+    source_from_job,
+    verify_bundle,
+)
+from spleen_tools.paths import BUNDLE_SRC
+
+JOB_ID = "0f0e0d0c-1111-2222-3333-444455556666"
+
+
+def _network():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_SRC / "configs" / "inference.json"))
+    return parser.get_parsed_content("network_def")
+
+
+@pytest.fixture(scope="module")
+def downloaded_job(tmp_path_factory) -> Path:
+    """What ``nvflare job download`` gives for a 3-round job: meta.json, the server's models, history, results."""
+    job = tmp_path_factory.mktemp("job_result") / JOB_ID
+    server = job / "workspace" / "app_server"
+    server.mkdir(parents=True)
+    torch.manual_seed(0)
+    weights = _network().state_dict()
+    torch.save({"model": weights, "train_conf": {"train": {"model": "UNet"}}}, server / "FL_global_model.pt")
+    torch.save({"model": weights, "train_conf": {}}, server / "best_FL_global_model.pt")
+    (job / "meta.json").write_text(json.dumps({"job_id": JOB_ID, "name": "spleen_ct_segmentation_local"}))
+    history = [{"round": "initial", "sha256": "a"}] + [{"round": r, "sha256": f"r{r}"} for r in range(3)]
+    history.append({"round": 1, "sha256": "r1", "best": True, "val_mean_dice": 0.5})
+    (server / "global_model_history.json").write_text(json.dumps(history))
+    results = {
+        site: {"SRV_FL_global_model.pt": {"val_mean_dice": d}, "SRV_best_FL_global_model.pt": {"val_mean_dice": 0.5}}
+        for site, d in (("site-1", 0.9), ("site-2", 0.8))
+    }
+    (job / "workspace" / "cross_site_val").mkdir()
+    (job / "workspace" / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(results))
+    return job
+
+
+@pytest.fixture(scope="module")
+def exported(downloaded_job: Path, tmp_path_factory) -> Path:
+    return export_bundle(source_from_job(downloaded_job), tmp_path_factory.mktemp("export"))
+
+
+def test_source_names_job_rounds_sites_and_dice(downloaded_job: Path) -> None:
+    final = source_from_job(find_job(downloaded_job.parent))  # job_result/ holds the one job
+    assert (final.job_id, final.rounds, final.sites, final.model_round) == (JOB_ID, 3, ["site-1", "site-2"], 2)
+    assert final.dice == {"site-1": 0.9, "site-2": 0.8}
+    best = source_from_job(downloaded_job, "best")
+    assert best.checkpoint.name == "best_FL_global_model.pt" and best.model_round == 1
+
+
+def test_exported_bundle_verifies_and_torchscript_equals_state_dict(exported: Path) -> None:
+    checked = verify_bundle(exported)
+    assert checked["torchscript_max_abs_diff"] <= 1e-4
+    assert {p.name for p in (exported / "models").iterdir()} == {"model.pt", "model.ts"}
+
+
+def test_metadata_has_new_version_changelog_dice_and_provenance(exported: Path) -> None:
+    meta = json.loads((exported / "configs" / "metadata.json").read_text())
+    shipped = json.loads((BUNDLE_SRC / "configs" / "metadata.json").read_text())
+    assert meta["version"] != shipped["version"] and meta["version"] in meta["changelog"]
+    assert JOB_ID in meta["changelog"][meta["version"]]
+    assert meta["eval_metrics"]["mean_dice"] == pytest.approx(0.85)
+    provenance = meta["federated_training"]
+    assert provenance["job_id"] == JOB_ID and provenance["model"] == "final" and provenance["rounds"] == 3
+    assert provenance["cross_site_dice"] == {"site-1": 0.9, "site-2": 0.8}
+
+
+def test_model_pt_is_the_plain_state_dict_of_the_global_model(exported: Path, downloaded_job: Path) -> None:
+    saved = torch.load(exported / "models" / "model.pt", map_location="cpu")
+    original = read_state_dict(downloaded_job / "workspace" / "app_server" / "FL_global_model.pt")
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+
+
+def test_the_bundles_own_inference_config_loads_the_exported_model(exported: Path, tmp_path: Path) -> None:
+    image = tmp_path / "data" / "imagesTs" / "case.nii.gz"
+    image.parent.mkdir(parents=True)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    volume = np.random.default_rng(0).integers(-100, 200, size=(40, 40, 12)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), image)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(exported / "configs" / "inference.json")]
+    cmd += ["--bundle_root", str(exported), "--dataset_dir", str(image.parent.parent), "--output_dir", str(tmp_path)]
+    cmd += ["--roi_size", "[48,48,48]", "--dataloader#num_workers", "0"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (mask,) = (tmp_path / "case").glob("*.nii.gz")
+    assert nib.load(mask).shape == volume.shape
+
+
+def test_a_tampered_torchscript_model_fails_verification(exported: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(exported, copy)
+    weights = torch.load(copy / "models" / "model.pt", map_location="cpu")
+    weights = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save(weights, copy / "models" / "model.pt")
+    with pytest.raises(ExportError, match="model.ts differs from model.pt"):
+        verify_bundle(copy)
+
+
+def test_not_a_checkpoint_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    job = tmp_path / "job"
+    (job / "workspace" / "app_server").mkdir(parents=True)
+    (job / "workspace" / "app_server" / "FL_global_model.pt").write_text("not a checkpoint")
+    assert export_main([str(job), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "FL_global_model.pt" in err and "\n" not in err
+
+
+def test_a_folder_without_a_job_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    assert export_main([str(tmp_path)]) == 2
+    assert "no downloaded job" in capsys.readouterr().err
