@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
+from spleen_tools.jobs import get_script_args
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, BUNDLES_DIR
 from spleen_tools.run.summary import cross_site_by_model, model_choice, read_model_history
 
@@ -66,6 +67,8 @@ class ModelSource:
     sites: list[str] = field(default_factory=list)
     dice: dict[str, float] = field(default_factory=dict)  # cross-site Dice of this model on each site's data
     model_round: int | None = None
+    bundle: Path = BUNDLE_SRC  # the bundle the sites trained (the job's copy when the job was downloaded)
+    train_configs: tuple[str, ...] = ("configs/train.json",)  # as the sites read them, relative to ``bundle``
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -97,6 +100,7 @@ def source_from_job(job_dir: Path, kind: str = "final") -> ModelSource:
     results = sorted(Path(job_dir).rglob("cross_val_results.json"))
     table = cross_site_by_model(json.loads(results[0].read_text())) if results else {}
     dice = table.get(f"SRV_{MODEL_KINDS[kind]}", {})
+    bundle, train_configs = trained_bundle(Path(job_dir))
     return ModelSource(
         checkpoint=found[0],
         kind=kind,
@@ -106,7 +110,42 @@ def source_from_job(job_dir: Path, kind: str = "final") -> ModelSource:
         sites=sorted(dice),
         dice=dice,
         model_round=chosen.get("round"),
+        bundle=bundle,
+        train_configs=train_configs,
     )
+
+
+def trained_bundle(job_dir: Path) -> tuple[Path, tuple[str, ...]]:
+    """The bundle and training config files of a downloaded job's client app (``--bundle``, ``--config_files``);
+    the repository's bundle and its train.json where the download holds no job definition."""
+    for client in sorted(job_dir.glob("job/*/app/config/config_fed_client.json")):
+        args = get_script_args(client.parents[2])
+        bundle = client.parents[1] / args.get("bundle", f"config/{BUNDLE_NAME}")
+        files = tuple(f.strip() for f in args.get("config_files", "configs/train.json").split(",") if f.strip())
+        if (bundle / "configs" / "inference.json").is_file():
+            return bundle, files
+    return BUNDLE_SRC, ("configs/train.json",)
+
+
+def training_roi(source: ModelSource) -> list[int]:
+    """The patch size the sites trained and validated with (``roi_size`` after their overrides)."""
+    parser = ConfigParser()
+    parser.read_config([str(source.bundle / f) for f in source.train_configs])
+    return [int(n) for n in parser.get_parsed_content("roi_size")]
+
+
+def match_training(configs: Path, roi: list[int]) -> str | None:
+    """Set the exported inference ROI (and the metadata's input shape) to the trained one; say so, or None."""
+    inference_path, meta_path = configs / "inference.json", configs / "metadata.json"
+    inference = json.loads(inference_path.read_text())
+    if inference.get("roi_size") == roi:
+        return None
+    inference["roi_size"] = roi
+    inference_path.write_text(json.dumps(inference, indent=4) + "\n")
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = roi
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    return f"inference ROI {'x'.join(map(str, roi))} as trained"
 
 
 def find_job(path: Path) -> Path:
@@ -114,7 +153,7 @@ def find_job(path: Path) -> Path:
     (``workspace/app_server/`` in it, or in its one subfolder: ``job_result/`` holds ``<job_id>/``)."""
     summary = path / "summary.json"
     if summary.is_file():
-        return Path(json.loads(summary.read_text())["paths"]["job_result"])
+        path = Path(json.loads(summary.read_text())["paths"]["job_result"])
     jobs = [
         p
         for p in (path, *(sorted(path.iterdir()) if path.is_dir() else []))
@@ -134,7 +173,7 @@ def next_version(version: str) -> str:
     return f"{major}.{minor}.{patch + 1}"
 
 
-def write_metadata(meta_path: Path, source: ModelSource, today: str) -> dict:
+def write_metadata(meta_path: Path, source: ModelSource, today: str, note: str | None = None) -> dict:
     """New version, changelog line, measured Dice and provenance in the exported bundle's metadata.json."""
     meta = json.loads(meta_path.read_text())
     version = next_version(meta["version"])
@@ -143,7 +182,7 @@ def write_metadata(meta_path: Path, source: ModelSource, today: str) -> dict:
     meta["version"] = version
     meta["changelog"] = {
         version: f"{source.kind} global model of NVFlare job {source.job_id} ({rounds}, sites "
-        f"{', '.join(source.sites) or 'unknown'}{picked}), exported {today}",
+        f"{', '.join(source.sites) or 'unknown'}{picked}), exported {today}" + (f"; {note}" if note else ""),
         **meta["changelog"],
     }
     if source.dice:
@@ -163,18 +202,19 @@ def write_metadata(meta_path: Path, source: ModelSource, today: str) -> dict:
     return meta
 
 
-def export_bundle(source: ModelSource, out_dir: Path, bundle_src: Path = BUNDLE_SRC) -> Path:
+def export_bundle(source: ModelSource, out_dir: Path) -> Path:
     """Write ``out_dir/spleen_ct_segmentation/`` (configs, docs, models/model.pt and model.ts); return it."""
     weights = read_state_dict(source.checkpoint)
     bundle = out_dir / BUNDLE_NAME
     if bundle.exists():
         shutil.rmtree(bundle)
-    shutil.copytree(bundle_src, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    shutil.copytree(source.bundle, bundle, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
     models = bundle / "models"
     models.mkdir()
     torch.save(weights, models / "model.pt")
     configs = bundle / "configs"
-    write_metadata(configs / "metadata.json", source, dt.date.today().isoformat())
+    note = match_training(configs, training_roi(source))
+    write_metadata(configs / "metadata.json", source, dt.date.today().isoformat(), note)
     with quiet_monai():
         ckpt_export(
             net_id="network_def",

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from model_jobs import JOB_ID, make_downloaded_job
 
 from spleen_tools.cli.export_model import main as export_main
 from spleen_tools.model_bundle import (
@@ -24,36 +24,10 @@ from spleen_tools.model_bundle import (
 )
 from spleen_tools.paths import BUNDLE_SRC
 
-JOB_ID = "0f0e0d0c-1111-2222-3333-444455556666"
-
-
-def _network():
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_SRC / "configs" / "inference.json"))
-    return parser.get_parsed_content("network_def")
-
 
 @pytest.fixture(scope="module")
 def downloaded_job(tmp_path_factory) -> Path:
-    """What ``nvflare job download`` gives for a 3-round job: meta.json, the server's models, history, results."""
-    job = tmp_path_factory.mktemp("job_result") / JOB_ID
-    server = job / "workspace" / "app_server"
-    server.mkdir(parents=True)
-    torch.manual_seed(0)
-    weights = _network().state_dict()
-    torch.save({"model": weights, "train_conf": {"train": {"model": "UNet"}}}, server / "FL_global_model.pt")
-    torch.save({"model": weights, "train_conf": {}}, server / "best_FL_global_model.pt")
-    (job / "meta.json").write_text(json.dumps({"job_id": JOB_ID, "name": "spleen_ct_segmentation_local"}))
-    history = [{"round": "initial", "sha256": "a"}] + [{"round": r, "sha256": f"r{r}"} for r in range(3)]
-    history.append({"round": 1, "sha256": "r1", "best": True, "val_mean_dice": 0.5})
-    (server / "global_model_history.json").write_text(json.dumps(history))
-    results = {
-        site: {"SRV_FL_global_model.pt": {"val_mean_dice": d}, "SRV_best_FL_global_model.pt": {"val_mean_dice": 0.5}}
-        for site, d in (("site-1", 0.9), ("site-2", 0.8))
-    }
-    (job / "workspace" / "cross_site_val").mkdir()
-    (job / "workspace" / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(results))
-    return job
+    return make_downloaded_job(tmp_path_factory.mktemp("job_result"))
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +41,19 @@ def test_source_names_job_rounds_sites_and_dice(downloaded_job: Path) -> None:
     assert final.dice == {"site-1": 0.9, "site-2": 0.8}
     best = source_from_job(downloaded_job, "best")
     assert best.checkpoint.name == "best_FL_global_model.pt" and best.model_round == 1
+
+
+def test_the_bundle_is_the_jobs_with_the_roi_the_sites_trained_with(
+    exported: Path, downloaded_job: Path, tmp_path: Path
+) -> None:
+    assert source_from_job(downloaded_job).bundle.is_relative_to(downloaded_job / "job")
+    inference = json.loads((exported / "configs" / "inference.json").read_text())
+    meta = json.loads((exported / "configs" / "metadata.json").read_text())
+    assert inference["roi_size"] == [48, 48, 48]  # the job trained with the CPU-quick override
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [48, 48, 48]
+    assert "inference ROI 48x48x48 as trained" in meta["changelog"][meta["version"]]
+    plain = source_from_job(make_downloaded_job(tmp_path, with_job_definition=False))
+    assert plain.bundle == BUNDLE_SRC and plain.train_configs == ("configs/train.json",)
 
 
 def test_exported_bundle_verifies_and_torchscript_equals_state_dict(exported: Path) -> None:

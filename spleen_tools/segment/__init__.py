@@ -1,0 +1,1 @@
+"""Segment new CT scans with an exported model bundle: input checks, the bundle's inference, measures, overlays."""

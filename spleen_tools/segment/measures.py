@@ -1,0 +1,34 @@
+"""What a mask says: spleen volume, agreement with a label, and that it lies exactly on its scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+AFFINE_TOLERANCE = 1e-3  # mm
+
+
+def voxel_volume_ml(image: nib.Nifti1Image) -> float:
+    return float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+
+
+def spleen_volume_ml(mask: nib.Nifti1Image) -> float:
+    return float(np.count_nonzero(np.asanyarray(mask.dataobj) > 0)) * voxel_volume_ml(mask)
+
+
+def dice(mask: np.ndarray, label: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    a, b = mask > 0, label > 0
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def geometry_problem(mask: nib.Nifti1Image, scan: nib.Nifti1Image, mask_path: Path) -> str | None:
+    """Why the mask does not lie on the scan's voxel grid, or None."""
+    if mask.shape[:3] != scan.shape[:3]:
+        return f"{mask_path}: shape {mask.shape} differs from its scan's {scan.shape}"
+    if not np.allclose(mask.affine, scan.affine, atol=AFFINE_TOLERANCE):
+        return f"{mask_path}: affine differs from its scan's"
+    return None
