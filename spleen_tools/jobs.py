@@ -19,6 +19,18 @@ from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, 
 JOB_NAMES = ("spleen_ct_segmentation_local", "spleen_ct_segmentation_he")
 QUICK_OVERRIDE = "../overrides/cpu_quick.json"
 TRAIN_CONFIG = "configs/train.json"
+# Where the server's receiver writes the sites' metrics: an MLflow server (the job's MLflowReceiver with its
+# tracking_uri), an MLflow SQLite store in the job's result folder (no tracking_uri: NVFlare 2.9 writes
+# <result>/mlflow.db, downloaded with the job), or TensorBoard event files per site (NVFlare's TBAnalyticsReceiver,
+# <job workspace>/tb_events/<site>/).
+TRACKING_MODES = ("server", "workspace", "tensorboard")
+MLFLOW_RECEIVER_ID = "mlflow_receiver"
+TB_FOLDER = "tb_events"
+TB_RECEIVER = {
+    "id": "tb_receiver",
+    "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+    "args": {"tb_folder": TB_FOLDER, "events": ["fed.analytix_log_stats"]},
+}
 # Run-time outputs of a bundle that must never travel with a job.
 _BUNDLE_IGNORE = shutil.ignore_patterns("models", "eval", "__pycache__", "*.pyc")
 
@@ -31,6 +43,7 @@ class JobSettings:
     local_epochs: int | None = None
     min_clients: int | None = None
     quick: bool | None = None
+    tracking: str | None = None  # one of TRACKING_MODES
     tracking_uri: str | None = None
     experiment_name: str | None = None
 
@@ -89,6 +102,23 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def set_tracking(components: list[dict], settings: JobSettings) -> None:
+    """Point the server's metrics receiver where ``settings`` says (see TRACKING_MODES)."""
+    if settings.tracking is not None and settings.tracking not in TRACKING_MODES:
+        raise ValueError(f"tracking must be one of {', '.join(TRACKING_MODES)}, got {settings.tracking!r}")
+    index = next(i for i, c in enumerate(components) if c["id"] == MLFLOW_RECEIVER_ID)
+    receiver = components[index]
+    if settings.tracking == "tensorboard":
+        components[index] = json.loads(json.dumps(TB_RECEIVER))
+        return
+    if settings.tracking == "workspace":
+        receiver["args"].pop("tracking_uri", None)
+    elif settings.tracking_uri is not None:
+        receiver["args"]["tracking_uri"] = settings.tracking_uri
+    if settings.experiment_name is not None:
+        receiver["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
+
+
 def apply_settings(job: Path, settings: JobSettings) -> None:
     """Write FL knobs into the job folder ``job`` (meant for a copy, see :func:`prepare_job`)."""
     config_dir = job / "app" / "config"
@@ -104,12 +134,7 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
     if settings.min_clients is not None:
         server["min_clients"] = settings.min_clients
         meta["min_clients"] = settings.min_clients
-    for component in server["components"]:
-        if component["id"] == "mlflow_receiver":
-            if settings.tracking_uri is not None:
-                component["args"]["tracking_uri"] = settings.tracking_uri
-            if settings.experiment_name is not None:
-                component["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
+    set_tracking(server["components"], settings)
 
     updates: dict[str, str] = {}
     if settings.local_epochs is not None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from spleen_tools.cli import OneLineParser
+from spleen_tools.jobs import TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
 from spleen_tools.run.runner import run_experiment
 from spleen_tools.run.settings import (
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="leave the FL system and MLflow up afterwards")
     p.add_argument("--timeout", type=float, default=d.timeout, help="give up (and stop everything) after seconds")
     p.add_argument("--mlflow-port", type=int, help="MLflow port on 127.0.0.1 (default: a free one)")
+    p.add_argument(
+        "--tracking",
+        choices=TRACKING_MODES,
+        default=d.tracking,
+        help="where the sites' metrics go: an MLflow server (default), the job's own MLflow SQLite store "
+        "(workspace), or TensorBoard event files (tensorboard); both come back with the downloaded job",
+    )
     p.add_argument("--stop", type=Path, metavar="RUN_DIR", help="stop what a --keep-running run left up, and exit")
     return p
 
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             secure=args.secure,
             timeout=args.timeout,
             mlflow_port=args.mlflow_port,
+            tracking=args.tracking,
         )
         settings.validate()
         return run_experiment(settings, out=lambda msg: print(msg, flush=True))

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
+from spleen_tools.run.tracking import Curves, mlflow_curves, tensorboard_curves
 
 TRAIN_LOSS = "train_loss_epoch"
 CURVE_METRICS = (TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC)
@@ -18,22 +19,6 @@ PANELS = (
     (KEY_METRIC, "local validation Dice", "epoch", "Dice", True),
     (GLOBAL_METRIC, "global model Dice (start of round)", "round", "Dice", True),
 )
-
-Curves = dict[str, dict[str, list[tuple[int, float]]]]
-
-
-def site_curves(tracking_uri: str, run_ids: dict[str, str]) -> Curves:
-    """``{site: {metric: [(step, value), ...]}}`` sorted by step, from the MLflow tracking server."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    curves: Curves = {}
-    for site, run_id in sorted(run_ids.items()):
-        curves[site] = {}
-        for name in CURVE_METRICS:
-            history = client.get_metric_history(run_id, name)
-            curves[site][name] = sorted((m.step, m.value) for m in history)
-    return curves
 
 
 def row_order(models: list[str]) -> list[str]:
@@ -108,14 +93,21 @@ def plot_cross_site_heatmap(
     return _save(fig, path)
 
 
+def read_curves(summary: dict) -> Curves:
+    """The sites' series from where the run tracked them (MLflow server or store, or TensorBoard files)."""
+    mlflow_info = summary.get("mlflow") or {}
+    if mlflow_info.get("run_ids"):
+        return mlflow_curves(mlflow_info["tracking_uri"], mlflow_info["run_ids"], CURVE_METRICS)
+    site_dirs = (summary.get("tensorboard") or {}).get("site_dirs")
+    return tensorboard_curves(site_dirs, CURVE_METRICS) if site_dirs else {}
+
+
 def write_run_plots(run_dir: Path, summary: dict) -> dict[str, Path]:
     """Both plots into the run folder; one without data (no MLflow runs, no cross-site results) is skipped."""
     run_dir = Path(run_dir)
-    mlflow_info = summary.get("mlflow") or {}
-    run_ids = mlflow_info.get("run_ids") or {}
+    curves = read_curves(summary)
     written: dict[str, Path] = {}
-    if run_ids:
-        curves = site_curves(mlflow_info["tracking_uri"], run_ids)
+    if curves:
         written["learning_curves"] = plot_learning_curves(curves, run_dir / "learning_curves.png", "learning curves")
     if summary.get("cross_site"):
         written["cross_site_heatmap"] = plot_cross_site_heatmap(

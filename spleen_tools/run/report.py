@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from spleen_flare.contract import KEY_METRIC
+from spleen_tools.run.tracking import charts_url
 
 SEGMENTS_AT = 0.8  # Dice at which we call the model's masks a segmentation of the spleen
 
@@ -72,23 +74,38 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
             f"encrypt {summary.get('encrypt_s')}, aggregate {summary.get('aggregate_s')}, "
             f"decrypt {summary.get('decrypt_s')}"
         )
-    m = summary["mlflow"]
-    out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
-    if m.get("experiment_id") is not None:
-        out(f"  {m['tracking_uri']}/#/experiments/{m['experiment_id']}")
+    report_tracking(summary, out)
     for name, path in (summary.get("plots") or {}).items():
         out(f"{name.replace('_', ' ')}: {path}")
     out(f"summary: {summary['paths']['run_dir']}/summary.json")
+
+
+def report_tracking(summary: dict, out: Callable[[str], None]) -> None:
+    """Where the metrics are and how to look at them: the MLflow charts URL, or the command for a file store."""
+    m, tb = summary.get("mlflow"), summary.get("tensorboard")
+    if m:
+        out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
+        url = charts_url(m)
+        if url:
+            out(f"  charts of the sites' runs: {url}")
+        elif m["tracking_uri"].startswith("sqlite:"):
+            out(f"  view: .venv/bin/mlflow ui --backend-store-uri {m['tracking_uri']}")
+    if tb:
+        dirs = sorted((tb.get("site_dirs") or {}).values())
+        if dirs:
+            out(f"TensorBoard event files: {', '.join(dirs)}")
+            out(f"  view: .venv/bin/tensorboard --logdir {Path(dirs[0]).parent}")
 
 
 def report_still_running(run_dir, secure: bool, mlflow_pid: int | None, out: Callable[[str], None]) -> None:
     """How to stop what ``--keep-running`` left up."""
     out("")
     system = "the secure system" if secure else "POC"
-    out(f"still running (--keep-running): {system} and MLflow stay up. Stop them with:")
+    kept = f"{system} and MLflow stay" if mlflow_pid else f"{system} stays"
+    out(f"still running (--keep-running): {kept} up. Stop with:")
     out(f"  ./run_experiment.sh --stop {run_dir}")
     if not secure:
         out(
             f"  (or by hand: HOME={run_dir}/nvflare_home NVFLARE_POC_WORKSPACE={run_dir}/poc "
-            f".venv/bin/nvflare poc stop; kill -TERM -- -{mlflow_pid})"
+            f".venv/bin/nvflare poc stop" + (f"; kill -TERM -- -{mlflow_pid})" if mlflow_pid else ")")
         )

@@ -30,7 +30,7 @@ from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
-from spleen_tools.run.tracking import mlflow_runs
+from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
 from spleen_tools.systems.base import FLSystem
 
 STATUS_EVERY = 10.0  # seconds between job status queries
@@ -68,7 +68,8 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
         with sigterm_raises():
             preflight(settings)
             dataset, datalists = prepare_data(settings, run.run_dir, out)
-            start_mlflow(run)
+            if settings.tracking == "server":
+                start_mlflow(run)
             job_folder = prepare_job_copy(run)
             start_system(run, {DATA_DIR_ENV: str(dataset), DATALIST_ENV: str(datalists / "{site}.json")})
             admin = JobAdmin(run.system.admin_startup_kit, run.system.env(), run.run_dir / "logs" / "nvflare_cli.log")
@@ -85,7 +86,9 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             export_model(run, result)
             keep = settings.keep_running
             if keep:
-                report.report_still_running(run.run_dir, settings.secure, run.mlflow.process.pid, out)
+                report.report_still_running(
+                    run.run_dir, settings.secure, run.mlflow.process.pid if run.mlflow else None, out
+                )
             return 0
     finally:
         if not keep:
@@ -124,7 +127,8 @@ def prepare_job_copy(run: Run) -> Path:
         local_epochs=s.local_epochs,
         min_clients=s.sites,
         quick=s.quick,
-        tracking_uri=run.mlflow.url,
+        tracking=s.tracking,
+        tracking_uri=run.mlflow.url if run.mlflow else None,
         experiment_name=s.job_name,
     )
     job_folder = prepare_job(s.job_name, run.run_dir / "jobs", job_settings)
@@ -200,15 +204,25 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         wall_time_s=time.monotonic() - run.started,
         progress=progress,
         cross_site_results=cross_site_results,
-        mlflow_info=mlflow_runs(run.mlflow.url, run.settings.job_name, job_id, sites),
+        mlflow_info=None,
         paths=paths,
         param_count=summary.count_weights(download_dir) if progress.he_events else None,
         model_history=summary.read_model_history(download_dir),
     )
-    # Read back from the MLflow server while it still runs: the curves show what MLflow holds.
+    result.update(tracking_info(run, download_dir, job_id, sites))
+    # Read back from the MLflow server while it still runs (or the store or event files that came back with the
+    # job): the curves show what the tracking holds.
     result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}
     (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def tracking_info(run: Run, download_dir: Path, job_id: str, sites: list[str]) -> dict:
+    """Where the sites' metrics are (summary.json's ``mlflow`` or ``tensorboard``), per ``--tracking``."""
+    if run.settings.tracking == "tensorboard":
+        return {"mlflow": None, "tensorboard": {"site_dirs": tensorboard_dirs(download_dir, sites)}}
+    uri = run.mlflow.url if run.mlflow else workspace_store(download_dir)
+    return {"mlflow": mlflow_runs(uri, run.settings.job_name, job_id, sites) if uri else None}
 
 
 def check(run: Run, result: dict) -> None:

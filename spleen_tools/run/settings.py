@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from spleen_tools.jobs import TRACKING_MODES
 from spleen_tools.paths import JOBS_DIR, RUNS_DIR
 
 JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
@@ -42,6 +43,7 @@ class ExperimentSettings:
     secure: bool = False
     timeout: float = 1800.0
     mlflow_port: int | None = None
+    tracking: str = "server"  # server | workspace | tensorboard (spleen_tools.jobs.TRACKING_MODES)
     poll_interval: float = 2.0
 
     @property
@@ -54,6 +56,8 @@ class ExperimentSettings:
         for name, value in (("--sites", self.sites), ("--rounds", self.rounds), ("--local-epochs", self.local_epochs)):
             if value < 1:
                 raise SettingsError(f"{name} must be at least 1, got {value}")
+        if self.tracking not in TRACKING_MODES:
+            raise SettingsError(f"--tracking must be one of {', '.join(TRACKING_MODES)}, got {self.tracking!r}")
         if self.timeout <= 0:
             raise SettingsError(f"--timeout must be positive, got {self.timeout}")
         if self.data is not None and not (Path(self.data) / "dataset.json").is_file():

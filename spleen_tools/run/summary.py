@@ -67,7 +67,7 @@ def build_summary(
     wall_time_s: float,
     progress: Progress,
     cross_site_results: dict | None,
-    mlflow_info: dict,
+    mlflow_info: dict | None,
     paths: dict[str, str],
     param_count: int | None = None,
     model_history: list[dict] | None = None,
@@ -147,4 +147,16 @@ def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> l
         found.append("no cross-site results in the downloaded job")
     elif any(set(sites) - set(v) for v in cross_site.values()) or GLOBAL_MODEL not in cross_site:
         found.append("the cross-site table is incomplete")
+    tracked = tracked_sites(summary)
+    if tracked is not None and set(sites) - tracked:
+        found.append(f"no metrics of {', '.join(sorted(set(sites) - tracked))} in the tracking store")
     return found
+
+
+def tracked_sites(summary: dict) -> set[str] | None:
+    """Sites with a run (MLflow) or event files (TensorBoard); None where the summary says nothing of tracking."""
+    if summary.get("tensorboard") is not None:
+        return set(summary["tensorboard"].get("site_dirs") or {})
+    if "mlflow" in summary:
+        return set((summary["mlflow"] or {}).get("run_ids") or {})
+    return None

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from spleen_tools.jobs import JobSettings, get_script_args, place_bundle_and_code, prepare_job
+from spleen_tools.jobs import (
+    MLFLOW_RECEIVER_ID,
+    TB_FOLDER,
+    TB_RECEIVER,
+    JobSettings,
+    get_script_args,
+    place_bundle_and_code,
+    prepare_job,
+    set_tracking,
+)
 from spleen_tools.paths import JOBS_DIR
 
 JOBS = sorted(p.name for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file())
@@ -156,3 +165,30 @@ def test_official_bundle_ids_are_the_ones_we_use():
         "validate#key_metric#val_mean_dice",
     ):
         assert key in parser, key
+
+
+def _receiver_components() -> list[dict]:
+    server = json.loads(
+        (JOBS_DIR / "spleen_ct_segmentation_local" / "app" / "config" / "config_fed_server.json").read_text()
+    )
+    return server["components"]
+
+
+def test_tracking_server_sets_the_uri_and_workspace_removes_it():
+    components = _receiver_components()
+    set_tracking(components, JobSettings(tracking="server", tracking_uri="http://127.0.0.1:1234", experiment_name="e"))
+    receiver = next(c for c in components if c["id"] == MLFLOW_RECEIVER_ID)
+    assert receiver["args"]["tracking_uri"] == "http://127.0.0.1:1234"
+    assert receiver["args"]["kw_args"]["experiment_name"] == "e"
+    set_tracking(components, JobSettings(tracking="workspace"))
+    assert "tracking_uri" not in receiver["args"]  # NVFlare then writes <job result>/mlflow.db
+
+
+def test_tracking_tensorboard_swaps_in_nvflares_tb_receiver():
+    components = _receiver_components()
+    set_tracking(components, JobSettings(tracking="tensorboard"))
+    assert not any(c["id"] == MLFLOW_RECEIVER_ID for c in components)
+    (tb,) = [c for c in components if c["id"] == TB_RECEIVER["id"]]
+    assert callable(_import_class(tb["path"])) and tb["args"]["tb_folder"] == TB_FOLDER
+    with pytest.raises(ValueError, match="tracking must be one of"):
+        set_tracking(_receiver_components(), JobSettings(tracking="wandb"))

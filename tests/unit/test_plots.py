@@ -14,8 +14,8 @@ from spleen_tools.run.plots import (
     TRAIN_LOSS,
     plot_cross_site_heatmap,
     plot_learning_curves,
+    read_curves,
     row_order,
-    site_curves,
     write_run_plots,
 )
 from spleen_tools.run.summary import GLOBAL_MODEL
@@ -89,13 +89,14 @@ def mlflow_runs(tmp_path) -> tuple[str, dict[str, str]]:
 
 def test_site_curves_and_run_plots_from_a_real_mlflow_store(tmp_path, mlflow_runs):
     uri, run_ids = mlflow_runs
-    curves = site_curves(uri, run_ids)
+    curves = read_curves({"mlflow": {"tracking_uri": uri, "run_ids": run_ids}})
     assert set(curves) == set(SITES)
     loss = curves["site-1"][TRAIN_LOSS]
     assert [s for s, _ in loss] == [0, 1, 2] and [v for _, v in loss] == pytest.approx([1.0, 0.8, 0.6])
     assert [s for s, _ in curves["site-2"][KEY_METRIC]] == [0, 1, 2]
     assert [(s, round(v, 6)) for s, v in curves["site-2"][GLOBAL_METRIC]] == [(0, 0.1), (1, 0.4)]
-    assert site_curves(uri, {"site-1": run_ids["site-1"]})["site-1"].keys() == {TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC}
+    one_site = read_curves({"mlflow": {"tracking_uri": uri, "run_ids": {"site-1": run_ids["site-1"]}}})
+    assert one_site["site-1"].keys() == {TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC}
 
     summary = {"sites": SITES, "cross_site": CROSS_SITE, "mlflow": {"tracking_uri": uri, "run_ids": run_ids}}
     written = write_run_plots(tmp_path / "run", summary)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report, segments_note
+from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report, report_tracking, segments_note
 from spleen_tools.run.summary import GLOBAL_MODEL
 
 SITES = ["site-1", "site-2"]
@@ -53,3 +53,14 @@ def test_segments_note():
     assert segments_note(0.85) == " (segments: Dice >= 0.8)"
     assert segments_note(0.2) == " (does not segment yet: < 0.8)"
     assert segments_note(None) == ""
+
+
+def test_tracking_lines_per_mode():
+    lines: list[str] = []
+    server = {"tracking_uri": "http://127.0.0.1:5000", "experiment_name": "e", "experiment_id": "1", "run_ids": {}}
+    report_tracking({"mlflow": server}, lines.append)
+    assert lines[-1] == "  charts of the sites' runs: http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
+    report_tracking({"mlflow": {**server, "tracking_uri": "sqlite:////r/mlflow.db"}}, lines.append)
+    assert lines[-1] == "  view: .venv/bin/mlflow ui --backend-store-uri sqlite:////r/mlflow.db"
+    report_tracking({"mlflow": None, "tensorboard": {"site_dirs": {"site-1": "/r/tb_events/site-1"}}}, lines.append)
+    assert lines[-1] == "  view: .venv/bin/tensorboard --logdir /r/tb_events"

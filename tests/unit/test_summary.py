@@ -36,7 +36,11 @@ def summary_of(progress: Progress, cross=CROSS, status="FINISHED:COMPLETED") -> 
         wall_time_s=12.34,
         progress=progress,
         cross_site_results=cross,
-        mlflow_info={"tracking_uri": "http://127.0.0.1:1", "experiment_id": "1", "run_ids": {}},
+        mlflow_info={
+            "tracking_uri": "http://127.0.0.1:1",
+            "experiment_id": "1",
+            "run_ids": {s: f"run-{s}" for s in SITES},
+        },
         paths={"run_dir": "/x"},
     )
 
@@ -102,3 +106,16 @@ def test_he_summary_leaves_cross_site_out():
     assert out["encrypt_s"] == [4.8, None] and out["aggregate_s"] == [1.1, None] and out["decrypt_s"] == [None, 2.9]
     assert out["update_bytes_encrypted"] == 1600 and out["update_bytes_plain"] == 200
     assert out["update_bytes_ratio"] == 8.0
+
+
+def test_a_site_missing_from_the_tracking_store_is_a_problem():
+    complete = {s: 0.5 for s in SITES}
+    base = {"status": "FINISHED:COMPLETED", "cross_site": {GLOBAL_MODEL: complete, **{s: complete for s in SITES}}}
+    assert problems({**base, "mlflow": {"run_ids": {"site-1": "r1"}}}, SITES, ("FINISHED:COMPLETED",)) == [
+        "no metrics of site-2 in the tracking store"
+    ]
+    assert problems({**base, "mlflow": None}, SITES, ("FINISHED:COMPLETED",)) == [
+        "no metrics of site-1, site-2 in the tracking store"
+    ]
+    tb = {"mlflow": None, "tensorboard": {"site_dirs": {s: f"/tb/{s}" for s in SITES}}}
+    assert problems({**base, **tb}, SITES, ("FINISHED:COMPLETED",)) == []
