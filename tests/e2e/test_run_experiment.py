@@ -81,6 +81,9 @@ def test_mlflow_server_holds_per_site_series(experiment_run, run_mlflow):
     client = mlflow.MlflowClient(run_mlflow.url)
     s = experiment_run.summary
     epochs = ROUNDS * LOCAL_EPOCHS
+    experiment = client.get_experiment(s["mlflow"]["experiment_id"])
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # opens as training runs
+    assert f"/#/experiments/{experiment.experiment_id}/runs?compareRunsMode=CHART" in experiment_run.stdout
     for site, run_id in s["mlflow"]["run_ids"].items():
         run = client.get_run(run_id)
         assert site in run.info.run_name and run.info.experiment_id == s["mlflow"]["experiment_id"]

@@ -1,0 +1,58 @@
+"""--tracking workspace and --tracking tensorboard on a real POC run: no MLflow server, the metrics come back with
+the downloaded job, and each store read back (MLflow client / TensorBoard's event reader) holds every site's
+loss and Dice with one point per epoch, and the global model's Dice per round."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import LOCAL_EPOCHS, REPO_ROOT, SITES, runner_cmd
+
+from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
+from spleen_tools.run.plots import CURVE_METRICS, TRAIN_LOSS
+from spleen_tools.run.tracking import mlflow_curves, tensorboard_curves
+
+
+def _run(tmp_path: Path, mode: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        runner_cmd(tmp_path, "--rounds", "1", "--tracking", mode, "--timeout", "900"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1000,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_dir = (tmp_path / "latest").resolve()
+    assert not (run_dir / "mlflow").exists()  # no MLflow server was started
+    return json.loads((run_dir / "summary.json").read_text()), proc.stdout
+
+
+def _assert_complete(curves: dict) -> None:
+    epochs = 1 * LOCAL_EPOCHS
+    assert sorted(curves) == SITES
+    for site, series in curves.items():
+        assert [s for s, _ in series[TRAIN_LOSS]] == list(range(epochs)), (site, series)
+        assert [s for s, _ in series[KEY_METRIC]] == list(range(epochs)), (site, series)
+        assert [s for s, _ in series[GLOBAL_METRIC]] == [0, 1], (site, series)  # round 0 and the final validation
+
+
+def test_workspace_store_comes_back_with_the_job(tmp_path):
+    summary, stdout = _run(tmp_path, "workspace")
+    uri = summary["mlflow"]["tracking_uri"]
+    assert uri.startswith("sqlite:///") and Path(summary["paths"]["job_result"]) in Path(uri[10:]).parents
+    assert f"mlflow ui --backend-store-uri {uri}" in stdout
+    _assert_complete(mlflow_curves(uri, summary["mlflow"]["run_ids"], CURVE_METRICS))
+    assert "learning_curves" in summary["plots"]
+
+
+def test_tensorboard_event_files_per_site(tmp_path):
+    summary, stdout = _run(tmp_path, "tensorboard")
+    dirs = summary["tensorboard"]["site_dirs"]
+    assert all(Path(summary["paths"]["job_result"]) in Path(d).parents for d in dirs.values())
+    assert "tensorboard --logdir" in stdout
+    _assert_complete(tensorboard_curves(dirs, CURVE_METRICS))
+    assert "learning_curves" in summary["plots"]
