@@ -8,6 +8,7 @@ Steps, in this order (each is a command of its own; BENCHMARKS.md names it besid
   site_scaling  site_scaling.py: 2, 4 and 8 sites on this machine
   he_size       he_update_size.py: bytes and seconds of one HE round per layout
   he_round      he_round_time.py: the local job and the HE job on POC, same settings
+  segment       segment_full_size.py: spleen-segment on one 512 x 512 x 120 scan with the demo run's model bundle
 then write_benchmarks_md.py. About 45 minutes on 2 cores; nothing else may run meanwhile (POC ports are fixed and
 the timings are the point). Usage: ``.venv/bin/python benchmarks/run_all.py [--only a,b] [--skip a,b]``.
 """
@@ -26,10 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from spleen_tools.jobs import get_script_args, job_dir  # noqa: E402
-from spleen_tools.paths import BIN_DIR, REPO_ROOT, RUNS_DIR  # noqa: E402
+from spleen_tools.paths import BIN_DIR, BUNDLE_NAME, REPO_ROOT, RUNS_DIR  # noqa: E402
 from spleen_tools.run.settings import ExperimentSettings  # noqa: E402
 
-STEPS = ("validity", "round_cost", "throughput", "profile", "site_scaling", "he_size", "he_round")
+STEPS = ("validity", "round_cost", "throughput", "profile", "site_scaling", "he_size", "he_round", "segment")
 PYTHON = str(BIN_DIR / "python")
 
 
@@ -90,6 +91,10 @@ class Benchmarks:
 
     def he_size(self) -> None:
         sh([PYTHON, str(HERE / "he_update_size.py"), "--save"])
+
+    def segment(self) -> None:
+        bundle = self.demo_run() / "model_bundle" / BUNDLE_NAME
+        sh([PYTHON, str(HERE / "segment_full_size.py"), "--bundle", str(bundle), "--save"])
 
     def he_round(self) -> None:
         sh([PYTHON, str(HERE / "he_round_time.py"), "--runs-dir", str(self.work / "he_round"), "--save"])
