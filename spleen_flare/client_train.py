@@ -3,7 +3,8 @@
 Run by NVFlare's ``ClientAPIExecutor`` from the job's ``app/custom/``. Tasks:
 - train: score the received global model on local validation data, train ``--local_epochs``, send weights;
 - validate: score the received model, send its metrics (the last global model after training, with a round
-  number; cross-site evaluation's models, without);
+  number, which the site also keeps: in the HE job only the sites can read it; cross-site evaluation's models,
+  without);
 - submit_model (cross-site evaluation): send this site's best locally trained weights.
 """
 
@@ -16,12 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nvflare.client as flare
+import torch
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTRAP_FILE, MetricsSender
 
-from spleen_flare.bundle_runner import BundleRunner, find_site_datalist, load_site_datalist
-from spleen_flare.contract import DATA_DIR_ENV, GLOBAL_METRIC, KEY_METRIC, PROGRESS_TAG, tagged_line
+from spleen_flare.bundle_runner import BundleRunner, find_site_datalist, load_site_datalist, to_tensor_dict
+from spleen_flare.contract import (
+    DATA_DIR_ENV,
+    FINAL_GLOBAL_MODEL,
+    GLOBAL_METRIC,
+    KEY_METRIC,
+    PROGRESS_TAG,
+    tagged_line,
+)
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
@@ -51,6 +60,7 @@ class Site:
     """One site's bundle, its metric streams and its name, kept across rounds."""
 
     name: str
+    app_root: Path
     runner: BundleRunner
     sender: MetricsSender
     train_stats: NVFlareStatsHandler
@@ -84,7 +94,7 @@ def open_site(args: argparse.Namespace) -> Site:
     train_stats.attach(runner.trainer)
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
-    return Site(site, runner, sender, train_stats, val_stats)
+    return Site(site, app_root, runner, sender, train_stats, val_stats)
 
 
 def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
@@ -121,9 +131,19 @@ def validate(site: Site, model: FLModel) -> FLModel:
     if model.current_round is not None:  # the server's final validation of the last global model
         site.sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
         progress(kind="final", site=site.name, round=model.current_round, global_dice=dice)
+        keep_final_global_model(site, model.params)
     else:
         progress(kind="cross_site", site=site.name, **{KEY_METRIC: dice})
     return FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0})
+
+
+def keep_final_global_model(site: Site, params: dict) -> None:
+    """The last global model as this site received it (decrypted in the HE job), in NVFlare's PT layout, for
+    ``spleen-export --checkpoint``: the HE server holds only ciphertext, the sites hold the key."""
+    path = site.app_root / FINAL_GLOBAL_MODEL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": to_tensor_dict(params)}, path)
+    progress(kind="info", site=site.name, final_global_model=str(path))
 
 
 def main() -> None:

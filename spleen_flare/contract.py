@@ -21,6 +21,8 @@ DATALIST_ENV = "SPLEEN_DATALIST"  # a site's datalist; "{site}" is replaced by t
 # Metrics.
 KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cross-site metric
 GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it received, per round
+# where each site keeps the last global model it received (its app folder of the job; HE: decrypted)
+FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
 
 # Log tags and the kinds of progress line.
 PROGRESS_TAG = "[spleen]"

@@ -8,6 +8,7 @@ verify_net_in_out on it and checks the TorchScript model against the state dict.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from spleen_tools.cli import OneLineParser
@@ -27,6 +28,13 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--model", choices=sorted(MODEL_KINDS), default="final", help="which global model")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: <source>/{EXPORT_DIR})")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the weights to export instead of the server's (HE job: a site's decrypted copy, "
+        "<site>/<job_id>/app_<site>/global_model/FL_global_model.pt); provenance still from SOURCE",
+    )
     return parser
 
 
@@ -35,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     source_dir = args.source.resolve()
     try:
         source = source_from_job(find_job(source_dir), args.model)
+        if args.checkpoint is not None:
+            source = replace(source, checkpoint=args.checkpoint.resolve())
         bundle = export_bundle(source, args.out or source_dir / EXPORT_DIR)
         checked = verify(bundle)
     except ExportError as err:

@@ -15,10 +15,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
+from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
 from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
@@ -234,12 +234,15 @@ def check(run: Run, result: dict) -> None:
 
 
 def export_model(run: Run, result: dict) -> None:
-    """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``."""
-    if run.settings.job == "he":  # the server holds only ciphertext; the sites hold the key
-        run.out("model bundle: not exported for the HE job (the server's model is encrypted)")
-        return
+    """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``.
+    HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy."""
     try:
-        bundle = export_bundle(source_from_job(Path(result["paths"]["job_result"])), run.run_dir / EXPORT_DIR)
+        source = source_from_job(Path(result["paths"]["job_result"]))
+        if run.settings.job == "he":
+            site = run.system.site_names[0]
+            copy = Path(result["paths"][f"log_{site}"]) / result["job_id"] / f"app_{site}" / FINAL_GLOBAL_MODEL
+            source = replace(source, checkpoint=copy)
+        bundle = export_bundle(source, run.run_dir / EXPORT_DIR)
         result["model_bundle"] = {"path": str(bundle), **verify_bundle(bundle)}
     except ExportError as err:
         raise ExperimentError(f"model bundle: {err}") from None

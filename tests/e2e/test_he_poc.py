@@ -104,3 +104,30 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
     weights = decrypt_model(stored.data, he_meta, client_ctx)
     assert {k: v.shape for k, v in weights.items()} == shapes
     assert all(np.all(np.isfinite(v)) for v in weights.values())
+
+
+def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -> None:
+    """The server never decrypts: the exported bundle holds a site's copy, which equals the server's stored
+    ciphertext decrypted with a site's key."""
+    from pathlib import Path
+
+    import torch
+    from nvflare.apis.dxo import from_file
+    from nvflare.app_common.decomposers import numpy_decomposers
+
+    from spleen_flare.he.packing import HE_META_KEY, decrypt_model
+    from spleen_tools.model_bundle import verify_bundle
+
+    numpy_decomposers.register()
+    run_dir = he_run["_run_dir"]
+    bundle = Path(he_run["model_bundle"]["path"])
+    assert verify_bundle(bundle)["torchscript_max_abs_diff"] <= 1e-4
+    exported = torch.load(bundle / "models" / "model.pt", map_location="cpu")
+    stored = from_file(str(next(run_dir.glob("job_result/**/app_server/FL_global_model.pt"))))
+    client_ctx = ts.context_from(next(run_dir.glob("poc/**/site-2/startup/client_context.tenseal")).read_bytes())
+    decrypted = decrypt_model(stored.data, stored.meta[HE_META_KEY], client_ctx)
+    assert exported.keys() == decrypted.keys()
+    for name, value in decrypted.items():
+        np.testing.assert_allclose(exported[name].numpy(), np.asarray(value).reshape(exported[name].shape), atol=1e-5)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["federated_training"]["job_id"] == he_run["job_id"]
