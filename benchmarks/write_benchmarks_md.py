@@ -15,6 +15,12 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 STAGES = ("dispatch", "receive", "prepare", "work", "pack", "send", "server")
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
 def provenance(record: dict) -> list[str]:
     m, v = record["machine"], record["versions"]
     return [
@@ -43,16 +49,13 @@ def round_cost(record: dict) -> list[str]:
         "",
         "Mean over rounds >= 1 along the slowest site's path (s); round 0 adds the sites' start-up.",
         "",
-        "| run | round | " + " | ".join(STAGES) + " | round / work | round 0 |",
-        "|---|---|" + "---|" * len(STAGES) + "---|---|",
     ]
+    rows = []
     for run in record["result"]["runs"]:
         later = run["later_rounds_mean"]
-        cells = " | ".join(f"{later[s]:.2f}" for s in STAGES)
-        lines.append(
-            f"| {run['label']} | {later['round_s']:.2f} | {cells} | {run['ratio_round_to_work']} | "
-            f"{run['round_0'].get('round_s', float('nan')):.1f} |"
-        )
+        rows.append([run["label"], f"{later['round_s']:.2f}", *(f"{later[s]:.2f}" for s in STAGES)])
+        rows[-1] += [run["ratio_round_to_work"], f"{run['round_0'].get('round_s', float('nan')):.1f}"]
+    lines += table(["run", "round", *STAGES, "round / work", "round 0"], rows)
     return [*lines, ""]
 
 
@@ -62,14 +65,10 @@ def throughput(record: dict) -> list[str]:
     lines += [
         f"Median epoch time, {result['threads_per_site']} thread(s) per site, sites side by side.",
         "",
-        "| site | in the FL client (s) | standalone `monai.bundle run` (s) | throughput ratio |",
-        "|---|---|---|---|",
     ]
-    for site, row in result.items():
-        if isinstance(row, dict):
-            lines.append(
-                f"| {site} | {row['in_fl_epoch_s']} | {row['standalone_epoch_s']} | {row['throughput_ratio']} |"
-            )
+    header = ["site", "in the FL client (s)", "standalone `monai.bundle run` (s)", "throughput ratio"]
+    keys = ("in_fl_epoch_s", "standalone_epoch_s", "throughput_ratio")
+    lines += table(header, [[site, *(row[k] for k in keys)] for site, row in result.items() if isinstance(row, dict)])
     return [*lines, ""]
 
 
@@ -82,10 +81,8 @@ def site_profile(record: dict) -> list[str]:
         f" {result['samples']} samples). The bundle's training and validation are what standalone"
         " `monai.bundle run` spends too; the rest is what the FL client adds.",
         "",
-        "| share | what |",
-        "|---|---|",
     ]
-    lines += [f"| {100 * share:.1f} % | {name} |" for name, share in result["shares"].items()]
+    lines += table(["share", "what"], [[f"{100 * share:.1f} %", name] for name, share in result["shares"].items()])
     return [*lines, ""]
 
 
@@ -98,18 +95,15 @@ def he_round_time(record: dict) -> list[str]:
         f" {s['local_epochs']} local epochs, {s['synthetic_cases']} synthetic cases; means over the rounds. Overhead ="
         " server round minus the slowest site's own work.",
         "",
-        "| pair | plain round (s) | HE round (s) | HE / plain | plain overhead (s) | HE overhead (s) | HE adds (s) |"
-        " encrypt | aggregate | decrypt | Dice plain / HE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["pair", "plain round (s)", "HE round (s)", "HE / plain", "plain overhead (s)", "HE overhead (s)"]
+    header += ["HE adds (s)", "encrypt", "aggregate", "decrypt", "Dice plain / HE"]
+    rows = []
     for k, r in enumerate(result["pairs"]):
-        dice = r["final_global_dice"]
-        dice_text = " / ".join(str(dice[j]) for j in ("plain", "he"))
-        lines.append(
-            f"| {k} | {r['plain_round_s']} | {r['he_round_s']} | {r['he_over_plain']} | {r['plain_overhead_s']} |"
-            f" {r['he_overhead_s']} | {r.get('he_adds_s')} | {r['encrypt_s']} | {r['aggregate_s']} |"
-            f" {r['decrypt_s']} | {dice_text} |"
-        )
+        dice = " / ".join(str(r["final_global_dice"][j]) for j in ("plain", "he"))
+        rows.append([k, r["plain_round_s"], r["he_round_s"], r["he_over_plain"], r["plain_overhead_s"]])
+        rows[-1] += [r["he_overhead_s"], r.get("he_adds_s"), r["encrypt_s"], r["aggregate_s"], r["decrypt_s"], dice]
+    lines += table(header, rows)
     return [*lines, ""]
 
 
@@ -120,12 +114,10 @@ def site_scaling(record: dict) -> list[str]:
         f"POC, tiny synthetic data (80x80x20, 2 cases per site + 2), {result['rounds']} rounds x 1 local epoch; the "
         "sites share the cores (1 thread each from 2 sites on 2 cores). Round 0 includes the sites' start-up.",
         "",
-        "| sites | server round times (s) | slowest site's work (s) | server peak memory (MB) | wall (s) |",
-        "|---|---|---|---|---|",
     ]
-    for row in result["runs"]:
-        cells = (row["sites"], row["fl_round_s"], row["site_work_s"], row["server_peak_mb"], row["wall_s"])
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    header = ["sites", "server round times (s)", "slowest site's work (s)", "server peak memory (MB)", "wall (s)"]
+    keys = ("sites", "fl_round_s", "site_work_s", "server_peak_mb", "wall_s")
+    lines += table(header, [[row[k] for k in keys] for row in result["runs"]])
     return [*lines, ""]
 
 
@@ -137,15 +129,14 @@ def he_update_size(record: dict) -> list[str]:
         "2 sites, one client update and the global model sent back; seconds per stage (this machine). Design and"
         " round-time figures on POC: `docs/secure_and_he.md`.",
         "",
-        "| layout | update (MB) | x plaintext | global model (MB) | encrypt | aggregate | decrypt | round work (s) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    header = ["layout", "update (MB)", "x plaintext", "global model (MB)", "encrypt", "aggregate", "decrypt"]
+    rows = []
     for layout, r in result["layouts"].items():
-        lines.append(
-            f"| {layout} | {r['update_bytes'] / 1e6:.1f} | {r['update_bytes'] / plain:.2f} | "
-            f"{r['model_bytes'] / 1e6:.1f} | {r['encrypt_s']:.1f} | {r['aggregate_s']:.1f} | {r['decrypt_s']:.1f} | "
-            f"{r['round_s']:.1f} |"
-        )
+        rows.append([layout, f"{r['update_bytes'] / 1e6:.1f}", f"{r['update_bytes'] / plain:.2f}"])
+        rows[-1] += [f"{r[k]:.1f}" for k in ("encrypt_s", "aggregate_s", "decrypt_s", "round_s")]
+        rows[-1].insert(3, f"{r['model_bytes'] / 1e6:.1f}")
+    lines += table([*header, "round work (s)"], rows)
     return [*lines, ""]
 
 
@@ -157,16 +148,15 @@ def validity(record: dict) -> list[str]:
 
 def segment_full_size(record: dict) -> list[str]:
     r = record["result"]
+    keys = ("seconds", "peak_rss_mb", "spleen_ml", "dice")
     lines = ["## Segmenting a full-size scan on the CPU", "", *provenance(record)]
     lines += [
         f"`spleen-segment` on one synthetic CT of {'x'.join(map(str, r['shape']))} voxels"
         f" ({'x'.join(map(str, r['spacing_mm']))} mm), the bundle's own inference (sliding window, inverted back to"
         " the scan's grid), mask + overlay + volume + Dice; peak = resident memory of the segmenting process.",
         "",
-        "| wall (s) | peak memory (MB) | spleen (mL) | Dice |",
-        "|---|---|---|---|",
-        f"| {r['seconds']} | {r['peak_rss_mb']} | {r['spleen_ml']} | {r['dice']} |",
     ]
+    lines += table(["wall (s)", "peak memory (MB)", "spleen (mL)", "Dice"], [[r[k] for k in keys]])
     return [*lines, ""]
 
 
