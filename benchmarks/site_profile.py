@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,9 +47,14 @@ THREAD_CATEGORIES = (
 )
 
 
+IMPORTS = "start-up: importing modules (torch, MONAI, NVFlare, ...)"
+
+
 def classify(stack: str) -> str:
     frames = stack.split(";")
     thread = frames[0]
+    if any("_find_and_load" in frame for frame in frames):  # any thread, e.g. the script's own imports
+        return IMPORTS
     if TRAINER_THREAD in thread:
         for name, needles in TRAINER_CATEGORIES:
             if any(needle in frame for frame in frames[1:] for needle in needles):
@@ -102,6 +108,8 @@ def profile(args: argparse.Namespace, runs_dir: Path) -> dict:
             raise RuntimeError(f"the run failed: see {runs_dir / 'run.log'}")
     finally:
         stop_started(run)
+    if args.raw:
+        shutil.copy(raw, args.raw)
     total, counts = shares(raw)
     summary = json.loads(next(runs_dir.glob("*/summary.json")).read_text())
     return {
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--rate", type=int, default=20, help="samples per second (py-spy falls behind above ~50)")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/site_profile.json")
+    parser.add_argument("--raw", type=Path, default=None, help="also keep py-spy's raw samples in this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = profile(args, Path(tmp))
