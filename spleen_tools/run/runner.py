@@ -22,7 +22,14 @@ from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
 from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
-from spleen_tools.model_bundle import EXPORT_DIR, ExportError, export_bundle, source_from_job, verify_bundle
+from spleen_tools.model_bundle import (
+    EXPORT_DIR,
+    ExportError,
+    export_bundle,
+    find_job,
+    source_from_job,
+    verify_bundle,
+)
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
 from spleen_tools.run.plots import write_run_plots
@@ -237,7 +244,7 @@ def export_model(run: Run, result: dict) -> None:
     """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``.
     HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy."""
     try:
-        source = source_from_job(Path(result["paths"]["job_result"]))
+        source = source_from_job(find_job(Path(result["paths"]["job_result"])))
         if run.settings.job == "he":
             site = run.system.site_names[0]
             copy = Path(result["paths"][f"log_{site}"]) / result["job_id"] / f"app_{site}" / FINAL_GLOBAL_MODEL

@@ -120,6 +120,8 @@ def test_run_directory_holds_the_verified_model_bundle(experiment_run):
     assert exported["torchscript_max_abs_diff"] <= 1e-4
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["federated_training"]["job_id"] == experiment_run.summary["job_id"]
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["roi_size"] == [48, 48, 48]  # the sites trained with the CPU-quick override (--quick)
     dice = experiment_run.summary["final_global_dice"]
     assert meta["federated_training"]["cross_site_dice"] == pytest.approx(dice, abs=1e-4)  # rounded to 4 places
     # the exported weights are the server's final global model, byte for byte in the tensors
