@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-HU_AIR_BELOW = -300.0  # a CT holds air (about -1000 HU) somewhere
-HU_TISSUE_ABOVE = 100.0  # ... and soft tissue, contrast or bone above this
+from spleen_tools.data.check import NIFTI_SUFFIXES, image_problem
 
 
 class InputError(Exception):
@@ -41,25 +36,8 @@ def list_scans(source: Path) -> list[Path]:
 
 
 def scan_problem(path: Path) -> str | None:
-    """Why ``path`` is not a 3D CT NIfTI in Hounsfield units, or None."""
-    if not is_nifti(path):
-        return f"{path}: not a NIfTI file (.nii.gz or .nii); convert the scan first (e.g. dcm2niix for DICOM)"
-    try:
-        image = nib.load(path)
-        shape = image.shape
-        data = np.asanyarray(image.dataobj)
-    except Exception as err:  # nibabel raises many kinds for truncated or foreign files
-        return f"{path}: not a readable NIfTI ({type(err).__name__}: {err}); re-export or re-download the scan"
-    dims = [n for n in shape if n > 1]
-    if len(shape) < 3 or len(dims) != 3:
-        return f"{path}: a {len(dims)}D image of shape {tuple(shape)}; the model segments 3D CT volumes"
-    low, high = float(np.min(data)), float(np.max(data))
-    if not (low < HU_AIR_BELOW and high > HU_TISSUE_ABOVE):
-        return (
-            f"{path}: intensities {low:g}..{high:g} do not look like CT in Hounsfield units (air about -1000, soft"
-            " tissue 0..100); give the original CT, not a normalised or MR image"
-        )
-    return None
+    """Why ``path`` is not a 3D CT NIfTI in Hounsfield units, or None (the dataset check's image rule)."""
+    return image_problem(path)
 
 
 def check_scans(scans: list[Path]) -> None:
