@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated: stopped everything this run started", file=sys.stderr)
         return 143
     except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # the data check lists every problem, a line each
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)

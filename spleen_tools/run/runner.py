@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
+from spleen_tools.data.check import check_dataset
 from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
@@ -66,6 +67,7 @@ class Run:
 def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = print) -> int:
     """The whole run; returns 0 on success. Raises ExperimentError (user-facing), RunTimeout, KeyboardInterrupt."""
     settings.validate()
+    check_given_data(settings)
     run = Run(settings, make_run_dir(Path(settings.runs_dir).resolve()), time.monotonic(), out)
     run.pid_file.update(runner=ProcessRef.of(os.getpid()))
     (run.run_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str) + "\n")
@@ -100,6 +102,15 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     finally:
         if not keep:
             stop_everything(run)
+
+
+def check_given_data(settings: ExperimentSettings) -> None:
+    """A dataset given with ``--data`` is checked before any run directory or process: all problems, a line each."""
+    if settings.data is None:  # synthetic data is made by the run itself
+        return
+    problems = check_dataset(Path(settings.data), settings.sites)
+    if problems:
+        raise SettingsError("\n".join(problems))
 
 
 def preflight(settings: ExperimentSettings) -> None:

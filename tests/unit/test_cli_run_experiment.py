@@ -45,3 +45,20 @@ def test_secure_not_provisioned_is_exit_2_before_mlflow(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "provision it first (./start_fl_secure.sh provision)" in err, err
     assert not (Path(tmp_path / "runs" / "latest") / "mlflow").exists(), "no MLflow started before the check"
+
+
+def test_given_data_is_checked_before_any_run_directory(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from spleen_tools.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_train=4, num_test=0, shape=(32, 32, 10))
+    label = sorted((data / "labelsTr").iterdir())[0]
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-5], img.affine), label)  # 5 voxels short along x
+    runs = tmp_path / "runs"
+    assert cli.main(["--data", str(data), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {label}: shape") and "differs from its image" in err[0]
+    assert not runs.exists()  # nothing made, nothing started
