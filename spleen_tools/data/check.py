@@ -55,18 +55,25 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def grid_problem(volume: nib.Nifti1Image, image: nib.Nifti1Image, path: Path, image_name: str) -> str | None:
+    """Why ``volume`` (a label or a mask at ``path``) does not lie on ``image``'s voxel grid, or None."""
+    if volume.shape[:3] != image.shape[:3]:
+        shapes = f"shape {tuple(volume.shape)} differs from its image's {tuple(image.shape)}"
+        return f"{path}: {shapes}; use the label made for {image_name}"
+    if not np.allclose(volume.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+        what = f"its affine (position, orientation, spacing) differs from {image_name}'s"
+        return f"{path}: {what}; re-export image and label together"
+    return None
+
+
 def label_problem(label: Path, image_path: Path) -> str | None:
     """Why ``label`` does not fit its image (unreadable, other grid, values other than 0 and 1), or None."""
     lab, values, problem = _load(label)
     if problem:
         return problem
-    image = nib.load(image_path)
-    if lab.shape[:3] != image.shape[:3]:
-        shapes = f"shape {tuple(lab.shape)} differs from its image's {tuple(image.shape)}"
-        return f"{label}: {shapes}; use the label made for {image_path.name}"
-    if not np.allclose(lab.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
-        what = f"its affine (position, orientation, spacing) differs from {image_path.name}'s"
-        return f"{label}: {what}; re-export image and label together"
+    problem = grid_problem(lab, nib.load(image_path), label, image_path.name)
+    if problem:
+        return problem
     found = np.unique(values)
     if not set(found.tolist()) <= {0, 1}:
         shown = ", ".join(f"{v:g}" for v in found[:6])

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-AFFINE_TOLERANCE = 1e-3  # mm
+from spleen_tools.data.check import grid_problem
 
 
 def voxel_volume_ml(image: nib.Nifti1Image) -> float:
@@ -25,10 +25,6 @@ def dice(mask: np.ndarray, label: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
-def geometry_problem(mask: nib.Nifti1Image, scan: nib.Nifti1Image, mask_path: Path) -> str | None:
-    """Why the mask does not lie on the scan's voxel grid, or None."""
-    if mask.shape[:3] != scan.shape[:3]:
-        return f"{mask_path}: shape {mask.shape} differs from its scan's {scan.shape}"
-    if not np.allclose(mask.affine, scan.affine, atol=AFFINE_TOLERANCE):
-        return f"{mask_path}: affine differs from its scan's"
-    return None
+def geometry_problem(volume: nib.Nifti1Image, scan: nib.Nifti1Image, path: Path) -> str | None:
+    """Why a mask or label does not lie on the scan's voxel grid, or None (the dataset check's rule)."""
+    return grid_problem(volume, scan, path, Path(scan.get_filename() or 'the scan').name)
