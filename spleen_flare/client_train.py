@@ -31,6 +31,7 @@ from spleen_flare.contract import (
     PROGRESS_TAG,
     tagged_line,
 )
+from spleen_flare.data_check import case_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
@@ -76,6 +77,7 @@ def open_site(args: argparse.Namespace) -> Site:
     training = validation = None
     if datalist_path:
         training, validation = load_site_datalist(datalist_path)
+        check_site_cases(site, training + validation)
         progress(
             kind="info", site=site, training=len(training), validation=len(validation), datalist=str(datalist_path)
         )
@@ -95,6 +97,20 @@ def open_site(args: argparse.Namespace) -> Site:
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
     return Site(site, app_root, runner, sender, train_stats, val_stats)
+
+
+class SiteDataError(RuntimeError):
+    """This site's cases cannot be trained on; its ``data_error`` lines say which file and why."""
+
+
+def check_site_cases(site: str, cases: list[dict]) -> None:
+    """Before the bundle opens them: every problem of this site's cases, one ``data_error`` line each (the host
+    cannot read a site's data in a real deployment; the one command prints these lines), then stop."""
+    problems = case_problems(cases)
+    for problem in problems:
+        progress(kind="data_error", site=site, problem=problem)
+    if problems:
+        raise SiteDataError(f"{site}: {len(problems)} problem(s) in its cases; first: {problems[0]}")
 
 
 def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:

@@ -28,7 +28,8 @@ FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
 PROGRESS_TAG = "[spleen]"
 HE_TAG = "[spleen-he]"
 TAGS = (PROGRESS_TAG, HE_TAG)
-PROGRESS_KINDS = ("round", "final", "cross_site", "info")  # final: the last global model, scored by a site
+# final: the last global model, scored by a site; data_error: a problem a site found in its own cases (one each)
+PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error")
 
 
 def _finite(value: Any) -> Any:

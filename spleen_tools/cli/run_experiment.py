@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU-quick bundle override (default: on when CUDA is unavailable)",
     )
     p.add_argument("--data", type=Path, help="a real MSD Task09_Spleen folder (default: synthetic data)")
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="do not check --data before starting (e.g. checked already); each site still checks its own cases "
+        "when the job starts and the run prints their problems",
+    )
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="synthetic training cases")
     p.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape, help="synthetic volume size XxYxZ")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run directories go")
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             local_epochs=args.local_epochs,
             quick=quick,
             data=args.data,
+            check_data=not args.skip_data_check,
             synthetic_cases=args.synthetic_cases,
             synthetic_shape=args.synthetic_shape,
             runs_dir=args.runs_dir,
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # a site's data problems, a line each, then the job's status
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except (RuntimeError, TimeoutError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -108,6 +108,7 @@ class Progress:
     final_dice: dict[str, float] = field(default_factory=dict)  # each site's score of the last global model
     he_events: list[dict] = field(default_factory=list)
     fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
+    data_errors: list[str] = field(default_factory=list)  # "site: file: what is wrong; the fix"
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -120,6 +121,7 @@ class Progress:
             event.get("round"),
             event.get("stage"),
             event.get(KEY_METRIC) if kind == "cross_site" else None,
+            event.get("problem"),
         )
         if key in self._seen:  # the same line can show up in the site log and the job log
             return []
@@ -130,6 +132,9 @@ class Progress:
         if kind == "fl_round":
             self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
             return []
+        if kind == "data_error":
+            self.data_errors.append(f"{event['site']}: {event.get('problem')}")
+            return [f"{self._clock(now)} {self.data_errors[-1]}"]
         if kind == "cross_site":
             dice = event.get(KEY_METRIC)
             if isinstance(dice, float | int):

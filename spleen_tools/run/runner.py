@@ -106,7 +106,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
 
 def check_given_data(settings: ExperimentSettings) -> None:
     """A dataset given with ``--data`` is checked before any run directory or process: all problems, a line each."""
-    if settings.data is None:  # synthetic data is made by the run itself
+    if settings.data is None or not settings.check_data:  # synthetic data is made by the run itself
         return
     problems = check_dataset(Path(settings.data), settings.sites)
     if problems:
@@ -248,7 +248,7 @@ def check(run: Run, result: dict) -> None:
     found = summary.problems(result, list(run.system.site_names), TERMINAL_OK)
     if found:
         logs = ", ".join(map(str, log_roots(run.system).values()))
-        raise ExperimentError("; ".join(found) + f" (logs: {run.run_dir / 'logs'}, {logs})")
+        raise ExperimentError("\n".join(found) + f" (logs: {run.run_dir / 'logs'}, {logs})")
 
 
 def export_model(run: Run, result: dict) -> None:

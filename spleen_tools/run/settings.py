@@ -35,6 +35,7 @@ class ExperimentSettings:
     local_epochs: int = 5
     quick: bool = True
     data: Path | None = None  # a real MSD Task09_Spleen folder; None = synthetic data
+    check_data: bool = True  # check --data before anything starts (the sites check their own cases anyway)
     synthetic_cases: int = 16
     synthetic_shape: tuple[int, int, int] = (96, 96, 24)
     synthetic_seed: int = 0

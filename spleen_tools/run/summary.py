@@ -93,6 +93,7 @@ def build_summary(
         "fl_round_s": progress.fl_round_times(),
         "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
+        "data_errors": progress.data_errors,
         "global_dice_per_round": per_round,
         "final_global_dice": cross_site.get(GLOBAL_MODEL, {}),
         **model_choice(model_history or []),
@@ -139,7 +140,7 @@ def count_weights(download_dir: Path) -> int | None:
 
 def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> list[str]:
     """What makes a finished run a failure: a job that did not complete, or missing cross-site results."""
-    found = []
+    found = list(summary.get("data_errors") or [])  # a site's own check of its cases: the cause, so first
     if summary["status"] not in terminal_ok:
         found.append(f"job ended {summary['status']}")
     cross_site = summary["cross_site"]

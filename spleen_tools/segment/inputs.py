@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spleen_tools.data.check import NIFTI_SUFFIXES, image_problem
+from spleen_flare.data_check import NIFTI_SUFFIXES, image_problem
 
 
 class InputError(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from spleen_tools.data.check import grid_problem
+from spleen_flare.data_check import grid_problem
 
 
 def voxel_volume_ml(image: nib.Nifti1Image) -> float:
