@@ -52,6 +52,7 @@ import record  # noqa: E402
 from spleen_flare.bundle_runner import build_network  # noqa: E402
 from spleen_flare.he.aggregator import PackedHEAggregator, PackedHEShareableGenerator  # noqa: E402
 from spleen_flare.he.filters import PackedHEDecryptor, PackedHEEncryptor  # noqa: E402
+from spleen_flare.he.packing import key_fingerprint  # noqa: E402
 from spleen_tools.paths import BUNDLE_SRC  # noqa: E402
 
 SITES = {"site-1": 16, "site-2": 24}  # local steps = aggregation weights
@@ -130,6 +131,7 @@ def run_round(layout: str, state: dict, client_ctx: ts.Context, server_ctx: ts.C
         agg.reset(server_fl_ctx)
         enc, dec = PackedHEEncryptor(weigh_by_local_iter=True), PackedHEDecryptor()
         enc.tenseal_context = dec.tenseal_context = client_ctx
+        enc.key_fingerprint = dec.key_fingerprint = key_fingerprint(server_ctx)  # what START_RUN reads from the kit
         kind = DataKind.WEIGHTS
 
     out = {"encrypt_s": 0.0, "up_s": 0.0, "aggregate_s": 0.0}

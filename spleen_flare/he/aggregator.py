@@ -3,7 +3,9 @@
 ``PackedHEAggregator`` replaces NVFlare's ``HEInTimeAccumulateWeightedAggregator``: the sites have already
 weighted their values before encrypting, so the server only adds ciphertexts (first polynomials modulo the
 ciphertext prime, seeds of the second kept; see ``packing``) and sums the plaintext weights. Its kit's public
-context gives the prime and the parameter id; a context that holds a secret key is refused. The aggregate is
+context gives the prime, the parameter id and the key fingerprint; a context that holds a secret key is refused.
+Since the server cannot decrypt, it refuses up front what would only show as garbage at the sites: an update
+under another key, a malformed field, or anything but exactly one contribution from a site. The aggregate is
 ``sum_i w_i * x_i`` plus ``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
 ``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->
 ModelLearnable meta and back), so the persistor and cross-site evaluation carry the weight with the model.
@@ -28,6 +30,7 @@ from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
 from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
 
 from spleen_flare.he.filters import he_log_line
+from spleen_flare.he.keys import key_fingerprint
 from spleen_flare.he.packing import HE_META_KEY, PackedSum, packed_bytes
 
 
@@ -38,6 +41,7 @@ class PackedHEAggregator(Aggregator):
         super().__init__()
         self.tenseal_context_file = tenseal_context_file
         self.tenseal_context = None
+        self.key_fingerprint: str | None = None  # of tenseal_context, computed once per run
         self._lock = threading.RLock()  # reentrant: accept() may run START_RUN handling
         self._sum: PackedSum | None = None
         self._contributors: set[str] = set()
@@ -51,13 +55,20 @@ class PackedHEAggregator(Aggregator):
                 raise ValueError(
                     f"{self.tenseal_context_file} holds a secret key: the server must have the public context only"
                 )
+            self.key_fingerprint = None
             self.reset(fl_ctx)
         elif event_type == EventType.END_RUN:
             self.tenseal_context = None
+            self.key_fingerprint = None
+
+    def _new_sum(self) -> PackedSum:
+        if self.key_fingerprint is None:
+            self.key_fingerprint = key_fingerprint(self.tenseal_context)
+        return PackedSum(self.tenseal_context, self.key_fingerprint)
 
     def reset(self, fl_ctx: FLContext) -> None:
         with self._lock:
-            self._sum = PackedSum(self.tenseal_context) if self.tenseal_context is not None else None
+            self._sum = self._new_sum() if self.tenseal_context is not None else None
             self._contributors = set()
             self._add_seconds = 0.0
 
@@ -85,15 +96,25 @@ class PackedHEAggregator(Aggregator):
             if self._sum is None:  # reset() ran before START_RUN loaded the context
                 if self.tenseal_context is None:
                     self.handle_event(EventType.START_RUN, fl_ctx)
-                self._sum = PackedSum(self.tenseal_context)
+                self._sum = self._new_sum()
             if contributor in self._contributors:
                 self.log_warning(fl_ctx, f"{contributor} already contributed in round {current_round}")
                 return False
+            contributions = he_meta.get("contributions") if isinstance(he_meta, dict) else None
+            if type(contributions) is not int or contributions != 1:
+                self.log_error(
+                    fl_ctx, f"refused {contributor}'s update: it claims {contributions!r} contributions, a site sends 1"
+                )
+                return False
             start = time.perf_counter()
             try:
-                self._sum.add(dxo.data, he_meta)
+                self._sum.add(dxo.data, he_meta, sender=contributor)
             except (ValueError, KeyError, TypeError) as err:
-                self.log_error(fl_ctx, f"{contributor}: {err}")
+                reason = str(err) if isinstance(err, ValueError) else f"malformed metadata ({err!r})"
+                self.log_error(
+                    fl_ctx,
+                    reason if reason.startswith(f"{contributor}'s") else f"refused {contributor}'s update: {reason}",
+                )
                 return False
             self._add_seconds += time.perf_counter() - start
             self._contributors.add(contributor)

@@ -7,6 +7,9 @@ its first polynomial plus the seed of the second, without a context (see ``packi
 plaintext metadata.
 ``PackedHEDecryptor`` (task data: train, validate) decrypts with the site's secret key and divides by the total
 weight; plaintext models (the initial global model) pass through.
+Both read the kit's key fingerprint (``he_key_fingerprint.txt``, next to ``client_context.tenseal``; see
+``fingerprint``) at START_RUN: the encryptor sends it with each update so that the server can refuse updates under
+another key, and the decryptor refuses models under another key, which would decrypt to garbage.
 Both log one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
 one command collects into ``summary.json``.
 """
@@ -26,6 +29,7 @@ from nvflare.app_opt.he.constant import HE_ALGORITHM_CKKS
 from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
 
 from spleen_flare.contract import HE_TAG, tagged_line
+from spleen_flare.he.fingerprint import KEY_FINGERPRINT_FILE, load_kit_fingerprint
 from spleen_flare.he.packing import HE_META_KEY, decrypt_model, encrypt_model, packed_bytes
 
 
@@ -47,18 +51,30 @@ def he_log_line(side: str, stage: str, task: str | None, rnd: int | None, second
 
 
 class _SiteContextFilter(DXOFilter):
-    """A DXO filter that holds the site's TenSEAL context (with secret key) for the length of a job."""
+    """A DXO filter that holds the site's TenSEAL context (with secret key) and key fingerprint for a job."""
 
-    def __init__(self, tenseal_context_file: str) -> None:
+    def __init__(self, tenseal_context_file: str, key_fingerprint_file: str) -> None:
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
         self.tenseal_context_file = tenseal_context_file
+        self.key_fingerprint_file = key_fingerprint_file
         self.tenseal_context = None
+        self.key_fingerprint: str | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+            self.tenseal_context = None
+            self.key_fingerprint = None
+            self.load_kit(fl_ctx)
         elif event_type == EventType.END_RUN:
             self.tenseal_context = None
+            self.key_fingerprint = None
+
+    def load_kit(self, fl_ctx: FLContext) -> None:
+        """The context and the key fingerprint from the site's startup kit, where not loaded yet."""
+        if self.tenseal_context is None:
+            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        if self.key_fingerprint is None:
+            self.key_fingerprint = load_kit_fingerprint(fl_ctx, self.key_fingerprint_file)
 
 
 class PackedHEEncryptor(_SiteContextFilter):
@@ -70,15 +86,18 @@ class PackedHEEncryptor(_SiteContextFilter):
         weigh_by_local_iter: bool = True,
         weight_scale: float = 1.0,
         max_clients: int = 8,
+        key_fingerprint_file: str = KEY_FINGERPRINT_FILE,
     ) -> None:
         """
         Args:
             tenseal_context_file: the site's TenSEAL context (with secret key) from provisioning.
             weigh_by_local_iter: weight = local steps (DXO meta NUM_STEPS_CURRENT_ROUND) x weight_scale; else 1.
             weight_scale: multiplies the step count; lower it if the CKKS range check fails.
-            max_clients: how many updates the server may add up (the range check allows for that many).
+            max_clients: how many updates the server may add up (the range check allows for that many, and the
+                server refuses more).
+            key_fingerprint_file: the provisioning's key fingerprint in the site's startup kit.
         """
-        super().__init__(tenseal_context_file)
+        super().__init__(tenseal_context_file, key_fingerprint_file)
         self.weigh_by_local_iter = weigh_by_local_iter
         self.weight_scale = float(weight_scale)
         self.max_clients = int(max_clients)
@@ -99,12 +118,13 @@ class PackedHEEncryptor(_SiteContextFilter):
             )
         if HE_META_KEY in (dxo.meta or {}):
             raise ValueError("HE encryptor: this DXO is already encrypted")
-        if self.tenseal_context is None:
-            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        self.load_kit(fl_ctx)
         weight = self.aggregation_weight(dxo)
         plain_bytes = sum(getattr(v, "nbytes", 0) for v in dxo.data.values())
         start = time.perf_counter()
-        data, he_meta = encrypt_model(dxo.data, self.tenseal_context, weight, self.max_clients)
+        data, he_meta = encrypt_model(
+            dxo.data, self.tenseal_context, weight, self.max_clients, key=self.key_fingerprint
+        )
         seconds = time.perf_counter() - start
         meta = dict(dxo.meta or {})
         meta[HE_META_KEY] = he_meta
@@ -129,18 +149,19 @@ class PackedHEEncryptor(_SiteContextFilter):
 class PackedHEDecryptor(_SiteContextFilter):
     """Decrypts packed models with the site's secret key and divides by the total weight."""
 
-    def __init__(self, tenseal_context_file: str = "client_context.tenseal") -> None:
-        super().__init__(tenseal_context_file)
+    def __init__(
+        self, tenseal_context_file: str = "client_context.tenseal", key_fingerprint_file: str = KEY_FINGERPRINT_FILE
+    ) -> None:
+        super().__init__(tenseal_context_file, key_fingerprint_file)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         he_meta = (dxo.meta or {}).get(HE_META_KEY)
         if he_meta is None:
             self.log_info(fl_ctx, "plaintext model (the initial global model is not encrypted): passed through")
             return None
-        if self.tenseal_context is None:
-            self.tenseal_context = load_tenseal_context_from_workspace(self.tenseal_context_file, fl_ctx)
+        self.load_kit(fl_ctx)
         start = time.perf_counter()
-        params = decrypt_model(dxo.data, he_meta, self.tenseal_context)
+        params = decrypt_model(dxo.data, he_meta, self.tenseal_context, key=self.key_fingerprint)
         seconds = time.perf_counter() - start
         meta = {k: v for k, v in (dxo.meta or {}).items() if k not in (HE_META_KEY, MetaKey.PROCESSED_ALGORITHM)}
         line = he_log_line(

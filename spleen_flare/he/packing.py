@@ -1,11 +1,11 @@
 """Packed CKKS model updates: all float tensors of a model in as few CKKS ciphertexts as the slots allow.
 
 What travels (and what the server keeps) for one packed model:
-- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext (see below), plus the integer tensors
-  (BatchNorm's ``num_batches_tracked``) in plaintext under their own names, as float64;
+- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext (see below), plus BatchNorm's integer
+  ``num_batches_tracked`` buffers in plaintext under their own names, as float64 (nothing else may travel in clear);
 - ``meta[HE_META_KEY]``: the plaintext layout (names, shapes, dtypes, offsets into the flat vector), the slot
-  count, the total aggregation weight ``W``, the number of contributions ``K`` and the ciphertexts' SEAL
-  parameters (parms_id, scale; no key).
+  count, the total aggregation weight ``W``, the number of contributions ``K``, the ``max_clients`` the sites'
+  range check allowed for, the key fingerprint (``key``) and the ciphertexts' SEAL parameters (parms_id, scale).
 Values are ``w * x`` for one client update and ``sum_i w_i * x_i`` for an aggregate; a site decrypts and divides
 by ``W``, which is FedAvg. The server only adds (no multiplication, no key, no decryption).
 
@@ -25,32 +25,95 @@ prime (numpy, no SEAL) and keeps the seeds; the aggregate stays at 2x. A site re
 (``(c0, expand(seed_1)) + (0, expand(seed_2)) + ...``) and decrypts it. The seeds are public by design; the
 server learns from them exactly what it would learn from ``c1``.
 
+Why the server validates every field before it adds anything (the checks: ``spleen_flare.he.validation``): it
+cannot decrypt, so a malformed or replayed update (a duplicate seed, a zero-contribution c0, a buffer that numpy
+would broadcast, more contributions than the range check allowed for) would only surface as garbage at every
+site, one round later. Why a key fingerprint (``spleen_flare.he.keys``): an update encrypted under another key
+with the same CKKS parameters (a re-provisioned site) has the same parms_id and adds up fine, and then no site can
+decrypt the sum. The fingerprint (:func:`key_fingerprint`) hashes the relinearization keys stored in the server's
+public context; a site's context regenerates those at load, so provisioning writes the fingerprint into every site
+kit (``spleen_flare.he.fingerprint``).
+
 TenSEAL's Python API cannot encrypt at a chosen level or expose the seed, so this uses TenSEAL's bundled SEAL API
 (``tenseal.sealapi``) and SEAL 4's documented serialization layout (header, ciphertext members, DynArray, PRNG
-info); :func:`as_ckks_vector` turns a blob back into a TenSEAL CKKSVector.
+info: ``spleen_flare.he.seal_format``); :func:`as_ckks_vector` turns a blob back into a TenSEAL CKKSVector.
 
 Range: at the lowest level a slot's magnitude times the scale must stay below half the remaining prime, i.e.
 ``|sum| < 2^19`` for scale 2^40 and a 60-bit prime (for a complex slot, ``|re + i im|``); :func:`encrypt_model`
-refuses updates that could exceed half of that.
+refuses updates that could exceed half of that once ``max_clients`` of them are added, and the server refuses
+more than ``max_clients`` contributions.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
-import os
-import struct
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
-import zstandard
+
+from spleen_flare.he.keys import FINGERPRINT_RE, check_key, checked_fingerprint, key_fingerprint
+from spleen_flare.he.seal_format import (
+    SEED_RECORD_BYTES,
+    SealFormatError,
+    _parms_id_hex,
+    _SealFile,
+    _seed,
+    _seeded_bytes,
+    _split_seeded,
+    ckks_vector_bytes,
+    seal_body,
+    seal_version,
+)
+from spleen_flare.he.validation import (
+    FORMAT_VERSION,
+    META_KEYS,
+    PLAIN_SUFFIX,
+    _check_ciphertext,
+    _check_counts,
+    _check_format,
+    _check_layout,
+    _check_plain_name,
+    _is_int,
+    _layout,
+    _positive_weight,
+    _read_plain,
+    expected_ciphertext,
+)
+
+# the public names of the packed format; those defined in keys, seal_format and validation are re-exported here
+__all__ = [
+    "CT_PREFIX",
+    "FINGERPRINT_RE",
+    "FORMAT_VERSION",
+    "HE_META_KEY",
+    "META_KEYS",
+    "PLAIN_SUFFIX",
+    "SEED_RECORD_BYTES",
+    "HERangeError",
+    "PackedSum",
+    "SealFormatError",
+    "as_ckks_vector",
+    "check_key",
+    "checked_fingerprint",
+    "ckks_vector_bytes",
+    "ct_key",
+    "decrypt_model",
+    "encrypt_model",
+    "expected_ciphertext",
+    "is_packed",
+    "key_fingerprint",
+    "max_abs_value",
+    "packed_bytes",
+    "seal_body",
+    "seal_version",
+    "slot_count",
+]
 
 HE_META_KEY = "spleen_he_packed"
-FORMAT_VERSION = 3
 CT_PREFIX = "he/ct/"
 
 
@@ -81,141 +144,6 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def is_packed(meta: Mapping | None) -> bool:
     return bool(meta) and HE_META_KEY in meta
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def ckks_vector_bytes(seal_ciphertext: bytes, size: int, scale: float) -> bytes:
-    """TenSEAL's serialized CKKSVector (protobuf ``CKKSVectorProto``: sizes=1, ciphertexts=2, scale=3)."""
-    sizes = _varint(size)
-    return (
-        b"\x0a"
-        + _varint(len(sizes))
-        + sizes
-        + b"\x12"
-        + _varint(len(seal_ciphertext))
-        + seal_ciphertext
-        + b"\x19"
-        + struct.pack("<d", scale)
-    )
-
-
-@contextlib.contextmanager
-def _scratch_file() -> Iterator[tuple[str, int]]:
-    """A path SEAL can save to and a descriptor to read it back: in memory (memfd) where the OS has it."""
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fd = os.memfd_create("spleen-he-ciphertext")
-        try:
-            yield f"/proc/self/fd/{fd}", fd
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="spleen-he-") as tmp:
-        path = os.path.join(tmp, "ciphertext")
-        open(path, "wb").close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            yield path, fd
-        finally:
-            os.close(fd)
-
-
-# -- SEAL 4 serialization: header, Ciphertext members, DynArray, UniformRandomGeneratorInfo ----------------------
-_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compression, reserved, total size
-_SEAL_MAGIC = 0xA15E
-_COMPR_NONE, _COMPR_ZSTD = 0, 2
-_MEMBERS = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly degree, moduli, scale, correction
-SEED_RECORD_BYTES = _HEADER.size + 1 + 64  # a saved UniformRandomGeneratorInfo: header, PRNG type, 512-bit seed
-
-
-class SealFormatError(ValueError):
-    """Bytes that are not the SEAL ciphertext layout this module reads and writes."""
-
-
-def _header(total: int, version: tuple[int, int]) -> bytes:
-    return _HEADER.pack(_SEAL_MAGIC, _HEADER.size, version[0], version[1], _COMPR_NONE, 0, total)
-
-
-def _split_seeded(seal_bytes: bytes) -> tuple[dict, bytes, bytes]:
-    """A saved seeded ciphertext -> (its SEAL parameters, c0 bytes, the 81-byte seed record)."""
-    magic, hsize, major, minor, compr, _, total = _HEADER.unpack_from(seal_bytes)
-    if magic != _SEAL_MAGIC or hsize != _HEADER.size or total != len(seal_bytes):
-        raise SealFormatError("not a SEAL object")
-    body = seal_bytes[_HEADER.size :]
-    if compr == _COMPR_ZSTD:
-        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=64 * len(seal_bytes))
-    elif compr != _COMPR_NONE:
-        raise SealFormatError(f"SEAL compression mode {compr} is not supported")
-    parms_id, ntt, size, degree, moduli, scale, correction = _MEMBERS.unpack_from(body)
-    offset = _MEMBERS.size
-    magic, _, _, _, _, _, dyn_total = _HEADER.unpack_from(body, offset)
-    (count,) = struct.unpack_from("<Q", body, offset + _HEADER.size)
-    c0_start = offset + _HEADER.size + 8
-    c0_end = c0_start + 8 * count
-    layout_ok = magic == _SEAL_MAGIC and dyn_total == c0_end - offset and len(body) == c0_end + SEED_RECORD_BYTES
-    if size != 2 or count != degree * moduli or not layout_ok:
-        raise SealFormatError("not a seeded two-polynomial SEAL ciphertext")
-    params = {
-        "parms_id": parms_id.hex(),
-        "ntt": ntt,
-        "degree": degree,
-        "moduli": moduli,
-        "scale": scale,
-        "correction": correction,
-        "seal_version": [major, minor],
-    }
-    return params, body[c0_start:c0_end], body[c0_end:]
-
-
-def _seeded_bytes(params: Mapping, c0: bytes, seed_record: bytes) -> bytes:
-    """The SEAL bytes of the seeded ciphertext (c0, expand(seed)), uncompressed."""
-    version = tuple(params["seal_version"])
-    dyn = struct.pack("<Q", len(c0) // 8) + c0
-    members = (
-        _MEMBERS.pack(
-            bytes.fromhex(params["parms_id"]),
-            params["ntt"],
-            2,
-            params["degree"],
-            params["moduli"],
-            params["scale"],
-            params["correction"],
-        )
-        + _header(_HEADER.size + len(dyn), version)
-        + dyn
-        + seed_record
-    )
-    return _header(_HEADER.size + len(members), version) + members
-
-
-def _parms_id_hex(parms_id: list[int]) -> str:
-    return struct.pack("<4Q", *parms_id).hex()
-
-
-class _SealFile:
-    """A path SEAL can save to and load from, with read/write by descriptor (sealapi only takes paths)."""
-
-    def __enter__(self):
-        self._scratch = _scratch_file()
-        self.path, self.fd = self._scratch.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._scratch.__exit__(*exc)
-
-    def read(self) -> bytes:
-        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-
-    def write(self, data: bytes) -> None:
-        with open(self.path, "wb") as f:
-            f.write(data)
 
 
 class _SeededEncryptor(_SealFile):
@@ -270,33 +198,7 @@ class _Rebuilder(_SealFile):
         return total
 
 
-def encrypt_model(
-    params: Mapping[str, Any], ctx: ts.Context, weight: float, max_clients: int = 8
-) -> tuple[dict[str, Any], dict]:
-    """Pack and encrypt ``weight * params``; returns ``(data, he_meta)`` (see the module docstring).
-
-    ``max_clients``: how many such updates the server may add up; the range check allows for that many.
-    """
-    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
-        raise ValueError(f"aggregation weight must be a positive number, got {weight!r}")
-    arrays = {name: _to_numpy(v) for name, v in params.items()}
-    floats = [n for n, a in arrays.items() if a.dtype.kind == "f"]
-    others = [n for n, a in arrays.items() if a.dtype.kind != "f"]
-    if not floats:
-        raise ValueError("nothing to encrypt: the model has no floating-point tensors")
-
-    tensors, offset = [], 0
-    for name in floats:
-        a = arrays[name]
-        tensors.append([name, list(a.shape), str(a.dtype), offset])
-        offset += a.size
-    flat = np.concatenate([arrays[n].ravel().astype(np.float64) for n in floats])
-    slots = slot_count(ctx)
-    per_ct = 2 * slots  # complex packing: real parts, then imaginary parts
-    chunks = -(-flat.size // per_ct)
-    z = np.zeros((chunks, 2, slots))
-    z.reshape(-1)[: flat.size] = flat * float(weight)
-    z = z[:, 0, :] + 1j * z[:, 1, :]
+def _check_range(z: np.ndarray, weight: float, max_clients: int, ctx: ts.Context) -> None:
     peak = float(np.max(np.abs(z)))
     limit = max_abs_value(ctx) / 2  # half the modulus range: headroom for CKKS noise
     if not math.isfinite(peak) or peak * max_clients >= limit:
@@ -306,110 +208,201 @@ def encrypt_model(
             "config_fed_client.json"
         )
 
+
+def _pack(floats: Mapping[str, np.ndarray], slots: int, weight: float) -> tuple[list, int, np.ndarray]:
+    """(layout entries, number of values, ``weight *`` the values as one row of ``slots`` complex per ciphertext).
+
+    Complex packing: each ciphertext's values go in the real parts of its slots, then in the imaginary parts.
+    """
+    tensors, offset = [], 0
+    for name, a in floats.items():
+        tensors.append([name, list(a.shape), str(a.dtype), offset])
+        offset += a.size
+    flat = np.concatenate([a.ravel().astype(np.float64) for a in floats.values()])
+    chunks = -(-flat.size // (2 * slots))
+    z = np.zeros((chunks, 2, slots))
+    z.reshape(-1)[: flat.size] = flat * weight
+    return tensors, int(flat.size), z[:, 0, :] + 1j * z[:, 1, :]
+
+
+def _encrypt_packed(z: np.ndarray, ctx: ts.Context) -> tuple[dict[str, Any], dict]:
+    """(``{ct_key(k): c0 + seed record}``, the ciphertexts' SEAL parameters) for the rows of ``z``."""
     data: dict[str, Any] = {}
     ct_params: dict = {}
     with _SeededEncryptor(ctx) as encrypt:
-        for k in range(chunks):
+        for k in range(z.shape[0]):
             ct_params, c0, seed_record = encrypt(z[k])
             data[ct_key(k)] = c0 + seed_record
+    return data, ct_params
+
+
+def encrypt_model(
+    params: Mapping[str, Any], ctx: ts.Context, weight: float, max_clients: int = 8, *, key: str
+) -> tuple[dict[str, Any], dict]:
+    """Pack and encrypt ``weight * params``; returns ``(data, he_meta)`` (see the module docstring).
+
+    ``max_clients``: how many such updates the server may add up; the range check allows for that many and the
+    server refuses more. ``key``: the provisioning's key fingerprint (the site kit's ``he_key_fingerprint.txt``).
+    """
+    weight = _positive_weight(weight, "aggregation weight")
+    if not (_is_int(max_clients) and max_clients >= 1):
+        raise ValueError(f"max_clients must be an integer >= 1, got {max_clients!r}")
+    key = checked_fingerprint(key, "the key fingerprint given to encrypt_model")
+    arrays = {name: _to_numpy(v) for name, v in params.items()}
+    floats = {n: a for n, a in arrays.items() if a.dtype.kind == "f"}
+    others = {n: a for n, a in arrays.items() if a.dtype.kind != "f"}
+    for name, a in others.items():
+        _check_plain_name(name, a.dtype)
+    if not floats:
+        raise ValueError("nothing to encrypt: the model has no floating-point tensors")
+
+    slots = slot_count(ctx)
+    tensors, n_values, z = _pack(floats, slots, weight)
+    _check_range(z, weight, int(max_clients), ctx)
+    data, ct_params = _encrypt_packed(z, ctx)
     plain = []
-    for name in others:
-        a = arrays[name]
+    for name, a in others.items():
         plain.append([name, list(a.shape), str(a.dtype)])
-        data[name] = np.atleast_1d(a).astype(np.float64) * weight  # at least 1-d: a 0-d product is a numpy scalar
+        data[name] = np.atleast_1d(a).astype(np.float64) * weight
     he_meta = {
         "version": FORMAT_VERSION,
         "slots": slots,
         "packing": "complex",
-        "n_values": int(flat.size),
-        "chunks": chunks,
+        "n_values": n_values,
+        "chunks": len(z),
         "tensors": tensors,
         "plain": plain,
-        "weight": float(weight),
+        "weight": weight,
         "contributions": 1,
+        "max_clients": int(max_clients),
+        "key": key,
         "level": "lowest",
         "ciphertext": ct_params,
     }
     return data, he_meta
 
 
-def _layout(meta: Mapping) -> tuple:
-    return (meta["version"], meta["slots"], meta["packing"], meta["n_values"], meta["chunks"]) + tuple(
-        map(str, (meta["tensors"], meta["plain"], meta["ciphertext"]))
-    )
-
-
-def _check_version(he_meta: Mapping) -> None:
-    if he_meta.get("version") != FORMAT_VERSION or he_meta.get("packing") != "complex":
-        raise ValueError(f"unknown packed HE format version {he_meta.get('version')!r}")
-
-
 class PackedSum:
-    """Running sum of packed models: c0 polynomials added modulo the ciphertext primes, seeds kept; no key."""
+    """Running sum of packed models: c0 polynomials added modulo the ciphertext primes, seeds kept; no key.
 
-    def __init__(self, ctx: ts.Context) -> None:
+    ``add`` checks every field against the server's own context (``ctx``, public) and key fingerprint (``key``;
+    computed from ``ctx`` when not given) before it adds anything, and changes nothing when it refuses.
+    """
+
+    def __init__(self, ctx: ts.Context, key: str | None = None) -> None:
+        self.key = key_fingerprint(ctx) if key is None else checked_fingerprint(key, "the server's key fingerprint")
+        self.expected = expected_ciphertext(ctx)
+        self.slots = slot_count(ctx)
         last = ctx.seal_context().data.last_context_data()
-        self.parms_id = _parms_id_hex(last.parms_id())
         self.moduli = np.array([m.value() for m in last.parms().coeff_modulus()], dtype=np.uint64)[:, None]
         self.meta: dict | None = None
         self._c0: np.ndarray | None = None  # (chunks, moduli, degree) uint64
         self._seeds: list[bytes] = []  # per ciphertext, the seed records of every contribution so far
+        self._seen: set[bytes] = set()  # every seed so far: SEAL draws a fresh one per ciphertext
         self._plain: dict[str, np.ndarray] = {}
 
     @property
     def count(self) -> int:
         return 0 if self.meta is None else int(self.meta["contributions"])
 
-    def add(self, data: Mapping[str, Any], he_meta: Mapping) -> None:
-        _check_version(he_meta)
-        if self.meta is not None and _layout(he_meta) != _layout(self.meta):
-            raise ValueError("packed HE update with a different layout (model or HE parameters differ between sites)")
-        params, contributions = he_meta["ciphertext"], int(he_meta["contributions"])
-        if params.get("parms_id") != self.parms_id:
-            raise ValueError("packed HE update made with other CKKS parameters than the server's context")
-        shape = (int(params["moduli"]), int(params["degree"]))
+    def add(self, data: Mapping[str, Any], he_meta: Mapping, sender: str | None = None) -> None:
+        """Add one update (or an aggregate) in full, or refuse it (ValueError) and change nothing.
+
+        ``sender`` names it in the errors (the site).
+        """
+        what = f"{sender}'s update" if sender else "the packed HE update"
+        weight, contributions = self._check_meta(he_meta, what)
+        wanted = {ct_key(k) for k in range(he_meta["chunks"])} | {entry[0] for entry in he_meta["plain"]}
+        if not isinstance(data, Mapping) or set(data) != wanted:
+            odd = sorted(map(str, set(data) ^ wanted)) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"{what} has missing or unexpected entries: {odd}")
+        c0, records, fresh = self._read_blobs(data, he_meta["chunks"], contributions)
+        plain = _read_plain(data, he_meta)
+        # all checked: nothing below can fail half-way
+        if self.meta is None:
+            self.meta = copy.deepcopy(dict(he_meta))
+            self.meta["weight"], self.meta["contributions"] = weight, contributions
+            self._c0, self._seeds, self._plain = c0, records, plain
+        else:
+            self._c0 += c0  # < 2^61 for primes below 2^60: no overflow
+            np.subtract(self._c0, self.moduli, out=self._c0, where=self._c0 >= self.moduli)
+            self._seeds = [mine + theirs for mine, theirs in zip(self._seeds, records, strict=True)]
+            for name, value in plain.items():
+                self._plain[name] = self._plain[name] + value
+            self.meta["weight"] += weight
+            self.meta["contributions"] += contributions
+        self._seen |= fresh
+
+    def _check_meta(self, he_meta: Mapping, what: str) -> tuple[float, int]:
+        _check_format(he_meta)
+        check_key(he_meta["key"], self.key, what, "the server's")
+        weight, contributions, max_clients = _check_counts(he_meta)
+        _check_ciphertext(he_meta["ciphertext"], self.expected, "the server's")
+        _check_layout(he_meta, self.slots)
+        if self.meta is not None:
+            if _layout(he_meta) != _layout(self.meta):
+                raise ValueError(f"{what} has a different layout (model or HE parameters differ between sites)")
+            if max_clients != self.meta["max_clients"]:
+                raise ValueError(
+                    f"{what} allows for max_clients {max_clients}, the first update for {self.meta['max_clients']}: "
+                    "set the same max_clients in every site's HE encryptor args"
+                )
+        if self.count + contributions > max_clients:
+            raise ValueError(
+                f"{what} would make {self.count + contributions} contributions, more than the max_clients "
+                f"{max_clients} the sites' range check allows for: raise max_clients in the HE encryptor args "
+                "of config_fed_client.json (every site alike)"
+            )
+        return weight, contributions
+
+    def _read_blobs(self, data: Mapping, chunks: int, contributions: int) -> tuple[np.ndarray, list, set]:
+        """(c0 of each ciphertext, its seed records, the seeds), every seed a new one and every c0 below q."""
+        shape = (self.moduli.shape[0], int(self.expected["degree"]))
         c0_bytes = 8 * shape[0] * shape[1]
-        c0 = np.empty((he_meta["chunks"], *shape), dtype=np.uint64)
-        seeds = []
-        for k in range(he_meta["chunks"]):
+        c0 = np.empty((chunks, *shape), dtype=np.uint64)
+        records, fresh = [], set()
+        for k in range(chunks):
             blob = data[ct_key(k)]
             if not isinstance(blob, bytes) or len(blob) != c0_bytes + contributions * SEED_RECORD_BYTES:
                 raise SealFormatError(f"ciphertext {k}: not a packed blob for {contributions} contribution(s)")
             c0[k] = np.frombuffer(blob, dtype="<u8", count=shape[0] * shape[1]).reshape(shape)
-            records = blob[c0_bytes:]
             for j in range(contributions):
-                if _HEADER.unpack_from(records, j * SEED_RECORD_BYTES)[0] != _SEAL_MAGIC:
-                    raise SealFormatError(f"ciphertext {k}: seed record {j} is not a SEAL object")
-            seeds.append(records)
+                seed = _seed(blob, c0_bytes + j * SEED_RECORD_BYTES, f"ciphertext {k}: seed record {j}")
+                if seed in fresh or seed in self._seen:
+                    raise SealFormatError(
+                        f"ciphertext {k}: seed record {j} repeats a seed (a replayed ciphertext): SEAL draws a "
+                        "fresh seed for every ciphertext"
+                    )
+                fresh.add(seed)
+            records.append(blob[c0_bytes:])
         if np.any(c0 >= self.moduli):
             raise SealFormatError("ciphertext coefficients outside the modulus")
-        plain = {name: np.atleast_1d(np.asarray(data[name], dtype=np.float64)) for name, _, _ in he_meta["plain"]}
-        if self.meta is None:
-            self.meta = dict(he_meta)
-            self._c0, self._seeds, self._plain = c0, seeds, plain
-            return
-        self._c0 += c0  # < 2^61 for primes below 2^60: no overflow
-        np.subtract(self._c0, self.moduli, out=self._c0, where=self._c0 >= self.moduli)
-        self._seeds = [mine + theirs for mine, theirs in zip(self._seeds, seeds, strict=True)]
-        for name, value in plain.items():
-            self._plain[name] = self._plain[name] + value
-        self.meta["weight"] += float(he_meta["weight"])
-        self.meta["contributions"] += contributions
+        return c0, records, fresh
 
     def result(self) -> tuple[dict[str, Any], dict]:
         if self.meta is None or self._c0 is None:
             raise ValueError("no packed HE update to aggregate")
         c0 = self._c0.astype("<u8", copy=False)
         data: dict[str, Any] = {ct_key(k): c0[k].tobytes() + seeds for k, seeds in enumerate(self._seeds)}
-        data.update(self._plain)
-        return data, dict(self.meta)
+        data.update({name: value.copy() for name, value in self._plain.items()})
+        return data, copy.deepcopy(self.meta)
 
 
-def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) -> dict[str, np.ndarray]:
-    """Decrypt a packed model with the secret key and divide by its total weight: ``{name: array}``."""
+def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context, *, key: str) -> dict[str, np.ndarray]:
+    """Decrypt a packed model with the secret key and divide by its total weight: ``{name: array}``.
+
+    ``key``: this site's key fingerprint (its kit's ``he_key_fingerprint.txt``); a model under another key would
+    decrypt to garbage, so it is refused.
+    """
     if not ctx.is_private():
         raise ValueError("decrypting needs the secret key (client_context.tenseal), this context is public")
-    _check_version(he_meta)
+    _check_format(he_meta)
+    check_key(
+        he_meta["key"], checked_fingerprint(key, "this site's key fingerprint"), "the packed HE model", "this site's"
+    )
+    divisor, _, _ = _check_counts(he_meta)
+    _check_ciphertext(he_meta["ciphertext"], expected_ciphertext(ctx), "this site's")
+    _check_layout(he_meta, slot_count(ctx))
     seal_context = ctx.seal_context().data
     decryptor = sealapi.Decryptor(seal_context, ctx.secret_key().data)
     encoder = sealapi.CKKSEncoder(seal_context)
@@ -420,15 +413,14 @@ def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) ->
             decryptor.decrypt(rebuild(data[ct_key(k)]), plain)
             z = np.array(encoder.decode_complex(plain), dtype=complex)
             parts += [z.real, z.imag]
-    divisor = float(he_meta["weight"])
-    flat = (np.concatenate(parts) if parts else np.zeros(0))[: he_meta["n_values"]] / divisor
+    flat = np.concatenate(parts)[: he_meta["n_values"]] / divisor
     out: dict[str, np.ndarray] = {}
     for name, shape, dtype, offset in he_meta["tensors"]:
         size = int(np.prod(shape, dtype=np.int64))
         out[name] = flat[offset : offset + size].reshape(shape).astype(dtype)
     for name, shape, dtype in he_meta["plain"]:
         value = np.asarray(data[name], dtype=np.float64) / divisor
-        out[name] = (np.rint(value) if np.dtype(dtype).kind in "iub" else value).astype(dtype).reshape(shape)
+        out[name] = np.rint(value).astype(dtype).reshape(shape)
     return out
 
 
@@ -437,7 +429,7 @@ def as_ckks_vector(blob: bytes, he_meta: Mapping, ctx: ts.Context) -> ts.CKKSVec
 
     TenSEAL decrypts the real parts only: the first half of the blob's values.
     """
-    _check_version(he_meta)
+    _check_format(he_meta)
     with _Rebuilder(ctx, he_meta) as rebuild:
         rebuild(blob).save(rebuild.path)
         seal_bytes = rebuild.read()

@@ -5,7 +5,8 @@ buffers, layout and total weight in the metadata; see ``spleen_flare.he.packing`
 persistor cannot load into the network. This one never decrypts (the server has no secret key): it writes the
 model as an NVFlare DXO file (FOBS, like cross-site evaluation's model files) at the usual checkpoint paths and
 serves it back to the model locator for cross-site evaluation, so that the sites decrypt it themselves. The
-initial (plaintext) model is handled by the usual PyTorch checkpoint code.
+metadata is kept whole, key fingerprint included, so that a site of another provisioning refuses a stored model
+instead of decrypting it to garbage. The initial (plaintext) model is handled by the usual PyTorch checkpoint code.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from spleen_tools.flare import FlareError, nvflare, nvflare_command
 from spleen_tools.paths import LOCK_DIR
 from spleen_tools.procs import HostLock, PidFile, ProcessRef, busy_ports, start_group, stop_started, terminate
 from spleen_tools.systems.base import participant_env
+from spleen_tools.systems.he_kits import fingerprint_kits
 
 KIND = "poc"
 ADMIN = "admin@nvidia.com"
@@ -168,6 +169,8 @@ class PocSystem:
             )
             if not (self.admin_startup_kit / "startup").is_dir():
                 raise RuntimeError(f"`nvflare poc prepare` made no admin kit at {self.admin_startup_kit}")
+            if self.he:
+                fingerprint_kits(self.prod_dir)
             cmd = nvflare_command("poc", "start", "-ex", ADMIN, "--timeout", str(int(self.start_timeout)))
             # Own session: server, clients and job processes all land in this process group.
             self._starter = start_group(cmd, self.logs_dir / "poc_start.log", env=self.env())
