@@ -28,6 +28,7 @@ from spleen_flare.contract import (
     FINAL_GLOBAL_MODEL,
     GLOBAL_METRIC,
     KEY_METRIC,
+    LAST_LOCAL_UPDATE,
     PROGRESS_TAG,
     tagged_line,
 )
@@ -133,8 +134,10 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
         metrics_failed=site.train_stats.failed + site.val_stats.failed,
         work_s=round(time.perf_counter() - work_start, 1),
     )
+    weights = runner.get_weights()
+    keep_last_update(site, weights, steps, model.current_round)
     return FLModel(
-        params=runner.get_weights(),
+        params=weights,
         metrics={KEY_METRIC: global_dice},
         meta={NUM_STEPS_KEY: steps},
         current_round=model.current_round,  # result filters (HE) log the round
@@ -160,6 +163,16 @@ def keep_final_global_model(site: Site, params: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": to_tensor_dict(params)}, path)
     progress(kind="info", site=site.name, final_global_model=str(path))
+
+
+def keep_last_update(site: Site, weights: dict, steps: int, rnd: int | None) -> None:
+    """What this site sends this round, before any filter (HE encrypts after): its last local model, and what
+    lets anyone holding every site's copy check the aggregate (FedAvg weights = steps)."""
+    path = site.app_root / LAST_LOCAL_UPDATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": to_tensor_dict(weights), "steps": steps, "round": rnd}, tmp)
+    tmp.replace(path)
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cro
 GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it received, per round
 # where each site keeps the last global model it received (its app folder of the job; HE: decrypted)
 FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
+# where each site keeps the update it sent last (weights, steps, round): its own, never encrypted on its disk
+LAST_LOCAL_UPDATE = "local_model/last_update.pt"
 
 # Log tags and the kinds of progress line.
 PROGRESS_TAG = "[spleen]"

@@ -36,6 +36,7 @@ from spleen_tools.run import report, summary
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
+from spleen_tools.run.secrets_scan import known_secrets, scan
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
@@ -93,6 +94,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             report.report(result, list(run.system.site_names), out)
             check(run, result)
             export_model(run, result)
+            check_no_secret_left(run, result)
             keep = settings.keep_running
             if keep:
                 report.report_still_running(
@@ -266,6 +268,29 @@ def export_model(run: Run, result: dict) -> None:
         raise ExperimentError(f"model bundle: {err}") from None
     (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     run.out(f"model bundle: {bundle} (verified: metadata, network, TorchScript = state dict)")
+
+
+def check_no_secret_left(run: Run, result: dict) -> None:
+    """No private key, secret TenSEAL context or admin credential of the kits anywhere in what the run wrote: the
+    run directory (MLflow store and artifacts, downloaded job, model bundle) and every participant's logs and job
+    folders (the kits' own secret files are skipped). A finding fails the run."""
+    workspace = run.system.workspace
+    secrets = known_secrets([workspace])
+    report = scan([run.run_dir] + ([] if workspace.is_relative_to(run.run_dir) else [workspace]), secrets)
+    result["secrets_scan"] = {
+        "secrets": len(secrets),
+        "files": report.files,
+        "bytes": report.bytes,
+        "findings": [f"{f.file}: {f.what} ({f.detail})" for f in report.findings + report.unchecked],
+    }
+    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not secrets or not report.clean:
+        found = result["secrets_scan"]["findings"] or [f"{run.system.workspace}: no kit secrets to look for"]
+        raise ExperimentError("secret left behind: " + "\nsecret left behind: ".join(found))
+    run.out(
+        f"secrets: none of the kits' {len(secrets)} secrets in {report.files} files ({report.bytes / 1e6:.0f} MB) "
+        "of the run directory and the participants' logs and job folders"
+    )
 
 
 def stop_everything(run: Run) -> None:

@@ -27,4 +27,4 @@ def dice(mask: np.ndarray, label: np.ndarray) -> float:
 
 def geometry_problem(volume: nib.Nifti1Image, scan: nib.Nifti1Image, path: Path) -> str | None:
     """Why a mask or label does not lie on the scan's voxel grid, or None (the dataset check's rule)."""
-    return grid_problem(volume, scan, path, Path(scan.get_filename() or 'the scan').name)
+    return grid_problem(volume, scan, path, Path(scan.get_filename() or "the scan").name)

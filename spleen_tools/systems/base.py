@@ -43,6 +43,7 @@ class FLSystem(Protocol):
     """
 
     kind: str  # the key of its entry in the run's pids.json ("poc", "secure")
+    workspace: Path  # the provisioning output: every participant's kit, logs and job folders
     site_names: list[str]
     admin_startup_kit: Path  # the admin kit to submit jobs with (``nvflare job submit --startup-kit``)
     log_paths: dict[str, Path]  # participant ("server", "site-1", ...) -> its log file

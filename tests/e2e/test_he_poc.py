@@ -75,19 +75,51 @@ def test_best_model_is_chosen_on_metrics_among_every_global_model(he_run: dict) 
     assert_best_model_is_the_best_scored(he_run)
 
 
-def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: dict) -> None:
+def _kit(run_dir, participant: str):
+    return next(run_dir.glob(f"poc/**/prod_00/{participant}/startup"))
+
+
+def _stored_global_model(run_dir):
     from nvflare.apis.dxo import from_file
     from nvflare.app_common.decomposers import numpy_decomposers
 
-    from spleen_flare.bundle_runner import build_network
-    from spleen_flare.he.packing import HE_META_KEY, as_ckks_vector, decrypt_model
-    from spleen_tools.paths import BUNDLE_SRC
-
     numpy_decomposers.register()
-    run_dir = he_run["_run_dir"]
     model_files = sorted(run_dir.glob("job_result/**/app_server/FL_global_model.pt"))
     assert model_files, "no persisted global model"
-    stored = from_file(str(model_files[0]))
+    return from_file(str(model_files[0]))
+
+
+def _site_decrypts(run_dir, site: str, stored) -> dict:
+    from spleen_flare.he.fingerprint import KEY_FINGERPRINT_FILE, read_fingerprint_file
+    from spleen_flare.he.packing import HE_META_KEY, decrypt_model
+
+    kit = _kit(run_dir, site)
+    ctx = ts.context_from((kit / "client_context.tenseal").read_bytes())
+    key = read_fingerprint_file(kit / KEY_FINGERPRINT_FILE)
+    return decrypt_model(stored.data, stored.meta[HE_META_KEY], ctx, key=key)
+
+
+def test_server_kit_holds_no_secret_and_sites_share_its_key_fingerprint(he_run: dict) -> None:
+    from spleen_flare.he.fingerprint import KEY_FINGERPRINT_FILE, read_fingerprint_file
+    from spleen_flare.he.packing import HE_META_KEY, key_fingerprint
+
+    run_dir = he_run["_run_dir"]
+    server = _kit(run_dir, "server")
+    assert not (server / "client_context.tenseal").exists()
+    server_ctx = ts.context_from((server / "server_context.tenseal").read_bytes())
+    assert not server_ctx.is_private() and not server_ctx.has_secret_key()
+    for site in SITES:
+        assert read_fingerprint_file(_kit(run_dir, site) / KEY_FINGERPRINT_FILE) == key_fingerprint(server_ctx)
+    assert _stored_global_model(run_dir).meta[HE_META_KEY]["key"] == key_fingerprint(server_ctx)
+
+
+def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: dict) -> None:
+    from spleen_flare.bundle_runner import build_network
+    from spleen_flare.he.packing import HE_META_KEY, as_ckks_vector
+    from spleen_tools.paths import BUNDLE_SRC
+
+    run_dir = he_run["_run_dir"]
+    stored = _stored_global_model(run_dir)
     he_meta = stored.meta[HE_META_KEY]
     assert he_meta["contributions"] == len(SITES)
     shapes = {k: tuple(v.shape) for k, v in build_network(BUNDLE_SRC).state_dict().items()}
@@ -95,15 +127,46 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
     assert not float_names & set(stored.data), "a float tensor stored under its own name"
     blobs = [v for k, v in stored.data.items() if k not in shapes]
     assert blobs and all(isinstance(b, bytes) for b in blobs)
-
-    server_ctx = ts.context_from(next(run_dir.glob("poc/**/server/startup/server_context.tenseal")).read_bytes())
-    client_ctx = ts.context_from(next(run_dir.glob("poc/**/site-1/startup/client_context.tenseal")).read_bytes())
-    assert not server_ctx.is_private() and client_ctx.is_private()
+    server_ctx = ts.context_from((_kit(run_dir, "server") / "server_context.tenseal").read_bytes())
     with pytest.raises(ValueError, match="secret"):
         as_ckks_vector(blobs[0], he_meta, server_ctx).decrypt()
-    weights = decrypt_model(stored.data, he_meta, client_ctx)
+    weights = _site_decrypts(run_dir, "site-1", stored)
     assert {k: v.shape for k, v in weights.items()} == shapes
-    assert all(np.all(np.isfinite(v)) for v in weights.values())
+
+
+def test_sites_decrypt_the_fedavg_of_their_last_updates(he_run: dict) -> None:
+    """The last aggregate, decrypted with a site's key, is the steps-weighted mean of what the sites sent in the
+    last round (each site keeps its own last update, before encryption): FedAvg under HE, on the real job."""
+    import torch
+
+    from spleen_flare.contract import LAST_LOCAL_UPDATE
+
+    run_dir, job_id = he_run["_run_dir"], he_run["job_id"]
+    updates = {}
+    for site in SITES:
+        path = next(run_dir.glob(f"poc/**/prod_00/{site}/{job_id}/app_{site}/{LAST_LOCAL_UPDATE}"))
+        updates[site] = torch.load(path, map_location="cpu")
+        assert updates[site]["round"] == ROUNDS - 1 and updates[site]["steps"] > 0, site
+    total = sum(u["steps"] for u in updates.values())
+    expected = {
+        name: sum(u["model"][name].double().numpy() * u["steps"] for u in updates.values()) / total
+        for name in updates["site-1"]["model"]
+    }
+    stored = _stored_global_model(run_dir)
+    for site in SITES:  # each site's key gives the same model
+        got = _site_decrypts(run_dir, site, stored)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            if updates["site-1"]["model"][name].is_floating_point():
+                np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=f"{site}: {name}")
+            else:  # BatchNorm's batch counter: the weighted mean, rounded
+                assert got[name] == np.rint(value), (site, name)
+    spread = max(
+        float(np.abs(updates["site-1"]["model"][n].numpy() - updates["site-2"]["model"][n].numpy()).max())
+        for n in expected
+        if updates["site-1"]["model"][n].is_floating_point()
+    )
+    assert spread > 1e-3, "the sites sent the same weights: the comparison would prove nothing"
 
 
 def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -> None:
@@ -112,20 +175,14 @@ def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -
     from pathlib import Path
 
     import torch
-    from nvflare.apis.dxo import from_file
-    from nvflare.app_common.decomposers import numpy_decomposers
 
-    from spleen_flare.he.packing import HE_META_KEY, decrypt_model
     from spleen_tools.model_bundle import verify_bundle
 
-    numpy_decomposers.register()
     run_dir = he_run["_run_dir"]
     bundle = Path(he_run["model_bundle"]["path"])
     assert verify_bundle(bundle)["torchscript_max_abs_diff"] <= 1e-4
     exported = torch.load(bundle / "models" / "model.pt", map_location="cpu")
-    stored = from_file(str(next(run_dir.glob("job_result/**/app_server/FL_global_model.pt"))))
-    client_ctx = ts.context_from(next(run_dir.glob("poc/**/site-2/startup/client_context.tenseal")).read_bytes())
-    decrypted = decrypt_model(stored.data, stored.meta[HE_META_KEY], client_ctx)
+    decrypted = _site_decrypts(run_dir, "site-2", _stored_global_model(run_dir))
     assert exported.keys() == decrypted.keys()
     for name, value in decrypted.items():
         np.testing.assert_allclose(exported[name].numpy(), np.asarray(value).reshape(exported[name].shape), atol=1e-5)

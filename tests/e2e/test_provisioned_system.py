@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -247,3 +248,48 @@ def test_local_job_runs_over_tls_end_to_end(workspaces, tmp_path):
     # The run stopped everything it started: its process groups, MLflow, and the secure system's state file.
     assert alive_recorded(run_dir) == [] and running_pids(ws) == [] and not state_path(ws).exists()
     assert json.loads((run_dir / "pids.json").read_text())["secure"]["workspace"] == str(ws)
+
+
+def test_he_job_over_tls_leaves_no_secret_behind(workspaces, tmp_path):
+    """``run_experiment --secure --job he``: HE over TLS with the signed kit fingerprint; the run's own scan finds no
+    kit secret in the run directory (MLflow store, downloaded job, bundle) or the participants' logs and job folders,
+    and the same scan from the command line flags a secret context that someone copied into the downloaded job."""
+    ws = workspaces["ours"]
+    assert running_pids(ws) == []
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run(
+        runner_cmd(runs_dir, "--secure", "--job", "he", "--rounds", "1", "--synthetic-cases", "4", "--timeout", "800"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", SPLEEN_SECURE_WORKSPACE=str(ws)),
+    )
+    run_dir = (runs_dir / "latest").resolve()
+    assert proc.returncode == 0, _output(proc)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "FINISHED:COMPLETED" and s["update_bytes_ratio"] <= 2.1
+    scan = s["secrets_scan"]
+    assert scan["findings"] == [] and scan["secrets"] >= 5, scan  # 4 kit keys + root CA + the sites' HE context
+    assert "secrets: none of the kits'" in proc.stdout
+    # the server kit holds the public context only; every site kit the signed fingerprint of that context
+    import tenseal as ts
+
+    from spleen_flare.he.fingerprint import KEY_FINGERPRINT_FILE, read_fingerprint_file
+    from spleen_flare.he.packing import key_fingerprint
+
+    server_kit = ws / "localhost" / "startup"
+    assert not (server_kit / "client_context.tenseal").exists()
+    server_ctx = ts.context_from((server_kit / "server_context.tenseal").read_bytes())
+    assert not server_ctx.is_private()
+    for site in SITES:
+        assert read_fingerprint_file(ws / site / "startup" / KEY_FINGERPRINT_FILE) == key_fingerprint(server_ctx)
+
+    cli = [sys.executable, "-m", "spleen_tools.cli.scan_secrets", str(run_dir), str(ws), "--kits", str(ws)]
+    clean = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0 and "no secrets found" in clean.stdout, clean.stdout + clean.stderr
+    leaked = run_dir / "job_result" / s["job_id"] / "site-1_context_backup.bin"
+    shutil.copy(ws / "site-1" / "startup" / "client_context.tenseal", leaked)
+    found = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 1 and f"error: {leaked}:" in found.stderr, found.stdout + found.stderr
+    assert alive_recorded(run_dir) == [] and running_pids(ws) == []
