@@ -30,8 +30,9 @@ LAST_LOCAL_UPDATE = "local_model/last_update.pt"
 PROGRESS_TAG = "[spleen]"
 HE_TAG = "[spleen-he]"
 TAGS = (PROGRESS_TAG, HE_TAG)
-# final: the last global model, scored by a site; data_error: a problem a site found in its own cases (one each)
-PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error")
+# final: the last global model, scored by a site; data_error: a problem a site found in its own cases (one each);
+# dropped: the server closed a round without a site's result (logged by the server's workflow)
+PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error", "dropped")
 
 
 def _finite(value: Any) -> Any:

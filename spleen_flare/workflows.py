@@ -1,15 +1,30 @@
-"""NVFlare workflows whose ``task_check_period`` takes effect.
+"""NVFlare workflows whose ``task_check_period`` takes effect, and a ScatterAndGather that names a silent site.
 
 NVFlare 2.9's ``Controller.set_communicator`` hands the period on as ``communicator.task_check_period``, while
 ``WFCommServer`` polls with its own ``_task_check_period`` (always 0.2 s) and never reads the public one. A round
 whose last result has arrived then waits for up to two such polls (the task's completion check, then the
 workflow's wait for the task) before aggregation starts. The subclasses below pass the configured period on.
+
+A site that dies mid-round sends nothing and, with ``train_timeout`` 0, is waited for forever (NVFlare drops a
+client only after its heartbeat timeout, 10 minutes, and even then may go on with fewer results than
+``min_clients``). Our ScatterAndGather logs a ``dropped`` line for every site without a training result when a
+round closes (``train_timeout`` bounds it) and stops the job with the reason when fewer than ``min_clients``
+sites answered, instead of aggregating what came.
 """
 
 from __future__ import annotations
 
+import time
+
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
 from nvflare.apis.wf_comm_spec import WFCommSpec
 from nvflare.app_common.workflows import cross_site_model_eval, scatter_and_gather
+
+from spleen_flare.contract import PROGRESS_TAG, tagged_line
 
 
 class HonoursTaskCheckPeriod:
@@ -23,8 +38,66 @@ class HonoursTaskCheckPeriod:
             communicator._task_check_period = self._task_check_period
 
 
+def _name(client: Client | str) -> str:
+    return client.name if isinstance(client, Client) else str(client)
+
+
 class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGather):
-    pass
+    """NVFlare's FedAvg workflow that names the sites that sent no training result and honours ``min_clients``."""
+
+    _answered: set[str]
+    _succeeded: set[str]
+
+    def _process_train_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        result, site = client_task.result, _name(client_task.client)
+        self._answered.add(site)
+        if result is not None and result.get_return_code(ReturnCode.OK) == ReturnCode.OK:
+            self._succeeded.add(site)
+        super()._process_train_result(client_task, fl_ctx)
+
+    def broadcast_and_wait(
+        self,
+        task: Task,
+        fl_ctx: FLContext,
+        targets=None,
+        min_responses: int = 1,
+        wait_time_after_min_received: int = 0,
+        abort_signal: Signal | None = None,
+    ):
+        if task.name != self.train_task_name:
+            return super().broadcast_and_wait(
+                task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal
+            )
+        self._answered, self._succeeded = set(), set()
+        expected = sorted(_name(c) for c in (targets or self._engine.get_clients()))
+        start = time.monotonic()
+        super().broadcast_and_wait(task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal)
+        if abort_signal is not None and abort_signal.triggered:
+            return None
+        self._report_silent_sites(expected, time.monotonic() - start, fl_ctx)
+        return None
+
+    def _report_silent_sites(self, expected: list[str], waited: float, fl_ctx: FLContext) -> None:
+        silent = [s for s in expected if s not in self._answered]
+        for site in silent:
+            line = tagged_line(
+                PROGRESS_TAG,
+                kind="dropped",
+                site=site,
+                round=self._current_round,
+                task=self.train_task_name,
+                waited_s=round(waited, 1),
+                at=round(time.time(), 3),
+            )
+            self.log_warning(fl_ctx, line)
+        if len(self._succeeded) < self._min_clients:
+            missing = ", ".join(silent) or "none silent; the others failed"
+            self.system_panic(
+                f"round {self._current_round}: {len(self._succeeded)} of min_clients {self._min_clients} sites sent a "
+                f"training result within {waited:.0f} s (train_timeout {self._train_timeout} s; no result from "
+                f"{missing}): the job stops",
+                fl_ctx,
+            )
 
 
 class CrossSiteModelEval(HonoursTaskCheckPeriod, cross_site_model_eval.CrossSiteModelEval):

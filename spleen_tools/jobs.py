@@ -42,6 +42,7 @@ class JobSettings:
     rounds: int | None = None
     local_epochs: int | None = None
     min_clients: int | None = None
+    site_timeout: int | None = None  # seconds the server waits for a site's answer to any task (see SITE_TIMEOUTS)
     quick: bool | None = None
     tracking: str | None = None  # one of TRACKING_MODES
     tracking_uri: str | None = None
@@ -119,6 +120,23 @@ def set_tracking(components: list[dict], settings: JobSettings) -> None:
         receiver["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
 
 
+# The server workflows' waits for sites: a site silent for longer is reported and the workflow goes on (or stops).
+SITE_TIMEOUTS = {
+    "scatter_and_gather": ("train_timeout",),
+    "final_global_validation": ("timeout",),
+    "cross_site_validate": ("submit_model_timeout", "validation_timeout"),
+}
+
+
+def set_site_timeout(workflows: list[dict], seconds: int) -> None:
+    """Every wait of the server's workflows for a site (training, final validation, cross-site) to ``seconds``."""
+    if seconds < 1:
+        raise ValueError(f"site timeout must be at least 1 s, got {seconds}")
+    for workflow in workflows:
+        for arg in SITE_TIMEOUTS.get(workflow["id"], ()):
+            workflow["args"][arg] = seconds
+
+
 def apply_settings(job: Path, settings: JobSettings) -> None:
     """Write FL knobs into the job folder ``job`` (meant for a copy, see :func:`prepare_job`)."""
     config_dir = job / "app" / "config"
@@ -134,6 +152,8 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
     if settings.min_clients is not None:
         server["min_clients"] = settings.min_clients
         meta["min_clients"] = settings.min_clients
+    if settings.site_timeout is not None:
+        set_site_timeout(server["workflows"], settings.site_timeout)
     set_tracking(server["components"], settings)
 
     updates: dict[str, str] = {}

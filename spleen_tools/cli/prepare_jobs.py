@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help="FL rounds")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round")
     parser.add_argument("--sites", type=int, help="minimum number of sites (clients)")
+    parser.add_argument(
+        "--site-timeout",
+        type=int,
+        help="seconds the server waits for a site's answer (training, validation, its model) before it goes on",
+    )
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None, help="CPU-quick override")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for the server's receiver")
     return parser
@@ -29,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         min_clients=args.sites,
+        site_timeout=args.site_timeout,
         quick=args.quick,
         tracking_uri=args.tracking_uri,
     )

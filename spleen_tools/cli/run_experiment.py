@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--job", choices=sorted(JOB_VARIANTS), default=d.job, help="local = FedAvg, he = FedAvg + HE")
     p.add_argument("--sites", type=int, default=d.sites, help="number of sites (site-1..N)")
+    p.add_argument(
+        "--min-clients",
+        type=int,
+        default=None,
+        help="sites a round needs (default: all); with fewer, a site that drops out is reported and the job goes on",
+    )
+    p.add_argument(
+        "--site-timeout",
+        type=int,
+        default=None,
+        help="seconds the server waits for a site's answer (training a round, validating, sending its model); a site "
+        "silent for longer is reported as dropped (default: the job's, 3600 s for a round, 900 s otherwise)",
+    )
     p.add_argument("--rounds", type=int, default=d.rounds, help="FL rounds")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round")
     p.add_argument(
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = ExperimentSettings(
             job=args.job,
             sites=args.sites,
+            min_clients=args.min_clients,
+            site_timeout=args.site_timeout,
             rounds=args.rounds,
             local_epochs=args.local_epochs,
             quick=quick,

@@ -109,6 +109,7 @@ class Progress:
     he_events: list[dict] = field(default_factory=list)
     fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
     data_errors: list[str] = field(default_factory=list)  # "site: file: what is wrong; the fix"
+    dropped: list[dict] = field(default_factory=list)  # the server's "dropped" events: site, round, waited_s, at
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -132,6 +133,8 @@ class Progress:
         if kind == "fl_round":
             self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
             return []
+        if kind == "dropped":
+            return self._dropped(event, now)
         if kind == "data_error":
             self.data_errors.append(f"{event['site']}: {event.get('problem')}")
             return [f"{self._clock(now)} {self.data_errors[-1]}"]
@@ -154,7 +157,7 @@ class Progress:
             f"local Dice {fmt(event.get('local_dice'))} (global model before training: "
             f"{fmt(event.get('global_dice'))})"
         ]
-        if set(self.per_round[rnd]) >= set(self.sites) and rnd not in self.round_done_at:
+        if set(self.per_round[rnd]) >= self._expected(rnd) and rnd not in self.round_done_at:
             # the log line's own time: several rounds can finish between two polls of the logs
             self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
             times = self.round_times()
@@ -164,6 +167,29 @@ class Progress:
                 f"elapsed {mmss(now - self.start)}, about {mmss(left)} left"
             )
         return out
+
+    def _expected(self, rnd: int) -> set[str]:
+        """The sites a round waits for in the progress lines: all but those the server reported dropped in it."""
+        return set(self.sites) - {d["site"] for d in self.dropped if d.get("round") == rnd}
+
+    def _dropped(self, event: dict, now: float) -> list[str]:
+        rnd = event.get("round")
+        self.dropped.append({k: event.get(k) for k in ("site", "round", "task", "waited_s", "at")})
+        when = time.strftime("%H:%M:%S", time.localtime(event["at"])) if isinstance(event.get("at"), float) else "?"
+        number = rnd + 1 if isinstance(rnd, int) else "?"
+        waited = event.get("waited_s") or 0
+        out = [
+            f"{self._clock(now)} {event['site']} dropped: no {event.get('task', 'train')} result in round {number} "
+            f"(the server waited {waited:.0f} s; {when})"
+        ]
+        reported = self.per_round.get(rnd, {})
+        if isinstance(rnd, int) and reported and set(reported) >= self._expected(rnd) and rnd not in self.round_done_at:
+            self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
+            out.append(f"{self._clock(now)} round {rnd + 1}/{self.rounds} done without {event['site']}")
+        return out
+
+    def dropped_sites(self) -> list[str]:
+        return sorted({d["site"] for d in self.dropped})
 
     def round_times(self) -> list[float]:
         times, prev = [], self.start

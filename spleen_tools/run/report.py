@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
         is_last = last and best.get("sha256") == last.get("sha256")
         which = "the final one" if is_last else f"the one after round {best['round'] + 1}"
         out(f"  best global model: {which} (mean validation Dice {fmt(best.get(KEY_METRIC))})")
+    report_dropped(summary.get("dropped") or [], out)
+    if summary.get("status_note"):
+        out(f"  job status {summary['status']}: {summary['status_note']}")
     out("")
     out(f"wall time {mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
     if summary.get("fl_round_s"):
@@ -66,6 +70,8 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
             f"server round times (s): {summary['fl_round_s']}; slowest site's own work per round (validation + "
             f"training, s): {summary.get('site_work_s')}"
         )
+    if summary.get("server_peak_memory_mb"):
+        out(f"server peak memory (server + job process, resident): {summary['server_peak_memory_mb']:.0f} MB")
     if summary.get("update_bytes_encrypted"):
         plain = summary.get("update_bytes_plain")
         ratio = f" = {summary['update_bytes_ratio']}x the plaintext {plain / 1e6:.1f} MB" if plain else ""
@@ -78,6 +84,21 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
     for name, path in (summary.get("plots") or {}).items():
         out(f"{name.replace('_', ' ')}: {path}")
     out(f"summary: {summary['paths']['run_dir']}/summary.json")
+
+
+def report_dropped(dropped: list[dict], out: Callable[[str], None]) -> None:
+    """Which sites the server went on without, from which round, and when it first noticed."""
+    by_site: dict[str, list[dict]] = {}
+    for event in dropped:
+        by_site.setdefault(event["site"], []).append(event)
+    for site, events in sorted(by_site.items()):
+        rounds = ", ".join(str(e["round"] + 1) for e in events if isinstance(e.get("round"), int))
+        first = events[0]
+        when = time.strftime("%H:%M:%S", time.localtime(first["at"])) if isinstance(first.get("at"), float) else "?"
+        out(
+            f"  dropped: {site} sent no training result in round(s) {rounds} (first noticed {when}, after the "
+            f"server waited {(first.get('waited_s') or 0):.0f} s); the results above are without it"
+        )
 
 
 def report_tracking(summary: dict, out: Callable[[str], None]) -> None:

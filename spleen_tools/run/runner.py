@@ -33,11 +33,12 @@ from spleen_tools.model_bundle import (
 )
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
+from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.secrets_scan import known_secrets, scan
-from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError
+from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
 from spleen_tools.systems.base import FLSystem
@@ -55,6 +56,11 @@ class Run:
     out: Callable[[str], None]
     mlflow: MLflowServer | None = None
     system: FLSystem | None = None
+    server_memory: PeakMemory | None = None
+    phase: str = "starting"  # what the run is doing; stopped.json names it when the run ends early
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
 
     @property
     def deadline(self) -> float:
@@ -76,34 +82,61 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     keep = False
     try:
         with sigterm_raises():
+            run.enter("checking that the FL system can start")
             preflight(settings)
+            run.enter("preparing data")
             dataset, datalists = prepare_data(settings, run.run_dir, out)
             if settings.tracking == "server":
+                run.enter("starting MLflow")
                 start_mlflow(run)
             job_folder = prepare_job_copy(run)
+            run.enter("starting the FL system")
             start_system(run, {DATA_DIR_ENV: str(dataset), DATALIST_ENV: str(datalists / "{site}.json")})
             admin = JobAdmin(run.system.admin_startup_kit, run.system.env(), run.run_dir / "logs" / "nvflare_cli.log")
             follower = LogFollower(log_roots(run.system).values())
             follower.skip_existing()
+            run.enter("submitting the job")
             job_id = admin.submit(job_folder)
             run.pid_file.update(job_id=job_id)
             out(f"submitted {settings.job_name}: job_id {job_id}")
+            run.enter(f"running job {job_id}")
             progress = Progress(list(run.system.site_names), settings.rounds)
             status = follow_job(run, admin, job_id, follower, progress)
+            run.enter("collecting results")
             result = collect_results(run, admin, job_id, status, progress)
             report.report(result, list(run.system.site_names), out)
             check(run, result)
+            run.enter("exporting the model and checking for secrets")
             export_model(run, result)
             check_no_secret_left(run, result)
+            run.enter("done")
             keep = settings.keep_running
             if keep:
                 report.report_still_running(
                     run.run_dir, settings.secure, run.mlflow.process.pid if run.mlflow else None, out
                 )
             return 0
+    except BaseException as err:
+        record_stop(run, err)
+        raise
     finally:
         if not keep:
             stop_everything(run)
+
+
+STOPPED_FILE = "stopped.json"
+
+
+def record_stop(run: Run, err: BaseException) -> None:
+    """``stopped.json`` in the run directory: the phase the run was in when it ended early, and why."""
+    if isinstance(err, KeyboardInterrupt):
+        reason = "interrupted (Ctrl-C / SIGINT)"
+    elif isinstance(err, Terminated):
+        reason = f"terminated ({err})"
+    else:
+        reason = f"{type(err).__name__}: {err}"
+    record = {"phase": run.phase, "reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run.run_dir / STOPPED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def check_given_data(settings: ExperimentSettings) -> None:
@@ -145,7 +178,8 @@ def prepare_job_copy(run: Run) -> Path:
     job_settings = JobSettings(
         rounds=s.rounds,
         local_epochs=s.local_epochs,
-        min_clients=s.sites,
+        min_clients=s.min_clients or s.sites,
+        site_timeout=s.site_timeout,
         quick=s.quick,
         tracking=s.tracking,
         tracking_uri=run.mlflow.url if run.mlflow else None,
@@ -169,6 +203,8 @@ def start_system(run: Run, env: dict[str, str]) -> None:
         run.system = PocSystem(run.run_dir / "poc", s.sites, he=s.job == "he", env=env, pid_file=run.pid_file.path)
     run.out(f"starting the FL system ({'secure' if s.secure else 'POC'}, {s.sites} sites) ...")
     run.system.start()
+    run.server_memory = PeakMemory(recorded_server(run.pid_file, run.system.kind))
+    run.server_memory.start()
     if time.monotonic() > run.deadline:
         raise RunTimeout(f"timed out after {s.timeout:.0f} s while starting the FL system")
     for name, root in log_roots(run.system).items():
@@ -229,7 +265,10 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         param_count=summary.count_weights(download_dir) if progress.he_events else None,
         model_history=summary.read_model_history(download_dir),
     )
+    result["server_peak_memory_mb"] = run.server_memory.stop() if run.server_memory else None
     result.update(tracking_info(run, download_dir, job_id, sites))
+    if result["dropped"] and status not in TERMINAL_OK:
+        result["status_note"] = summary.abandoned_upload(download_dir, progress.dropped_sites())
     # Read back from the MLflow server while it still runs (or the store or event files that came back with the
     # job): the curves show what the tracking holds.
     result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}
@@ -296,6 +335,8 @@ def check_no_secret_left(run: Run, result: dict) -> None:
 def stop_everything(run: Run) -> None:
     """Stop the system and MLflow (by their objects, then whatever pids.json still names); warn about survivors."""
     with signals_ignored():
+        if run.server_memory is not None:
+            run.server_memory.stop()
         if run.system is not None:
             run.system.stop()
         if run.mlflow is not None:

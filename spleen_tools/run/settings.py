@@ -31,6 +31,8 @@ class Terminated(BaseException):
 class ExperimentSettings:
     job: str = "local"  # "local" or "he"
     sites: int = 2
+    min_clients: int | None = None  # sites a round needs (None: all); the others may drop out
+    site_timeout: int | None = None  # how long the server waits for a site (None: the job's, 3600 s for training)
     rounds: int = 10  # the default demo segments the synthetic data (Dice >= 0.8) in a few minutes on 2 cores
     local_epochs: int = 5
     quick: bool = True
@@ -57,6 +59,10 @@ class ExperimentSettings:
         for name, value in (("--sites", self.sites), ("--rounds", self.rounds), ("--local-epochs", self.local_epochs)):
             if value < 1:
                 raise SettingsError(f"{name} must be at least 1, got {value}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.sites:
+            raise SettingsError(f"--min-clients must be between 1 and --sites {self.sites}, got {self.min_clients}")
+        if self.site_timeout is not None and self.site_timeout < 1:
+            raise SettingsError(f"--site-timeout must be at least 1 s, got {self.site_timeout}")
         if self.tracking not in TRACKING_MODES:
             raise SettingsError(f"--tracking must be one of {', '.join(TRACKING_MODES)}, got {self.tracking!r}")
         if self.timeout <= 0:

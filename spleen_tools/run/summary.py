@@ -94,6 +94,7 @@ def build_summary(
         "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
         "data_errors": progress.data_errors,
+        "dropped": progress.dropped,  # rounds the server closed without a site's result
         "global_dice_per_round": per_round,
         "final_global_dice": cross_site.get(GLOBAL_MODEL, {}),
         **model_choice(model_history or []),
@@ -138,15 +139,36 @@ def count_weights(download_dir: Path) -> int | None:
         return None
 
 
+ABANDONED_UPLOAD = "failed to decode streamed submit_update"  # NVFlare 2.9's server job log, at its very end
+
+
+def abandoned_upload(download_dir: Path, dropped: list[str]) -> str | None:
+    """Why a job that finished its work still ended FINISHED:EXECUTION_EXCEPTION, when that is a dropped site's
+    upload cut off mid-stream: NVFlare 2.9 keeps the stream pending and, at the job's end, fails the job on it."""
+    for log in sorted(Path(download_dir).glob("*/workspace/log.txt")):
+        for line in log.read_text(errors="replace").splitlines():
+            if ABANDONED_UPLOAD in line:
+                site = next((s for s in dropped if f"failed to download from {s}." in line), None)
+                if site:
+                    return (
+                        f"NVFlare failed the job at its end on {site}'s upload, cut off when {site} dropped; every "
+                        "round and the cross-site evaluation finished without it"
+                    )
+    return None
+
+
 def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> list[str]:
     """What makes a finished run a failure: a job that did not complete, or missing cross-site results."""
     found = list(summary.get("data_errors") or [])  # a site's own check of its cases: the cause, so first
-    if summary["status"] not in terminal_ok:
+    finished_all = len(summary.get("fl_round_s") or []) == summary.get("rounds")
+    excused = summary.get("status_note") and finished_all  # see abandoned_upload
+    if summary["status"] not in terminal_ok and not excused:
         found.append(f"job ended {summary['status']}")
     cross_site = summary["cross_site"]
+    present = [s for s in sites if s not in {d["site"] for d in summary.get("dropped") or []}]  # dropped: reported
     if not cross_site:
         found.append("no cross-site results in the downloaded job")
-    elif any(set(sites) - set(v) for v in cross_site.values()) or GLOBAL_MODEL not in cross_site:
+    elif any(set(present) - set(v) for v in cross_site.values()) or GLOBAL_MODEL not in cross_site:
         found.append("the cross-site table is incomplete")
     tracked = tracked_sites(summary)
     if tracked is not None and set(sites) - tracked:

@@ -9,6 +9,9 @@ from typing import Protocol, runtime_checkable
 from spleen_tools.paths import BIN_DIR
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op pool follows OMP_NUM_THREADS
+# After a job's server side ends, NVFlare's server waits for every site's own outcome before it calls the job
+# finished: 900 s by default, all of it for a site that died. A healthy site reports within seconds.
+OUTCOME_WAIT = ("NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT", "60")
 
 
 def thread_share(sites: int, cores: int | None = None) -> int:
@@ -27,6 +30,7 @@ def participant_env(extra: dict[str, str] | None = None, sites: int | None = Non
     env.update(extra or {})
     env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault(*OUTCOME_WAIT)
     if sites:
         for var in THREAD_VARS:
             env.setdefault(var, str(thread_share(sites)))

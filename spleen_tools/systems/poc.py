@@ -16,9 +16,18 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from spleen_tools.flare import FlareError, nvflare, nvflare_command
+from spleen_tools.flare import FlareError, connected_sites, nvflare, nvflare_command
 from spleen_tools.paths import LOCK_DIR
-from spleen_tools.procs import HostLock, PidFile, ProcessRef, busy_ports, start_group, stop_started, terminate
+from spleen_tools.procs import (
+    HostLock,
+    PidFile,
+    ProcessRef,
+    busy_ports,
+    start_group,
+    stop_started,
+    terminate,
+    wait_for,
+)
 from spleen_tools.systems.base import participant_env
 from spleen_tools.systems.he_kits import fingerprint_kits
 
@@ -118,6 +127,7 @@ class PocSystem:
         self.site_names = [f"site-{i}" for i in range(1, n_sites + 1)]
         self._lock = poc_lock(owner=f"workspace {self.workspace}")
         self._starter: subprocess.Popen | None = None
+        self._restarts: list[subprocess.Popen] = []  # sites started again (restart_site)
         self.processes: dict[str, ProcessRef] = {}
 
     # -- layout ------------------------------------------------------------------------------------------
@@ -193,6 +203,30 @@ class PocSystem:
             raise
         return self
 
+    def restart_site(self, name: str, timeout: float = 120.0) -> None:
+        """Start a site that died again, as its host would after a reboot: its kit's ``startup/start.sh``, in its own
+        process group, recorded like the first start; returns once the server lists the site as connected."""
+        if name not in self.site_names:
+            raise ValueError(f"unknown site {name!r}: this POC has {', '.join(self.site_names)}")
+        start_sh = self.prod_dir / name / "startup" / "start.sh"
+        self._restarts.append(
+            start_group(["bash", str(start_sh)], self.logs_dir / f"restart_{name}.log", env=self.env())
+        )
+        wait_for(
+            lambda: name in self.connected_sites(),
+            timeout,
+            f"{name} to connect again after its restart",
+            interval=2.0,
+        )
+        self._read_pid_files()
+
+    def connected_sites(self) -> list[str]:
+        """The sites the server lists as connected; none while it cannot be asked."""
+        try:
+            return connected_sites(ADMIN, self.admin_startup_kit)
+        except Exception:  # the admin API raises many kinds while the server is busy or starting
+            return []
+
     def _read_pid_files(self) -> None:
         """The participants' and their daemons' PIDs, from the files NVFlare's start scripts write."""
         for name in self.participants:
@@ -225,6 +259,9 @@ class PocSystem:
                 if self._starter is not None:
                     stop_started(self._starter, grace=5.0)
                     self._starter = None
+                for restart in self._restarts:
+                    stop_started(restart, grace=5.0)
+                self._restarts = []
         finally:
             self._lock.release()
 

@@ -23,3 +23,16 @@ def test_participant_env(monkeypatch):
     assert "OMP_NUM_THREADS" not in participant_env()  # no sites, no share
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert participant_env(sites=2)["OMP_NUM_THREADS"] == "3", "the user's own setting is kept"
+
+
+def test_the_server_waits_a_minute_not_fifteen_for_a_dead_sites_outcome(monkeypatch):
+    from nvflare.apis.fl_constant import ConfigVarName, SystemConfigs
+    from nvflare.fuel.utils.config_service import ConfigService
+
+    monkeypatch.delenv("NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT", raising=False)
+    env = participant_env()
+    monkeypatch.setattr("os.environ", env)  # what a participant started with it sees
+    waited = ConfigService.get_float_var(
+        name=ConfigVarName.CLIENT_OUTCOME_WAIT_TIMEOUT, conf=SystemConfigs.APPLICATION_CONF, default=900.0
+    )  # NVFlare's JobRunner reads it so
+    assert waited == 60.0

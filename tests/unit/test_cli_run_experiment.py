@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from spleen_tools.cli import run_experiment as cli
         (["--job", "fancy"], "invalid choice"),
         (["--synthetic-shape", "9x9"], "expected three sizes"),
         (["--synthetic-cases", "3"], "too few for 2 sites"),
+        (["--min-clients", "3"], "--min-clients must be between 1 and --sites 2"),
+        (["--site-timeout", "0"], "--site-timeout must be at least 1 s"),
         (["--data", "/nonexistent/Task09_Spleen"], "no dataset.json"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--stop", "/nonexistent/run"], "no pids.json"),
@@ -45,6 +48,9 @@ def test_secure_not_provisioned_is_exit_2_before_mlflow(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "provision it first (./start_fl_secure.sh provision)" in err, err
     assert not (Path(tmp_path / "runs" / "latest") / "mlflow").exists(), "no MLflow started before the check"
+    stopped = (tmp_path / "runs" / "latest" / "stopped.json").read_text()  # the run says where it stopped
+    assert json.loads(stopped)["phase"] == "checking that the FL system can start", stopped
+    assert json.loads(stopped)["reason"].startswith("SettingsError: no secure workspace at "), stopped
 
 
 def test_given_data_is_checked_before_any_run_directory(tmp_path, capsys):

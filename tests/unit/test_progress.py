@@ -104,3 +104,31 @@ def test_log_follower_reads_only_new_complete_lines(tmp_path):
         f.write("ial\n")
     assert follower.poll() == ["partial"]
     assert follower.poll() == []
+
+
+def test_a_dropped_site_closes_its_round_and_is_excused_from_the_table_but_reported():
+    from spleen_tools.run.report import report_dropped
+    from spleen_tools.run.summary import problems
+
+    p = Progress(SITES, rounds=3, start=0.0)
+    p.add(parse_event(round_line("site-1", 0, 0.01)), now=10.0)
+    p.add(parse_event(round_line("site-2", 0, 0.02)), now=11.0)
+    assert p.add(parse_event(round_line("site-1", 1, 0.2)), now=20.0)[-1].startswith("[0:20] round 2/3 site-1")
+    server = "2026-11-29 19:49:16,001 - ScatterAndGather - WARNING - [identity=example_project]: "
+    dropped = dict(kind="dropped", site="site-2", round=1, task="train", waited_s=30.0, at=50.0)
+    lines = p.add(parse_event(server + tagged_line(PROGRESS_TAG, **dropped)), now=51.0)
+    assert "site-2 dropped: no train result in round 2 (the server waited 30 s" in lines[0]
+    assert lines[1].endswith("round 2/3 done without site-2") and p.round_times() == [11.0, 39.0]
+    assert p.dropped_sites() == ["site-2"]
+
+    summary = {
+        "status": "FINISHED:COMPLETED",
+        "cross_site": {"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}},
+        "dropped": p.dropped,
+    }
+    assert problems(summary, SITES, ("FINISHED:COMPLETED",)) == []  # the table lacks only the dropped site
+    unexcused = problems({**summary, "dropped": []}, SITES, ("FINISHED:COMPLETED",))
+    assert unexcused == ["the cross-site table is incomplete"]
+    out: list[str] = []
+    report_dropped(p.dropped, out.append)
+    assert out[0].startswith("  dropped: site-2 sent no training result in round(s) 2 (first noticed ")

@@ -119,3 +119,27 @@ def test_a_site_missing_from_the_tracking_store_is_a_problem():
     ]
     tb = {"mlflow": None, "tensorboard": {"site_dirs": {s: f"/tb/{s}" for s in SITES}}}
     assert problems({**base, **tb}, SITES, ("FINISHED:COMPLETED",)) == []
+
+
+def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
+    from spleen_tools.run.summary import abandoned_upload
+
+    log = tmp_path / "job-1" / "workspace" / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text(  # NVFlare 2.9's line when a site died while streaming its result (a real run's, shortened)
+        "2026-11-29 20:01:56,797 - Adapter - CRITICAL - failed to decode streamed submit_update in server job cell "
+        "server.job-1; exiting job process to fail the job: RuntimeError: failed to download from site-2.job-1 for "
+        "source {'fqcn': 'site-2.job-1'}: download service shut down\n"
+    )
+    note = abandoned_upload(tmp_path, ["site-2"])
+    assert note and note.startswith("NVFlare failed the job at its end on site-2's upload")
+    assert abandoned_upload(tmp_path, ["site-3"]) is None  # another site's failure is not excused
+
+    base = {"status": "FINISHED:EXECUTION_EXCEPTION", "rounds": 2, "fl_round_s": [3.0, 4.0], "dropped": []}
+    base["cross_site"] = {"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}}
+    base["dropped"] = [{"site": "site-2", "round": 1}]
+    ok = ("FINISHED:COMPLETED",)
+    assert problems({**base, "status_note": note}, SITES, ok) == []
+    assert problems(base, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]
+    unfinished = {**base, "status_note": note, "fl_round_s": [3.0]}  # a round missing: not excused
+    assert problems(unfinished, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]

@@ -45,3 +45,55 @@ def test_jobs_use_the_workflows_that_honour_the_period(job):
     for workflow in config["workflows"]:
         assert workflow["path"].startswith("spleen_flare."), workflow["id"]
         assert workflow["args"]["task_check_period"] <= 0.2, workflow["id"]
+
+
+class _RecordsPanic(workflows.ScatterAndGather):
+    """Our workflow, with ``system_panic`` recorded instead of sent to an engine (there is none in a unit test)."""
+
+    panics: list[str]
+
+    def system_panic(self, reason: str, fl_ctx) -> None:
+        self.panics.append(reason)
+
+
+def _closed_round(answered: set[str], succeeded: set[str], min_clients: int, caplog) -> tuple[list, list[str]]:
+    from nvflare.apis.fl_context import FLContext
+
+    from spleen_tools.run.progress import parse_event
+
+    sag = _RecordsPanic(min_clients=min_clients, train_timeout=30)
+    sag.panics, sag._current_round = [], 2
+    sag._answered, sag._succeeded = answered, succeeded
+    with caplog.at_level("WARNING"):
+        sag._report_silent_sites(["site-1", "site-2", "site-3"], 31.4, FLContext())
+    events = [e for e in (parse_event(r.getMessage()) for r in caplog.records) if e]
+    return events, sag.panics
+
+
+def test_a_silent_site_is_named_and_the_round_goes_on_when_min_clients_answered(caplog):
+    events, panics = _closed_round({"site-1", "site-2"}, {"site-1", "site-2"}, 2, caplog)
+    assert [(e["kind"], e["site"], e["round"], e["waited_s"]) for e in events] == [("dropped", "site-3", 2, 31.4)]
+    assert panics == []
+
+
+def test_too_few_results_stop_the_job_with_the_reason(caplog):
+    events, panics = _closed_round({"site-1", "site-2"}, {"site-1"}, 2, caplog)  # site-2 failed, site-3 silent
+    assert [e["site"] for e in events] == ["site-3"]
+    assert panics == [
+        "round 2: 1 of min_clients 2 sites sent a training result within 31 s (train_timeout 30 s; no result from "
+        "site-3): the job stops"
+    ]
+
+
+@pytest.mark.parametrize("job", ["spleen_ct_segmentation_local", "spleen_ct_segmentation_he"])
+def test_every_wait_for_a_site_is_bounded_and_one_knob_sets_them(job, tmp_path):
+    from spleen_tools.jobs import SITE_TIMEOUTS, JobSettings, prepare_job
+
+    def waits(config: dict) -> dict:
+        return {(w["id"], a): w["args"].get(a) for w in config["workflows"] for a in SITE_TIMEOUTS.get(w["id"], ())}
+
+    config = json.loads((JOBS_DIR / job / "app" / "config" / "config_fed_server.json").read_text())
+    assert len(waits(config)) == 4 and all(isinstance(v, int) and v > 0 for v in waits(config).values())
+    copy = prepare_job(job, tmp_path, JobSettings(site_timeout=45))
+    copied = json.loads((copy / "app" / "config" / "config_fed_server.json").read_text())
+    assert set(waits(copied).values()) == {45}

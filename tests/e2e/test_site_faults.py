@@ -1,0 +1,140 @@
+"""Faults injected into real processes, each with a defined outcome (marked ``faults``).
+
+A site killed mid-run (its host gone: the site's restart loop, its client and the job process, SIGKILL). NVFlare
+alone waits for it: it drops a client only after its 600 s heartbeat timeout plus a 60 s watch, then goes on
+with fewer results than ``min_clients``. Our jobs bound every wait for a site (``--site-timeout``) and our
+ScatterAndGather names the silent site and stops the job when fewer than ``min_clients`` answered:
+- ``min_clients`` met by the others: the job goes on and completes; the one command says which site dropped, when;
+- not met: the job ends within the site timeout with the reason in the server log;
+- the site, started again from its kit, rejoins the next job, which completes with every site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import REPO_ROOT, alive_recorded, runner_cmd
+
+from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
+from spleen_tools.data.datalists import make_site_datalists
+from spleen_tools.data.synthetic import make_synthetic_dataset
+from spleen_tools.flare import JobAdmin, is_finished
+from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.procs import wait_for
+from spleen_tools.run.progress import LogFollower, parse_event
+from spleen_tools.systems.poc import PocSystem
+
+pytestmark = pytest.mark.faults
+LOCAL_JOB = "spleen_ct_segmentation_local"
+
+
+def kill_site(processes: dict, site: str) -> list[int]:
+    """SIGKILL a POC site as a host crash would: its restart loop, its client and the client's job process."""
+    victims = []
+    for key in (f"{site}_daemon", site):
+        ref = processes[key]
+        pid = ref["pid"] if isinstance(ref, dict) else ref.pid
+        try:
+            process = psutil.Process(pid)
+            victims += [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [v.pid for v in victims]
+
+
+def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = runner_cmd(runs, "--rounds", "3", "--min-clients", "1", "--site-timeout", "30", "--tracking", "workspace")
+    proc = subprocess.Popen(
+        [*cmd, "--timeout", "600"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    out, killed_at = [], None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if killed_at is None and "round 1/3 done" in line:
+                processes = json.loads((runs / "latest" / "pids.json").read_text())["poc"]["processes"]
+                assert kill_site(processes, "site-2")
+                killed_at = time.time()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout, stderr = "".join(out), proc.stderr.read()
+    run_dir = (runs / "latest").resolve()
+    assert killed_at is not None, stdout[-3000:] + stderr
+    assert rc == 0, stdout[-3000:] + stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    # COMPLETED, or (site-2 killed while uploading) NVFlare failing the finished job on the cut-off stream
+    assert s["status"] == "FINISHED:COMPLETED" or "on site-2's upload" in s["status_note"], s["status"]
+    assert {d["site"] for d in s["dropped"]} == {"site-2"} and s["dropped"][0]["round"] >= 1, s["dropped"]
+    noticed = s["dropped"][0]["at"] - killed_at
+    assert "site-2 dropped: no train result in round" in stdout and "  dropped: site-2 sent no training" in stdout
+    assert sorted(s["cross_site"]["SRV_FL_global_model.pt"]) == ["site-1"]
+    finished = time.time() - killed_at
+    print(f"site-2 killed: noticed after {noticed:.0f} s; run finished {finished:.0f} s later; {s['status']}")
+    assert alive_recorded(run_dir) == []
+
+
+def _round_seen(follower: LogFollower, site: str) -> bool:
+    return any((e := parse_event(line)) and e["kind"] == "round" and e["site"] == site for line in follower.poll())
+
+
+def _finished(admin: JobAdmin, job_id: str, timeout: float) -> str:
+    status: list[str | None] = [None]
+
+    def done() -> bool:
+        status[0] = admin.status(job_id)
+        return is_finished(status[0])
+
+    wait_for(done, timeout, f"job {job_id} to finish", interval=2.0)
+    return status[0]
+
+
+def test_too_few_sites_end_the_job_in_bounded_time_and_a_restarted_site_rejoins(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "data", num_train=8, num_test=0, shape=(64, 64, 16))
+    make_site_datalists(data, 2, out_dir=tmp_path / "datalists")
+    env = {DATA_DIR_ENV: str(data), DATALIST_ENV: str(tmp_path / "datalists" / "{site}.json")}
+    settings = dict(local_epochs=1, min_clients=2, quick=True, tracking="workspace")
+    with PocSystem(tmp_path / "poc", 2, env=env) as system:
+        admin = JobAdmin(system.admin_startup_kit, system.env(), tmp_path / "admin.log")
+        job = prepare_job(LOCAL_JOB, tmp_path / "job_b", JobSettings(rounds=3, site_timeout=20, **settings))
+        follower = LogFollower([system.prod_dir / "site-2"])
+        job_id = admin.submit(job)
+        wait_for(lambda: _round_seen(follower, "site-2"), 180, "site-2's first round")
+        kill_site({k: v for k, v in system.processes.items()}, "site-2")
+        killed_at = time.monotonic()
+        status = _finished(admin, job_id, 180)
+        took = time.monotonic() - killed_at
+        print(f"min_clients not met: job {status} {took:.0f} s after the kill (site timeout 20 s)")
+        downloaded = admin.download(job_id, tmp_path / "download_b")
+        server_log = next(downloaded.glob("*/workspace/log.txt")).read_text()  # the server's job log
+        assert status != "FINISHED:COMPLETED" and took < 20 + 60, (status, took)
+        assert "of min_clients 2 sites sent a training result" in server_log and "no result from site-2" in server_log
+        assert any((e := parse_event(x)) and e["kind"] == "dropped" for x in server_log.splitlines())
+
+        restarted = time.monotonic()
+        system.restart_site("site-2")
+        print(f"site-2 connected again {time.monotonic() - restarted:.0f} s after its restart")
+        job = prepare_job(LOCAL_JOB, tmp_path / "job_c", JobSettings(rounds=1, site_timeout=120, **settings))
+        job_id = admin.submit(job)
+        assert _finished(admin, job_id, 300) == "FINISHED:COMPLETED"
+        results = next(admin.download(job_id, tmp_path / "download").rglob("cross_val_results.json"))
+        cross = json.loads(results.read_text())
+        assert sorted(cross) == ["site-1", "site-2"], cross  # every site validated: site-2 is back
+    assert system.alive_pids() == []
