@@ -25,7 +25,7 @@ def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` inside the block, so the cleanup in ``finally`` runs (as on Ctrl-C)."""
 
     def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
+        raise Terminated(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

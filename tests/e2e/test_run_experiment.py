@@ -200,6 +200,8 @@ def test_ctrl_c_stops_everything(experiment_run, tmp_path):
     assert rc == 130, proc.stderr.read()
     run_dir = (tmp_path / "latest").resolve()
     assert len(PidFile(run_dir / "pids.json").refs()) >= 4 and alive_recorded(run_dir) == []
+    stopped = json.loads((run_dir / "stopped.json").read_text())  # where the run was when it stopped
+    assert stopped["phase"].startswith("running job ") and stopped["reason"] == "interrupted (Ctrl-C / SIGINT)"
 
 
 def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
@@ -220,5 +222,7 @@ def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
         _kill_and_clean_up(proc, tmp_path)
     assert rc == 143, proc.stderr.read()
     assert PidFile(run_dir / "pids.json").refs() and alive_recorded(run_dir) == []
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped == {**stopped, "phase": "starting the FL system", "reason": "terminated (SIGTERM)"}
     with poc_lock("after the terminated run"):
         pass
