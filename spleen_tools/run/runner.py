@@ -23,14 +23,6 @@ from spleen_tools.data.check import check_dataset
 from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
-from spleen_tools.model_bundle import (
-    EXPORT_DIR,
-    ExportError,
-    export_bundle,
-    find_job,
-    source_from_job,
-    verify_bundle,
-)
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
 from spleen_tools.run.memory import PeakMemory, recorded_server
@@ -295,6 +287,16 @@ def check(run: Run, result: dict) -> None:
 def export_model(run: Run, result: dict) -> None:
     """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``.
     HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy."""
+    # here, not at the top: MONAI takes seconds to import, and a bad --data must be refused before that
+    from spleen_tools.model_bundle import (
+        EXPORT_DIR,
+        ExportError,
+        export_bundle,
+        find_job,
+        source_from_job,
+        verify_bundle,
+    )
+
     try:
         source = source_from_job(find_job(Path(result["paths"]["job_result"])))
         if run.settings.job == "he":
