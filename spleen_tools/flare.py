@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from spleen_tools.paths import NVFLARE
@@ -70,14 +71,15 @@ def is_finished(status: str | None) -> bool:
 class JobAdmin:
     """Job commands as an admin: ``nvflare --format json job ... --startup-kit KIT``, each call logged."""
 
-    def __init__(self, startup_kit: Path, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, startup_kit: Path, env: dict[str, str], log_path: Path, prefix: Sequence[str] = ()) -> None:
         self.startup_kit = Path(startup_kit)
         self.env = env
         self.log_path = log_path
+        self.prefix = list(prefix)  # e.g. ``ip netns exec <admin host>``: the admin's own host
 
     def __call__(self, *args: str, timeout: float = 120.0) -> dict:
         """One command; its JSON reply's ``data``. FlareError with the server's message if it failed."""
-        cmd = [str(NVFLARE), "--format", "json", *args, "--startup-kit", str(self.startup_kit)]
+        cmd = [*self.prefix, str(NVFLARE), "--format", "json", *args, "--startup-kit", str(self.startup_kit)]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:

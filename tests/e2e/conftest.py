@@ -111,3 +111,18 @@ def assert_best_model_is_the_best_scored(summary: dict) -> None:
     assert best["round"] == best_round and best["sha256"] == digests[best_round], (best, scored)
     if best_round == ROUNDS - 1:  # Dice rose to the end: the best model is the final one
         assert best["sha256"] == summary["final_model"]["sha256"] == digests[ROUNDS - 1]
+
+
+def wait_finished(admin, job_id: str, timeout: float) -> str:
+    """Poll ``nvflare job meta`` until the job has finished; its final status."""
+    from spleen_tools.flare import is_finished
+    from spleen_tools.procs import wait_for
+
+    status: list[str | None] = [None]
+
+    def done() -> bool:
+        status[0] = admin.status(job_id)
+        return is_finished(status[0])
+
+    wait_for(done, timeout, f"job {job_id} to finish", interval=2.0)
+    return str(status[0])

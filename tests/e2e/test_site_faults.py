@@ -18,12 +18,12 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, alive_recorded, runner_cmd
+from conftest import REPO_ROOT, alive_recorded, runner_cmd, wait_finished
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
 from spleen_tools.data.datalists import make_site_datalists
 from spleen_tools.data.synthetic import make_synthetic_dataset
-from spleen_tools.flare import JobAdmin, is_finished
+from spleen_tools.flare import JobAdmin
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.procs import wait_for
 from spleen_tools.run.progress import LogFollower, parse_event
@@ -95,17 +95,6 @@ def _round_seen(follower: LogFollower, site: str) -> bool:
     return any((e := parse_event(line)) and e["kind"] == "round" and e["site"] == site for line in follower.poll())
 
 
-def _finished(admin: JobAdmin, job_id: str, timeout: float) -> str:
-    status: list[str | None] = [None]
-
-    def done() -> bool:
-        status[0] = admin.status(job_id)
-        return is_finished(status[0])
-
-    wait_for(done, timeout, f"job {job_id} to finish", interval=2.0)
-    return status[0]
-
-
 def test_too_few_sites_end_the_job_in_bounded_time_and_a_restarted_site_rejoins(tmp_path):
     data = make_synthetic_dataset(tmp_path / "data", num_train=8, num_test=0, shape=(64, 64, 16))
     make_site_datalists(data, 2, out_dir=tmp_path / "datalists")
@@ -119,7 +108,7 @@ def test_too_few_sites_end_the_job_in_bounded_time_and_a_restarted_site_rejoins(
         wait_for(lambda: _round_seen(follower, "site-2"), 180, "site-2's first round")
         kill_site({k: v for k, v in system.processes.items()}, "site-2")
         killed_at = time.monotonic()
-        status = _finished(admin, job_id, 180)
+        status = wait_finished(admin, job_id, 180)
         took = time.monotonic() - killed_at
         print(f"min_clients not met: job {status} {took:.0f} s after the kill (site timeout 20 s)")
         downloaded = admin.download(job_id, tmp_path / "download_b")
@@ -133,7 +122,7 @@ def test_too_few_sites_end_the_job_in_bounded_time_and_a_restarted_site_rejoins(
         print(f"site-2 connected again {time.monotonic() - restarted:.0f} s after its restart")
         job = prepare_job(LOCAL_JOB, tmp_path / "job_c", JobSettings(rounds=1, site_timeout=120, **settings))
         job_id = admin.submit(job)
-        assert _finished(admin, job_id, 300) == "FINISHED:COMPLETED"
+        assert wait_finished(admin, job_id, 300) == "FINISHED:COMPLETED"
         results = next(admin.download(job_id, tmp_path / "download").rglob("cross_val_results.json"))
         cross = json.loads(results.read_text())
         assert sorted(cross) == ["site-1", "site-2"], cross  # every site validated: site-2 is back
