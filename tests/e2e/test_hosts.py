@@ -1,8 +1,8 @@
 """Server, sites and admin on hosts of their own (network namespaces on a bridge, names resolved per host), the
 server under a DNS name, each site with only its kit and its own data: the local job and the HE job submitted
 from the admin's host over TLS complete with full cross-site results, and the server saw each site connect from
-that site's own address. Needs root and iproute2 (skips, saying why); namespaces, links and processes are
-removed afterwards, also on failure."""
+that site's own address; a site cut off the network for 20 s mid-job reconnects and the job completes. Needs root
+and iproute2 (skips, saying why); namespaces, links and processes are removed afterwards, also on failure."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from spleen_tools.data.datalists import make_site_datalists
 from spleen_tools.data.synthetic import make_synthetic_dataset
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.paths import SECURE_PROJECT_YML
+from spleen_tools.procs import wait_for
+from spleen_tools.run.progress import parse_event
 from spleen_tools.systems.hosts import SERVER_NAME, HostSystem, host_project
 from spleen_tools.systems.netns import existing_namespaces, unavailable
 from spleen_tools.systems.secure_workspace import provision
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""), pytest.mark.faults]
 SITES = ["site-1", "site-2"]
-JOBS = ["spleen_ct_segmentation_local", "spleen_ct_segmentation_he"]
+LOCAL, HE = "spleen_ct_segmentation_local", "spleen_ct_segmentation_he"
+CUT_S = 20
 
 
 def _site_data(root, site: str, seed: int) -> dict[str, str]:
@@ -33,26 +36,61 @@ def _site_data(root, site: str, seed: int) -> dict[str, str]:
     return {DATA_DIR_ENV: str(data), DATALIST_ENV: str(datalist)}
 
 
-def test_jobs_run_with_every_participant_on_its_own_host(tmp_path):
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hosts")
     t0 = time.monotonic()
-    kits = provision(tmp_path / "provisioning", host_project(SECURE_PROJECT_YML, tmp_path / "project.yml"))
+    kits = provision(root / "provisioning", host_project(SECURE_PROJECT_YML, root / "project.yml"))
     assert (kits / SERVER_NAME / "startup" / "fed_server.json").is_file()  # the server kit is named by its host
-    site_env = {site: _site_data(tmp_path, site, seed) for seed, site in enumerate(SITES)}
-    system = HostSystem(kits, site_env, tmp_path / "logs", prefix="sphtest")
+    site_env = {site: _site_data(root, site, seed) for seed, site in enumerate(SITES)}
+    system = HostSystem(kits, site_env, root / "logs", prefix="sphtest")
     try:
         system.start()
-        joined = system.joined()
-        assert joined == {s: system.network.hosts[s].address for s in SITES}, joined  # each from its own host
-        admin = system.admin(tmp_path / "admin.log")
-        for job in JOBS:
-            settings = JobSettings(rounds=1, local_epochs=1, min_clients=2, quick=True, tracking="workspace")
-            job_id = admin.submit(prepare_job(job, tmp_path / "jobs", settings))
-            status = wait_finished(admin, job_id, 600)
-            assert status == "FINISHED:COMPLETED", (job, status)
-            results = next(admin.download(job_id, tmp_path / "download" / job).rglob("cross_val_results.json"))
-            cross = json.loads(results.read_text())
-            assert sorted(cross) == SITES and all(len(models) >= 3 for models in cross.values()), (job, cross)
+        print(f"hosts up {time.monotonic() - t0:.0f} s after provisioning began")
+        yield system, system.admin(root / "admin.log"), root
     finally:
         system.stop()
-    assert not [ns for ns in existing_namespaces() if ns.startswith("sphtest")]
-    print(f"multi-host test: {time.monotonic() - t0:.0f} s (provision, start, local job, HE job, stop)")
+        assert not [ns for ns in existing_namespaces() if ns.startswith("sphtest")]
+
+
+def _run(hosts, job: str, rounds: int, during=None) -> dict:
+    """Submit ``job`` from the admin's host; ``during(job_id)`` runs while it does; its cross-site results."""
+    system, admin, root = hosts
+    settings = JobSettings(rounds=rounds, local_epochs=1, min_clients=2, quick=True, tracking="workspace")
+    job_id = admin.submit(prepare_job(job, root / f"jobs-{job}-{rounds}", settings))
+    if during:
+        during(job_id)
+    assert wait_finished(admin, job_id, 600) == "FINISHED:COMPLETED", job
+    results = next(admin.download(job_id, root / "download" / job_id).rglob("cross_val_results.json"))
+    return json.loads(results.read_text())
+
+
+@pytest.mark.parametrize("job", [LOCAL, HE])
+def test_jobs_run_with_every_participant_on_its_own_host(hosts, job):
+    system = hosts[0]
+    assert system.joined() == {s: system.network.hosts[s].address for s in SITES}  # each from its own host
+    t0 = time.monotonic()
+    cross = _run(hosts, job, rounds=1)
+    assert sorted(cross) == SITES and all(len(models) >= 3 for models in cross.values()), cross
+    print(f"{job} on namespaced hosts: {time.monotonic() - t0:.0f} s")
+
+
+def test_a_site_cut_off_for_20_s_reconnects_and_the_job_completes(hosts):
+    system = hosts[0]
+
+    def cut_after_first_round(job_id: str) -> None:
+        log = system.kits.sites["site-2"] / job_id / "log.txt"
+
+        def trained() -> bool:
+            lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+            return any((e := parse_event(x)) and e["kind"] == "round" for x in lines)
+
+        wait_for(trained, 300, "site-2's first round")
+        system.network.link("site-2", up=False)
+        time.sleep(CUT_S)
+        system.network.link("site-2", up=True)
+        cut_after_first_round.back = time.monotonic()
+
+    cross = _run(hosts, LOCAL, rounds=3, during=cut_after_first_round)
+    assert sorted(cross) == SITES, cross  # site-2 came back and took part to the end
+    print(f"site-2 cut off {CUT_S} s; job completed {time.monotonic() - cut_after_first_round.back:.0f} s after")
