@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from spleen_flare.contract import DATA_DIR_ENV
 from spleen_tools.flare import JobAdmin
 from spleen_tools.procs import start_group, stop_started, wait_for
 from spleen_tools.systems.base import participant_env
@@ -46,6 +47,8 @@ class HostSystem:
         self.kits: Kits = read_kits(self.workspace)
         self.site_names = list(site_env)
         self.site_env = site_env
+        # each site's data folder (its dataset's parent): hidden from every other site
+        self.data_roots = {s: Path(env[DATA_DIR_ENV]).resolve().parent for s, env in site_env.items()}
         self.logs = logs
         wanted = {"server": (self.kits.server.name,), **{s: (s,) for s in self.site_names}, ADMIN_HOST: ("admin",)}
         self.network = HostNetwork(wanted, prefix=prefix)
@@ -63,6 +66,14 @@ class HostSystem:
         """Job commands from the admin's host (they reach the server by its name)."""
         return JobAdmin(self.kits.admin, participant_env(), log_path, prefix=self.network.hosts[ADMIN_HOST].command([]))
 
+    def site_command(self, site: str, cmd: list[str]) -> list[str]:
+        """``cmd`` on a site's host, seeing only its own data: the other sites' data folders are covered by empty
+        file systems in a mount namespace of its own (on real hosts they are simply elsewhere)."""
+        hide = [self.data_roots[s] for s in self.site_names if s != site]
+        script = "".join(f'mount -t tmpfs -o size=1m spleen-elsewhere "{d}" && ' for d in hide) + 'exec "$@"'
+        wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+        return self.network.hosts[site].command(wrapped)
+
     def start(self, timeout: float = 180.0) -> HostSystem:
         self.network.__enter__()
         try:
@@ -70,7 +81,9 @@ class HostSystem:
             kits = {"server": self.kits.server, **{s: self.kits.sites[s] for s in self.site_names}}
             for name, kit in kits.items():
                 env = participant_env(self.site_env.get(name), sites=len(self.site_names))
-                cmd = self.network.hosts[name].command(["bash", str(kit / "startup" / "sub_start.sh")])
+                start_sh = ["bash", str(kit / "startup" / "sub_start.sh")]
+                host = self.network.hosts[name]
+                cmd = self.site_command(name, start_sh) if name in self.site_env else host.command(start_sh)
                 self._groups.append(start_group(cmd, self.logs / f"{name}.console.log", env=env))
             wait_for(lambda: set(self.joined()) >= set(self.site_names), timeout, "every site to join the server")
         except BaseException:

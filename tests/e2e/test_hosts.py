@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from conftest import wait_finished
@@ -73,6 +74,24 @@ def test_jobs_run_with_every_participant_on_its_own_host(hosts, job):
     cross = _run(hosts, job, rounds=1)
     assert sorted(cross) == SITES and all(len(models) >= 3 for models in cross.values()), cross
     print(f"{job} on namespaced hosts: {time.monotonic() - t0:.0f} s")
+
+
+def test_a_site_cannot_read_another_sites_data(hosts):
+    import subprocess
+
+    system = hosts[0]
+    theirs = system.data_roots["site-2"]
+    image = next(theirs.rglob("imagesTr/*.nii.gz"))
+
+    def on_host(site: str, cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(system.site_command(site, cmd), capture_output=True, text=True, timeout=30)
+
+    assert on_host("site-2", ["test", "-f", str(image)]).returncode == 0  # its own data
+    assert on_host("site-1", ["ls", "-A", str(theirs)]).stdout == ""  # another site's folder: empty
+    assert on_host("site-1", ["test", "-f", str(image)]).returncode != 0
+    site1 = system.kits.sites["site-1"]  # the running site-1 sees the same (its process's mount namespace)
+    pid = next(p for p in system.network.pids("site-1") if "client_train" in Path(f"/proc/{p}/cmdline").read_text())
+    assert not Path(f"/proc/{pid}/root{image}").exists() and site1.is_dir()
 
 
 def test_a_site_cut_off_for_20_s_reconnects_and_the_job_completes(hosts):
