@@ -21,11 +21,11 @@ from typing import Any
 import tenseal.sealapi as sealapi
 import zstandard
 
-_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compression, reserved, total size
-_SEAL_MAGIC = 0xA15E
+SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor, compression, reserved, total size
+SEAL_MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZLIB, _COMPR_ZSTD = 0, 1, 2
 _MEMBERS = struct.Struct("<32sBQQQdQ")  # parms_id, is_ntt_form, size, poly degree, moduli, scale, correction
-SEED_RECORD_BYTES = _HEADER.size + 1 + 64  # a saved UniformRandomGeneratorInfo: header, PRNG type, 512-bit seed
+SEED_RECORD_BYTES = SEAL_HEADER.size + 1 + 64  # a saved UniformRandomGeneratorInfo: header, PRNG type, 512-bit seed
 _PRNG_TYPES = (1, 2)  # SEAL's prng_type: blake2xb, shake256
 
 
@@ -34,17 +34,17 @@ class SealFormatError(ValueError):
 
 
 def _header(total: int, version: tuple[int, int]) -> bytes:
-    return _HEADER.pack(_SEAL_MAGIC, _HEADER.size, version[0], version[1], _COMPR_NONE, 0, total)
+    return SEAL_HEADER.pack(SEAL_MAGIC, SEAL_HEADER.size, version[0], version[1], _COMPR_NONE, 0, total)
 
 
 def seal_body(saved: bytes) -> tuple[tuple[int, int], bytes]:
     """A saved SEAL object -> (SEAL version, its members uncompressed)."""
-    if len(saved) < _HEADER.size:
+    if len(saved) < SEAL_HEADER.size:
         raise SealFormatError("not a SEAL object")
-    magic, hsize, major, minor, compr, _, total = _HEADER.unpack_from(saved)
-    if magic != _SEAL_MAGIC or hsize != _HEADER.size or total != len(saved):
+    magic, hsize, major, minor, compr, _, total = SEAL_HEADER.unpack_from(saved)
+    if magic != SEAL_MAGIC or hsize != SEAL_HEADER.size or total != len(saved):
         raise SealFormatError("not a SEAL object")
-    body = saved[_HEADER.size :]
+    body = saved[SEAL_HEADER.size :]
     if compr == _COMPR_ZSTD:
         body = zstandard.ZstdDecompressor().decompress(body, max_output_size=64 * len(saved))
     elif compr == _COMPR_ZLIB:
@@ -59,11 +59,11 @@ def _split_seeded(seal_bytes: bytes) -> tuple[dict, bytes, bytes]:
     (major, minor), body = seal_body(seal_bytes)
     parms_id, ntt, size, degree, moduli, scale, correction = _MEMBERS.unpack_from(body)
     offset = _MEMBERS.size
-    magic, _, _, _, _, _, dyn_total = _HEADER.unpack_from(body, offset)
-    (count,) = struct.unpack_from("<Q", body, offset + _HEADER.size)
-    c0_start = offset + _HEADER.size + 8
+    magic, _, _, _, _, _, dyn_total = SEAL_HEADER.unpack_from(body, offset)
+    (count,) = struct.unpack_from("<Q", body, offset + SEAL_HEADER.size)
+    c0_start = offset + SEAL_HEADER.size + 8
     c0_end = c0_start + 8 * count
-    layout_ok = magic == _SEAL_MAGIC and dyn_total == c0_end - offset and len(body) == c0_end + SEED_RECORD_BYTES
+    layout_ok = magic == SEAL_MAGIC and dyn_total == c0_end - offset and len(body) == c0_end + SEED_RECORD_BYTES
     if size != 2 or count != degree * moduli or not layout_ok:
         raise SealFormatError("not a seeded two-polynomial SEAL ciphertext")
     params = {
@@ -92,22 +92,22 @@ def _seeded_bytes(params: Mapping, c0: bytes, seed_record: bytes) -> bytes:
             params["scale"],
             params["correction"],
         )
-        + _header(_HEADER.size + len(dyn), version)
+        + _header(SEAL_HEADER.size + len(dyn), version)
         + dyn
         + seed_record
     )
-    return _header(_HEADER.size + len(members), version) + members
+    return _header(SEAL_HEADER.size + len(members), version) + members
 
 
 def _seed(blob: bytes, offset: int, where: str) -> bytes:
     """The 64-byte seed of the SEAL PRNG record at ``offset``."""
-    magic, hsize, _, _, compr, _, total = _HEADER.unpack_from(blob, offset)
-    prng_type = blob[offset + _HEADER.size]
-    if (magic, hsize, compr, total) != (_SEAL_MAGIC, _HEADER.size, _COMPR_NONE, SEED_RECORD_BYTES) or (
+    magic, hsize, _, _, compr, _, total = SEAL_HEADER.unpack_from(blob, offset)
+    prng_type = blob[offset + SEAL_HEADER.size]
+    if (magic, hsize, compr, total) != (SEAL_MAGIC, SEAL_HEADER.size, _COMPR_NONE, SEED_RECORD_BYTES) or (
         prng_type not in _PRNG_TYPES
     ):
         raise SealFormatError(f"{where} is not a SEAL seed record")
-    return blob[offset + _HEADER.size + 1 : offset + SEED_RECORD_BYTES]
+    return blob[offset + SEAL_HEADER.size + 1 : offset + SEED_RECORD_BYTES]
 
 
 def _parms_id_hex(parms_id: list[int]) -> str:

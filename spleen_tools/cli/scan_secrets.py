@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spleen_tools.cli import OneLineParser
-from spleen_tools.run.secrets_scan import ScanReport, known_secrets, scan
+from spleen_tools.run.kit_secrets import known_secrets
+from spleen_tools.run.secrets_scan import ScanReport, scan
 
 
 def build_parser() -> OneLineParser:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_KINDS, PROGRESS_TAG, read_tagged_line
-from spleen_tools.run.report import fmt, mmss
+from spleen_tools.run.report import clock_time, fmt, mmss
 
 # NVFlare's ScatterAndGather on the server: "<asctime> - ... - Round 3 started." / "... Round 3 finished."
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -175,7 +175,7 @@ class Progress:
     def _dropped(self, event: dict, now: float) -> list[str]:
         rnd = event.get("round")
         self.dropped.append({k: event.get(k) for k in ("site", "round", "task", "waited_s", "at")})
-        when = time.strftime("%H:%M:%S", time.localtime(event["at"])) if isinstance(event.get("at"), float) else "?"
+        when = clock_time(event.get("at"))
         number = rnd + 1 if isinstance(rnd, int) else "?"
         waited = event.get("waited_s") or 0
         out = [

@@ -16,6 +16,11 @@ def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float | int) else "?"
 
 
+def clock_time(at) -> str:
+    """A log line's epoch time as the local HH:MM:SS, or "?"."""
+    return time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, float) else "?"
+
+
 def mmss(seconds: float) -> str:
     if seconds != seconds:  # NaN
         return "?:??"
@@ -94,7 +99,7 @@ def report_dropped(dropped: list[dict], out: Callable[[str], None]) -> None:
     for site, events in sorted(by_site.items()):
         rounds = ", ".join(str(e["round"] + 1) for e in events if isinstance(e.get("round"), int))
         first = events[0]
-        when = time.strftime("%H:%M:%S", time.localtime(first["at"])) if isinstance(first.get("at"), float) else "?"
+        when = clock_time(first.get("at"))
         out(
             f"  dropped: {site} sent no training result in round(s) {rounds} (first noticed {when}, after the "
             f"server waited {(first.get('waited_s') or 0):.0f} s); the results above are without it"

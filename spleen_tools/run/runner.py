@@ -25,11 +25,12 @@ from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
+from spleen_tools.run.kit_secrets import known_secrets
 from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
-from spleen_tools.run.secrets_scan import known_secrets, scan
+from spleen_tools.run.secrets_scan import scan
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
@@ -101,5 +100,4 @@ class HostSystem:
         for group in self._groups:
             stop_started(group, grace=5.0)
         self._groups = []
-        time.sleep(0.5)
-        self.network.remove()
+        self.network.remove()  # and whatever still runs on the hosts

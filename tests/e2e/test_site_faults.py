@@ -106,7 +106,7 @@ def test_too_few_sites_end_the_job_in_bounded_time_and_a_restarted_site_rejoins(
         follower = LogFollower([system.prod_dir / "site-2"])
         job_id = admin.submit(job)
         wait_for(lambda: _round_seen(follower, "site-2"), 180, "site-2's first round")
-        kill_site({k: v for k, v in system.processes.items()}, "site-2")
+        kill_site(system.processes, "site-2")
         killed_at = time.monotonic()
         status = wait_finished(admin, job_id, 180)
         took = time.monotonic() - killed_at

@@ -24,7 +24,8 @@ from nvflare.lighter.impl.he import HEBuilder
 from nvflare.lighter.utils import Identity, generate_cert, generate_keys, serialize_cert, serialize_pri_key
 
 from spleen_tools.cli.scan_secrets import main
-from spleen_tools.run.secrets_scan import CHUNK_SIZE, Secret, known_secrets, scan
+from spleen_tools.run.kit_secrets import Secret, known_secrets
+from spleen_tools.run.secrets_scan import CHUNK_SIZE, scan
 
 PROJECT = "secure_project"
 PARTICIPANTS = {"localhost": "server", "site-1": "client", "site-2": "client", "admin@nvidia.com": "client"}
