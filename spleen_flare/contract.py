@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 # Environment of the participants (jobs inherit their client's environment).
@@ -26,13 +27,17 @@ FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
 # where each site keeps the update it sent last (weights, steps, round): its own, never encrypted on its disk
 LAST_LOCAL_UPDATE = "local_model/last_update.pt"
 
+# An NVFlare job id as a job may name an earlier one (``resume_from``): a folder name, never a path.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
 # Log tags and the kinds of progress line.
 PROGRESS_TAG = "[spleen]"
 HE_TAG = "[spleen-he]"
 TAGS = (PROGRESS_TAG, HE_TAG)
 # final: the last global model, scored by a site; data_error: a problem a site found in its own cases (one each);
-# dropped: the server closed a round without a site's result (logged by the server's workflow)
-PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error", "dropped")
+# dropped: the server closed a round without a site's result (logged by the server's workflow);
+# resumed / resume_error: the server's persistor went on from an earlier job's last global model, or could not
+PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error", "dropped", "resumed", "resume_error")
 
 
 def _finite(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Server-side persistor whose initial global model is the bundle's ``network_def``."""
+"""Server-side persistor whose initial global model is the bundle's ``network_def``, and that can resume a job
+from the global model an earlier job of this server persisted last (``resume_from``; see ``spleen_flare.resume``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from spleen_flare.bundle_runner import build_network
-
-HISTORY_FILE = "global_model_history.json"
+from spleen_flare.contract import PROGRESS_TAG, tagged_line
+from spleen_flare.resume import (
+    HISTORY_FILE,
+    RESUME_POINT_PROP,
+    RESUMED_EVENT,
+    ResumeError,
+    ResumePoint,
+    carry_best_model,
+    old_app_dir,
+    resume_point,
+)
 
 
 def weights_digest(weights: dict) -> str:
@@ -43,12 +53,15 @@ class BundleModelPersistor(PTFileModelPersistor):
         bundle: str = "config/spleen_ct_segmentation",
         config_files: str = "configs/train.json",
         seed: int = 0,
+        resume_from: str = "",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.bundle = bundle
         self.config_files = [f.strip() for f in config_files.split(",") if f.strip()]
         self.seed = seed
+        self.resume_from = resume_from.strip()  # an earlier job of this server to go on from ("": start afresh)
+        self.resume_point: ResumePoint | None = None
 
     def _initialize(self, fl_ctx: FLContext) -> None:
         if self.model is None:
@@ -57,13 +70,74 @@ class BundleModelPersistor(PTFileModelPersistor):
         super()._initialize(fl_ctx)
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        if self.resume_from:
+            return self._resume(fl_ctx)
         ml = super().load_model(fl_ctx)
         self._record(ml, "initial")
         return ml
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
-        super().save_model(ml, fl_ctx)
+        # the history first: a checkpoint whose digest is not in the history yet could not be placed on resume
         self._record(ml, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        super().save_model(ml, fl_ctx)
+
+    # -- resuming ----------------------------------------------------------------------------------------
+    def model_digest(self, ml: ModelLearnable) -> str:
+        return weights_digest(ml[ModelLearnableKey.WEIGHTS])
+
+    def _read_digest(self, path: Path, fl_ctx: FLContext) -> str | None:
+        if not path.is_file():
+            return None
+        ml = self._get_model_from_location(str(path), fl_ctx)
+        if ml is None:
+            raise ResumeError(f"{path}: cannot be read as a global model; submit the job again afresh")
+        return self.model_digest(ml)
+
+    def _resume(self, fl_ctx: FLContext) -> ModelLearnable | None:
+        """The old job's last global model, its history carried over, the point announced (once)."""
+        try:
+            point = self.resume_point or self._find_point(fl_ctx)
+        except ResumeError as err:
+            reason = f"cannot resume from job {self.resume_from}: {err}"
+            self.log_error(fl_ctx, tagged_line(PROGRESS_TAG, kind="resume_error", site="server", reason=reason))
+            self.system_panic(reason, fl_ctx)
+            return None
+        if point.next_round > 0:
+            ml = self.adopt(point.app_dir / self.global_model_file_name, fl_ctx)
+        else:  # nothing persisted yet: the seeded initial model, the same as the old job's
+            ml = PTFileModelPersistor.load_model(self, fl_ctx)
+        if self.resume_point is None:
+            self.resume_point = point
+            self._carry_over(point, fl_ctx)
+        return ml
+
+    def _find_point(self, fl_ctx: FLContext) -> ResumePoint:
+        old = old_app_dir(Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)), self.resume_from)
+        if not old.is_dir():
+            raise ResumeError(
+                f"{old}: no such job folder on this server; resume_from must name a job this server ran "
+                "(`nvflare job list`), or submit the job afresh"
+            )
+        return resume_point(
+            self.resume_from,
+            old,
+            self._read_digest(old / self.global_model_file_name, fl_ctx),
+            self._read_digest(old / self.best_global_model_file_name, fl_ctx),
+        )
+
+    def adopt(self, model_path: Path, fl_ctx: FLContext) -> ModelLearnable:
+        """The old checkpoint as this job's global model (NVFlare's own checkpoint loading)."""
+        self.source_ckpt_file_full_name = str(model_path)
+        return super().load_model(fl_ctx)
+
+    def _carry_over(self, point: ResumePoint, fl_ctx: FLContext) -> None:
+        self.write_history([*point.history, {"resumed_from": point.job_id, "next_round": point.next_round}])
+        self.save_model_file(self._ckpt_save_path)  # this job's folder holds its global model from the start
+        carry_best_model(point, self.best_global_model_file_name, Path(self.log_dir))
+        fl_ctx.set_prop(RESUME_POINT_PROP, point, private=True, sticky=True)
+        line = tagged_line(PROGRESS_TAG, kind="resumed", site="server", job=point.job_id, round=point.next_round)
+        self.log_info(fl_ctx, f"{line} (best so far: {point.best})")
+        self.fire_event(RESUMED_EVENT, fl_ctx)
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
         super().handle_event(event, fl_ctx)
@@ -90,7 +164,10 @@ class BundleModelPersistor(PTFileModelPersistor):
     def append_history(self, entry: dict) -> None:
         history_path = Path(self.log_dir) / HISTORY_FILE
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
-        history.append(entry)
+        self.write_history([*history, entry])
+
+    def write_history(self, history: list[dict]) -> None:
+        history_path = Path(self.log_dir) / HISTORY_FILE
         tmp = history_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(history, indent=2))
         os.replace(tmp, history_path)

@@ -22,9 +22,11 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.apis.wf_comm_spec import WFCommSpec
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows import cross_site_model_eval, scatter_and_gather
 
 from spleen_flare.contract import PROGRESS_TAG, tagged_line
+from spleen_flare.resume import RESUME_POINT_PROP, ResumePoint
 
 
 class HonoursTaskCheckPeriod:
@@ -42,11 +44,31 @@ def _name(client: Client | str) -> str:
     return client.name if isinstance(client, Client) else str(client)
 
 
+def rounds_left(next_round: int, start_round: int, num_rounds: int) -> tuple[int, int]:
+    """(start round, number of rounds) of a resumed job: from ``next_round`` to the end the job was configured for
+    (NVFlare runs rounds ``start_round .. start_round + num_rounds - 1``)."""
+    end = start_round + num_rounds
+    start = min(max(next_round, start_round), end)
+    return start, end - start
+
+
 class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGather):
     """NVFlare's FedAvg workflow that names the sites that sent no training result and honours ``min_clients``."""
 
     _answered: set[str]
     _succeeded: set[str]
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        """As NVFlare's; a job that resumes an earlier one (its persistor found the point) starts at the round after
+        the old job's last global model and runs the rest of ``num_rounds`` (the total of both jobs)."""
+        super().start_controller(fl_ctx)
+        point = fl_ctx.get_prop(RESUME_POINT_PROP)
+        if isinstance(point, ResumePoint):
+            self._start_round, self._num_rounds = rounds_left(point.next_round, self._start_round, self._num_rounds)
+            fl_ctx.set_prop(AppConstants.START_ROUND, self._start_round, private=True, sticky=True)
+            self.log_info(
+                fl_ctx, f"resuming job {point.job_id}: {self._num_rounds} rounds from round {self._start_round}"
+            )
 
     def _process_train_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
         result, site = client_task.result, _name(client_task.client)

@@ -107,8 +107,9 @@ class JobAdmin:
         return out_dir
 
 
-def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> list[str]:
-    """Sites the server reports as connected, asked through the admin API with an admin kit (mutual TLS)."""
+def system_info(admin_user: str, admin_kit: Path, timeout: float = 5.0):
+    """The server's ``SystemInfo`` (its start time, connected sites, running jobs) through the admin API with an
+    admin kit (mutual TLS). Raises while the server cannot be asked."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     # The API prints "Connecting to FLARE ..." and logs "no connection to server" while the server is starting.
@@ -117,10 +118,22 @@ def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> l
         with contextlib.redirect_stdout(io.StringIO()):
             session = new_secure_session(admin_user, str(admin_kit), timeout=timeout)
             try:
-                info = session.get_system_info()
+                return session.get_system_info()
             finally:
                 with contextlib.suppress(Exception):
                     session.close()
     finally:
         logging.disable(logging.NOTSET)
-    return sorted(c.name for c in info.client_info)
+
+
+def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> list[str]:
+    """Sites the server reports as connected."""
+    return sorted(c.name for c in system_info(admin_user, admin_kit, timeout).client_info)
+
+
+def server_started_at(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> float | None:
+    """When the server process started (its own clock, seconds); None while it cannot be asked."""
+    try:
+        return system_info(admin_user, admin_kit, timeout).server_info.start_time
+    except Exception:  # the admin API raises many kinds while the server is down or starting
+        return None

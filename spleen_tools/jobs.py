@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from spleen_flare.contract import JOB_ID_PATTERN
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
 
 JOB_NAMES = ("spleen_ct_segmentation_local", "spleen_ct_segmentation_he")
@@ -47,6 +48,7 @@ class JobSettings:
     tracking: str | None = None  # one of TRACKING_MODES
     tracking_uri: str | None = None
     experiment_name: str | None = None
+    resume_from: str | None = None  # an earlier job of the same server to go on from (see spleen_flare.resume)
 
 
 def job_dir(name: str) -> Path:
@@ -118,6 +120,8 @@ def set_tracking(components: list[dict], settings: JobSettings) -> None:
         receiver["args"]["tracking_uri"] = settings.tracking_uri
     if settings.experiment_name is not None:
         receiver["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
+    if settings.resume_from:  # the resumed job's runs name the job whose runs hold the earlier rounds
+        receiver["args"].setdefault("kw_args", {}).setdefault("run_tags", {})["resumed_from"] = settings.resume_from
 
 
 # The server workflows' waits for sites: a site silent for longer is reported and the workflow goes on (or stops).
@@ -155,6 +159,10 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
     if settings.site_timeout is not None:
         set_site_timeout(server["workflows"], settings.site_timeout)
     set_tracking(server["components"], settings)
+    if settings.resume_from is not None:
+        if not JOB_ID_PATTERN.fullmatch(settings.resume_from):
+            raise ValueError(f"resume from {settings.resume_from!r}: not a job id (see `nvflare job list`)")
+        server["resume_from"] = settings.resume_from
 
     updates: dict[str, str] = {}
     if settings.local_epochs is not None:

@@ -25,6 +25,7 @@ from nvflare.app_common.abstract.model import (
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.decomposers import numpy_decomposers
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from spleen_flare.contract import HE_TAG, tagged_line
 from spleen_flare.he.packing import HE_META_KEY, is_packed
@@ -60,9 +61,9 @@ class HEBundleModelPersistor(BundleModelPersistor):
             super().save_model(ml, fl_ctx)  # plaintext (initial) model: the usual checkpoint
             return
         self._latest = ml
-        self.save_model_file(self._ckpt_save_path)
         weights = ml[ModelLearnableKey.WEIGHTS]
-        self._record_packed(weights, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        self._record_packed(weights, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))  # before the file (see resume)
+        self.save_model_file(self._ckpt_save_path)
         he_meta = ml[ModelLearnableKey.META][HE_META_KEY]
         self.logger.info(
             tagged_line(
@@ -83,6 +84,18 @@ class HEBundleModelPersistor(BundleModelPersistor):
                 self.record_best(packed_digest(ml[ModelLearnableKey.WEIGHTS]), fl_ctx)
                 return
         super().handle_event(event, fl_ctx)
+
+    def model_digest(self, ml: ModelLearnable) -> str:
+        return packed_digest(ml[ModelLearnableKey.WEIGHTS]) if self._is_packed(ml) else super().model_digest(ml)
+
+    def adopt(self, model_path, fl_ctx: FLContext) -> ModelLearnable:
+        """An encrypted checkpoint stays as it is (the plaintext initial model still sets up NVFlare's format)."""
+        stored = self._get_model_from_location(str(model_path), fl_ctx)
+        if not self._is_packed(stored):
+            return super().adopt(model_path, fl_ctx)
+        PTFileModelPersistor.load_model(self, fl_ctx)
+        self._latest = stored
+        return stored
 
     def save_model_file(self, save_path: str) -> None:
         if self._latest is None:

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None, help="CPU-quick override")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for the server's receiver")
+    parser.add_argument(
+        "--resume-from",
+        metavar="JOB_ID",
+        help="go on from the last global model an earlier job of the same server persisted (after the server died; "
+        "keep --rounds the total of both)",
+    )
     return parser
 
 
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         site_timeout=args.site_timeout,
         quick=args.quick,
         tracking_uri=args.tracking_uri,
+        resume_from=args.resume_from,
     )
     try:
         for name in args.job or JOB_NAMES:

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the server waits for a site's answer (training a round, validating, sending its model); a site "
         "silent for longer is reported as dropped (default: the job's, 3600 s for a round, 900 s otherwise)",
     )
+    p.add_argument(
+        "--max-resumes",
+        type=int,
+        default=d.max_resumes,
+        help="times a job lost with a restarted server is resumed from its last global model (0: report and stop)",
+    )
     p.add_argument("--rounds", type=int, default=d.rounds, help="FL rounds")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round")
     p.add_argument(
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             sites=args.sites,
             min_clients=args.min_clients,
             site_timeout=args.site_timeout,
+            max_resumes=args.max_resumes,
             rounds=args.rounds,
             local_epochs=args.local_epochs,
             quick=quick,

@@ -110,6 +110,8 @@ class Progress:
     fl_round_marks: dict[int, dict[str, float]] = field(default_factory=dict)
     data_errors: list[str] = field(default_factory=list)  # "site: file: what is wrong; the fix"
     dropped: list[dict] = field(default_factory=list)  # the server's "dropped" events: site, round, waited_s, at
+    resumed: list[dict] = field(default_factory=list)  # the server's "resumed" events: job, round (the next one)
+    job_errors: list[str] = field(default_factory=list)  # the server's "resume_error" reasons
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -123,6 +125,7 @@ class Progress:
             event.get("stage"),
             event.get(KEY_METRIC) if kind == "cross_site" else None,
             event.get("problem"),
+            event.get("job"),  # a job resumed twice from the same round
         )
         if key in self._seen:  # the same line can show up in the site log and the job log
             return []
@@ -135,6 +138,11 @@ class Progress:
             return []
         if kind == "dropped":
             return self._dropped(event, now)
+        if kind == "resumed":
+            return self._resumed(event, now)
+        if kind == "resume_error":
+            self.job_errors.append(f"server: {event.get('reason')}")
+            return [f"{self._clock(now)} {self.job_errors[-1]}"]
         if kind == "data_error":
             self.data_errors.append(f"{event['site']}: {event.get('problem')}")
             return [f"{self._clock(now)} {self.data_errors[-1]}"]
@@ -187,6 +195,19 @@ class Progress:
             self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
             out.append(f"{self._clock(now)} round {rnd + 1}/{self.rounds} done without {event['site']}")
         return out
+
+    def _resumed(self, event: dict, now: float) -> list[str]:
+        """A job that resumes a lost one runs its rounds from ``round`` again: what was seen of them is forgotten."""
+        rnd = int(event.get("round") or 0)
+        self.resumed.append({"job": event.get("job"), "round": rnd, "at": event.get("at")})
+        for rounds in (self.per_round, self.round_done_at, self.fl_round_marks):
+            for r in [r for r in rounds if r >= rnd]:
+                del rounds[r]
+        self._seen = {k for k in self._seen if not (isinstance(k[2], int) and k[2] >= rnd) or k[0] == "resumed"}
+        if not rnd:
+            return [f"{self._clock(now)} the server restarted job {event.get('job')} from its initial model"]
+        left = f"rounds {rnd + 1}..{self.rounds} to go" if rnd < self.rounds else "only the final validations left"
+        return [f"{self._clock(now)} the server resumed job {event.get('job')} from its model of round {rnd} ({left})"]
 
     def dropped_sites(self) -> list[str]:
         return sorted({d["site"] for d in self.dropped})

@@ -15,12 +15,12 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
 from spleen_tools.data.check import check_dataset
-from spleen_tools.flare import TERMINAL_OK, JobAdmin, is_finished
+from spleen_tools.flare import TERMINAL_OK, FlareError, JobAdmin, is_finished
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
@@ -31,12 +31,14 @@ from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.secrets_scan import scan
+from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume, wait_for_sites
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
 from spleen_tools.systems.base import FLSystem
 
 STATUS_EVERY = 10.0  # seconds between job status queries
+LOST_STATUSES = ("RUNNING", "DISPATCHED")  # a job a restarted server forgot keeps one of these for ever
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Run:
     system: FLSystem | None = None
     server_memory: PeakMemory | None = None
     phase: str = "starting"  # what the run is doing; stopped.json names it when the run ends early
+    resumes: list[dict] = field(default_factory=list)  # jobs lost with a restarted server, and their successors
 
     def enter(self, phase: str) -> None:
         self.phase = phase
@@ -88,13 +91,8 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             admin = JobAdmin(run.system.admin_startup_kit, run.system.env(), run.run_dir / "logs" / "nvflare_cli.log")
             follower = LogFollower(log_roots(run.system).values())
             follower.skip_existing()
-            run.enter("submitting the job")
-            job_id = admin.submit(job_folder)
-            run.pid_file.update(job_id=job_id)
-            out(f"submitted {settings.job_name}: job_id {job_id}")
-            run.enter(f"running job {job_id}")
             progress = Progress(list(run.system.site_names), settings.rounds)
-            status = follow_job(run, admin, job_id, follower, progress)
+            job_id, status = run_job(run, admin, job_folder, follower, progress)
             run.enter("collecting results")
             result = collect_results(run, admin, job_id, status, progress)
             report.report(result, list(run.system.site_names), out)
@@ -166,7 +164,7 @@ def start_mlflow(run: Run) -> None:
     run.out(f"MLflow: {run.mlflow.url} (store {run.run_dir / 'mlflow'}, log {run.mlflow.log_path})")
 
 
-def prepare_job_copy(run: Run) -> Path:
+def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jobs") -> Path:
     s = run.settings
     job_settings = JobSettings(
         rounds=s.rounds,
@@ -177,8 +175,9 @@ def prepare_job_copy(run: Run) -> Path:
         tracking=s.tracking,
         tracking_uri=run.mlflow.url if run.mlflow else None,
         experiment_name=s.job_name,
+        resume_from=resume_from,
     )
-    job_folder = prepare_job(s.job_name, run.run_dir / "jobs", job_settings)
+    job_folder = prepare_job(s.job_name, run.run_dir / folder, job_settings)
     run.out(f"job: {job_folder} ({s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick})")
     return job_folder
 
@@ -209,8 +208,67 @@ def log_roots(system: FLSystem) -> dict[str, Path]:
     return {name: path.parent for name, path in system.log_paths.items()}
 
 
-def follow_job(run: Run, admin: JobAdmin, job_id: str, follower: LogFollower, progress: Progress) -> str | None:
-    """Print progress until the job ends; abort it and raise RunTimeout past the deadline."""
+def run_job(run: Run, admin: JobAdmin, job_folder: Path, follower: LogFollower, progress: Progress):
+    """Submit the job and follow it to its end: ``(job_id, status)`` of the job that ended. A server that restarts
+    meanwhile has lost the job: it resumes as a new job (up to ``--max-resumes`` times)."""
+    watch = ServerWatch(run.system.admin_user, run.system.admin_startup_kit)
+    watch.arm()
+    job_id = submit(run, admin, job_folder)
+    while True:
+        try:
+            return job_id, follow_job(run, admin, job_id, follower, progress, watch)
+        except ServerRestarted as restart:
+            job_id = resume(run, admin, restart, watch)
+        except ServerGone as err:
+            raise ExperimentError(cannot_resume_now(run, job_id, str(err))) from None
+
+
+def submit(run: Run, admin: JobAdmin, job_folder: Path, resumes: str | None = None) -> str:
+    run.enter("submitting the job")
+    job_id = admin.submit(job_folder)
+    run.pid_file.update(job_id=job_id)
+    again = f" (resuming job {resumes})" if resumes else ""
+    run.out(f"submitted {run.settings.job_name}: job_id {job_id}{again}")
+    run.enter(f"running job {job_id}")
+    return job_id
+
+
+def cannot_resume_now(run: Run, job_id: str, reason: str) -> str:
+    s = run.settings
+    return cannot_resume(job_id, reason, s.secure, s.job_name, s.rounds)
+
+
+def resume(run: Run, admin: JobAdmin, restart: ServerRestarted, watch: ServerWatch) -> str:
+    """Once every site is back, a copy of the job that goes on from the lost job's last global model."""
+    lost = restart.job_id
+    if len(run.resumes) >= run.settings.max_resumes:
+        reason = f"--max-resumes {run.settings.max_resumes} reached"
+        raise ExperimentError(cannot_resume_now(run, lost, reason))
+    run.enter(f"resuming job {lost}")
+    run.out(
+        f"the server restarted while job {lost} ran and has lost it (NVFlare keeps no job snapshot): waiting for "
+        "the sites, then a new job goes on from the last global model the server persisted"
+    )
+    try:
+        waited = wait_for_sites(run.system.admin_user, run.system.admin_startup_kit, list(run.system.site_names))
+    except ServerGone as err:
+        raise ExperimentError(cannot_resume_now(run, lost, str(err))) from None
+    watch.arm()
+    if admin.status(lost) not in LOST_STATUSES:  # not started yet: the restarted server schedules it itself
+        run.out(f"job {lost} had not started; the restarted server runs it")
+        return lost
+    folder = prepare_job_copy(run, resume_from=lost, folder=f"jobs_resume_{len(run.resumes) + 1}")
+    job_id = submit(run, admin, folder, resumes=lost)
+    noticed = round(restart.noticed_at, 3)
+    run.resumes.append({"lost_job": lost, "job_id": job_id, "noticed_at": noticed, "sites_back_s": round(waited, 1)})
+    return job_id
+
+
+def follow_job(
+    run: Run, admin: JobAdmin, job_id: str, follower: LogFollower, progress: Progress, watch: ServerWatch
+) -> str | None:
+    """Print progress until the job ends; abort it and raise RunTimeout past the deadline. Raises ServerRestarted
+    when the server restarted (the job is lost), ServerGone when it stays unreachable."""
     next_status = 0.0
     while True:
         follow(follower, progress, run.out)
@@ -220,12 +278,16 @@ def follow_job(run: Run, admin: JobAdmin, job_id: str, follower: LogFollower, pr
                 admin.abort(job_id)
             raise RunTimeout(f"timed out after {run.settings.timeout:.0f} s (job {job_id} aborted)")
         if now >= next_status:
-            status = admin.status(job_id)
             next_status = now + STATUS_EVERY
+            try:
+                status = admin.status(job_id)
+            except FlareError:  # the server is down or starting: the watch tells which
+                status = None
             if is_finished(status):
                 follow(follower, progress, run.out)  # the last lines
                 run.out(f"job {job_id} finished: {status}")
                 return status
+            watch.check(job_id)
         time.sleep(run.settings.poll_interval)
 
 
@@ -259,6 +321,7 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         model_history=summary.read_model_history(download_dir),
     )
     result["server_peak_memory_mb"] = run.server_memory.stop() if run.server_memory else None
+    result["resumed"] = resumes_info(run, progress)
     result.update(tracking_info(run, download_dir, job_id, sites))
     if result["dropped"] and status not in TERMINAL_OK:
         result["status_note"] = summary.abandoned_upload(download_dir, progress.dropped_sites())
@@ -267,6 +330,20 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
     result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}
     (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def resumes_info(run: Run, progress: Progress) -> list[dict]:
+    """Each job lost with a restarted server: the job that resumed it, the round it went on from (the server's own
+    ``resumed`` line), and where the lost job's metrics are (its own MLflow runs)."""
+    out = []
+    for entry in run.resumes:
+        rounds = [e["round"] for e in progress.resumed if e.get("job") == entry["lost_job"]]
+        info = {**entry, "next_round": rounds[-1] if rounds else None}
+        if run.mlflow is not None:
+            runs = mlflow_runs(run.mlflow.url, run.settings.job_name, entry["lost_job"], list(run.system.site_names))
+            info["lost_job_mlflow_run_ids"] = runs["run_ids"]
+        out.append(info)
+    return out
 
 
 def tracking_info(run: Run, download_dir: Path, job_id: str, sites: list[str]) -> dict:

@@ -33,6 +33,7 @@ class ExperimentSettings:
     sites: int = 2
     min_clients: int | None = None  # sites a round needs (None: all); the others may drop out
     site_timeout: int | None = None  # how long the server waits for a site (None: the job's, 3600 s for training)
+    max_resumes: int = 2  # jobs a run submits again after the server restarted and lost the running one
     rounds: int = 10  # the default demo segments the synthetic data (Dice >= 0.8) in a few minutes on 2 cores
     local_epochs: int = 5
     quick: bool = True
@@ -63,6 +64,8 @@ class ExperimentSettings:
             raise SettingsError(f"--min-clients must be between 1 and --sites {self.sites}, got {self.min_clients}")
         if self.site_timeout is not None and self.site_timeout < 1:
             raise SettingsError(f"--site-timeout must be at least 1 s, got {self.site_timeout}")
+        if self.max_resumes < 0:
+            raise SettingsError(f"--max-resumes must be 0 or more, got {self.max_resumes}")
         if self.tracking not in TRACKING_MODES:
             raise SettingsError(f"--tracking must be one of {', '.join(TRACKING_MODES)}, got {self.tracking!r}")
         if self.timeout <= 0:

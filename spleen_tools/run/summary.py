@@ -94,6 +94,7 @@ def build_summary(
         "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
         "data_errors": progress.data_errors,
+        "job_errors": progress.job_errors,  # the server's own: a job that could not resume
         "dropped": progress.dropped,  # rounds the server closed without a site's result
         "global_dice_per_round": per_round,
         "final_global_dice": cross_site.get(GLOBAL_MODEL, {}),
@@ -159,7 +160,8 @@ def abandoned_upload(download_dir: Path, dropped: list[str]) -> str | None:
 
 def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> list[str]:
     """What makes a finished run a failure: a job that did not complete, or missing cross-site results."""
-    found = list(summary.get("data_errors") or [])  # a site's own check of its cases: the cause, so first
+    # a site's own check of its cases, or a resume the server refused: the cause, so first
+    found = list(summary.get("data_errors") or []) + list(summary.get("job_errors") or [])
     finished_all = len(summary.get("fl_round_s") or []) == summary.get("rounds")
     excused = summary.get("status_note") and finished_all  # see abandoned_upload
     if summary["status"] not in terminal_ok and not excused:

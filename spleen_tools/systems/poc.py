@@ -140,6 +140,10 @@ class PocSystem:
         return self.prod_dir / ADMIN
 
     @property
+    def admin_user(self) -> str:
+        return ADMIN
+
+    @property
     def participants(self) -> list[str]:
         return ["server", *self.site_names]
 
