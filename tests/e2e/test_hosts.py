@@ -7,6 +7,7 @@ and iproute2 (skips, saying why); namespaces, links and processes are removed af
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 from conftest import wait_finished
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
+from spleen_flare.resume import HISTORY_FILE
 from spleen_tools.data.datalists import make_site_datalists
 from spleen_tools.data.synthetic import make_synthetic_dataset
+from spleen_tools.flare import FlareError
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.paths import SECURE_PROJECT_YML
 from spleen_tools.procs import wait_for
@@ -54,15 +57,18 @@ def hosts(tmp_path_factory):
         assert not [ns for ns in existing_namespaces() if ns.startswith("sphtest")]
 
 
-def _run(hosts, job: str, rounds: int, during=None) -> dict:
+def _run(hosts, job: str, rounds: int, during=None, resume_from: str | None = None) -> dict:
     """Submit ``job`` from the admin's host; ``during(job_id)`` runs while it does; its cross-site results."""
     system, admin, root = hosts
-    settings = JobSettings(rounds=rounds, local_epochs=1, min_clients=2, quick=True, tracking="workspace")
-    job_id = admin.submit(prepare_job(job, root / f"jobs-{job}-{rounds}", settings))
+    settings = JobSettings(
+        rounds=rounds, local_epochs=1, min_clients=2, quick=True, tracking="workspace", resume_from=resume_from
+    )
+    job_id = admin.submit(prepare_job(job, root / f"jobs-{job}-{rounds}-{resume_from}", settings))
     if during:
         during(job_id)
     assert wait_finished(admin, job_id, 600) == "FINISHED:COMPLETED", job
     results = next(admin.download(job_id, root / "download" / job_id).rglob("cross_val_results.json"))
+    _run.job_id = job_id
     return json.loads(results.read_text())
 
 
@@ -77,8 +83,6 @@ def test_jobs_run_with_every_participant_on_its_own_host(hosts, job):
 
 
 def test_a_site_cannot_read_another_sites_data(hosts):
-    import subprocess
-
     system = hosts[0]
     theirs = system.data_roots["site-2"]
     image = next(theirs.rglob("imagesTr/*.nii.gz"))
@@ -113,3 +117,66 @@ def test_a_site_cut_off_for_20_s_reconnects_and_the_job_completes(hosts):
     cross = _run(hosts, LOCAL, rounds=3, during=cut_after_first_round)
     assert sorted(cross) == SITES, cross  # site-2 came back and took part to the end
     print(f"site-2 cut off {CUT_S} s; job completed {time.monotonic() - cut_after_first_round.back:.0f} s after")
+
+
+def test_the_he_job_resumes_after_the_server_host_restarts_its_server(hosts):
+    """The server process killed once it persisted round 0's (encrypted) global model: its restart loop brings it
+    back without the job, and the job submitted again with ``resume_from`` (the deployment guide's commands) goes
+    on from that model: rounds 1.. run once, the history is continuous."""
+    system, admin, root = hosts
+    server_kit = system.kits.server
+    lost: dict = {}
+
+    def kill_the_server_after_round_0(job_id: str) -> None:
+        app = server_kit / job_id / "app_server"
+
+        def persisted() -> bool:
+            history = json.loads((app / HISTORY_FILE).read_text()) if (app / HISTORY_FILE).is_file() else []
+            return any(e.get("round") == 0 for e in history) and (app / "FL_global_model.pt").is_file()
+
+        wait_for(persisted, 300, "the server's round-0 global model", interval=0.05)
+        server = next(p for p in system.network.pids("server") if "server_train" in _cmdline(p))
+        for pid in [*_children(server), server]:
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        lost.update(job=job_id, at=time.monotonic())
+        wait_for(lambda: _answers(admin), 120, "the restarted server to answer")
+        lost["back_s"] = time.monotonic() - lost["at"]
+        raise _Lost()
+
+    with pytest.raises(_Lost):
+        _run(hosts, HE, rounds=2, during=kill_the_server_after_round_0)
+    assert admin.status(lost["job"]) == "RUNNING"  # NVFlare 2.9: the restarted server forgot it, the store did not
+    t0 = time.monotonic()
+    cross = _run(hosts, HE, rounds=2, resume_from=lost["job"])
+    assert sorted(cross) == SITES and all(len(models) >= 3 for models in cross.values()), cross
+    history = json.loads(next((root / "download" / _run.job_id).rglob(HISTORY_FILE)).read_text())
+    models = [e for e in history if "sha256" in e and not e.get("best")]
+    assert [e["round"] for e in models] == ["initial", 0, 1], history
+    assert all(e.get("encrypted") for e in models[1:]), history  # the server only ever held ciphertext
+    took = time.monotonic() - t0
+    print(f"server killed: back in {lost['back_s']:.0f} s; the resumed HE job completed in {took:.0f} s")
+
+
+class _Lost(Exception):
+    pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def _answers(admin) -> bool:
+    try:
+        admin("job", "list", timeout=30)
+        return True
+    except (FlareError, subprocess.TimeoutExpired):
+        return False
