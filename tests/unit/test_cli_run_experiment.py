@@ -22,6 +22,7 @@ from spleen_tools.cli import run_experiment as cli
         (["--synthetic-cases", "3"], "too few for 2 sites"),
         (["--min-clients", "3"], "--min-clients must be between 1 and --sites 2"),
         (["--site-timeout", "0"], "--site-timeout must be at least 1 s"),
+        (["--max-resumes", "-1"], "--max-resumes must be 0 or more"),
         (["--data", "/nonexistent/Task09_Spleen"], "no dataset.json"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--stop", "/nonexistent/run"], "no pids.json"),

@@ -132,3 +132,27 @@ def test_a_dropped_site_closes_its_round_and_is_excused_from_the_table_but_repor
     out: list[str] = []
     report_dropped(p.dropped, out.append)
     assert out[0].startswith("  dropped: site-2 sent no training result in round(s) 2 (first noticed ")
+
+
+def test_a_resumed_job_runs_its_rounds_again_and_they_count_once():
+    p = Progress(SITES, rounds=3, start=0.0)
+    for rnd, now in ((0, 10.0), (1, 20.0)):
+        for site in SITES:
+            p.add(parse_event(round_line(site, rnd, 0.1 * (rnd + 1))), now=now)
+    p.add(parse_event(round_line("site-1", 2, 0.25)), now=25.0)  # round 3 under way when the server died
+    resumed = tagged_line(PROGRESS_TAG, kind="resumed", site="server", job="job-a", round=1)
+    [line] = p.add(parse_event(PREFIX + resumed), now=40.0)
+    assert "resumed job job-a from its model of round 1 (rounds 2..3 to go)" in line
+    assert p.add(parse_event(resumed), now=41.0) == []  # the server log and the job log
+    assert sorted(p.per_round) == [0] and p.resumed[0]["round"] == 1
+    for rnd, now in ((1, 50.0), (2, 60.0)):  # the same rounds again, in the resumed job: seen, not deduplicated
+        for site in SITES:
+            assert p.add(parse_event(round_line(site, rnd, 0.5)), now=now)
+    assert sorted(p.per_round) == [0, 1, 2] and p.per_round[1]["site-1"]["global_dice"] == 0.5
+
+
+def test_a_job_that_cannot_resume_says_why():
+    p = Progress(SITES, rounds=3, start=0.0)
+    line = tagged_line(PROGRESS_TAG, kind="resume_error", site="server", reason="cannot resume from job x: gone")
+    assert p.add(parse_event(line), now=1.0) == ["[0:01] server: cannot resume from job x: gone"]
+    assert p.job_errors == ["server: cannot resume from job x: gone"]

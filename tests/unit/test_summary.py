@@ -143,3 +143,10 @@ def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
     assert problems(base, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]
     unfinished = {**base, "status_note": note, "fl_round_s": [3.0]}  # a round missing: not excused
     assert problems(unfinished, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]
+
+
+def test_a_job_that_could_not_resume_names_the_cause_first():
+    p = Progress(SITES, 3)
+    p.job_errors.append("server: cannot resume from job x: gone")
+    found = problems(summary_of(p, cross=None, status="FINISHED:EXECUTION_EXCEPTION"), SITES, ("FINISHED:COMPLETED",))
+    assert found[0] == "server: cannot resume from job x: gone" and "job ended FINISHED:EXECUTION_EXCEPTION" in found
