@@ -226,3 +226,22 @@ def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
     assert stopped == {**stopped, "phase": "starting the FL system", "reason": "terminated (SIGTERM)"}
     with poc_lock("after the terminated run"):
         pass
+
+
+def test_sigterm_once_mlflow_runs_stops_it_and_says_where(tmp_path):
+    """SIGTERM right after the MLflow server started (its own process group of about nine): exit 143, MLflow and
+    everything else stopped, ``stopped.json`` names the phase."""
+    proc = _start_run(tmp_path)
+    try:
+        for line in proc.stdout:
+            if line.startswith("MLflow: http"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rc = proc.wait(timeout=180)
+    finally:
+        _kill_and_clean_up(proc, tmp_path)
+    assert rc == 143, proc.stderr.read()
+    run_dir = (tmp_path / "latest").resolve()
+    assert "mlflow" in json.loads((run_dir / "pids.json").read_text()) and alive_recorded(run_dir) == []
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["phase"] in ("starting MLflow", "starting the FL system"), stopped
