@@ -128,6 +128,13 @@ class BundleRunner:
     def set_weights(self, weights: Mapping[str, Any]) -> None:
         self.network.load_state_dict(to_tensor_dict(weights), strict=True)
 
+    def catch_up(self, epoch: int) -> None:
+        """Count epochs (and iterations) from ``epoch`` on, if behind: a job that resumes at round r trains from
+        global epoch r x local epochs, as the lost job did, so the sites' metric steps go on where they were."""
+        if self.global_epoch < epoch:
+            self.trainer.state.iteration = epoch * len(self.trainer.data_loader)
+            self.trainer.state.epoch = epoch
+
     def train(self, epochs: int) -> int:
         """Continue training for ``epochs`` more epochs; returns the number of iterations run."""
         self.phase = "local"

@@ -118,6 +118,7 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     """Score the received global model, train on, send the weights with the score."""
     runner = site.runner
     runner.set_weights(model.params)
+    runner.catch_up((model.current_round or 0) * local_epochs)  # a resumed job's first round: steps go on
     work_start = time.perf_counter()
     global_dice = runner.evaluate(external=True).get(KEY_METRIC, 0.0)
     site.sender.add(GLOBAL_METRIC, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)

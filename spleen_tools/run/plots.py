@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
-from spleen_tools.run.tracking import Curves, mlflow_curves, tensorboard_curves
+from spleen_tools.run.tracking import Curves, join_curves, mlflow_curves, tensorboard_curves
 
 TRAIN_LOSS = "train_loss_epoch"
 CURVE_METRICS = (TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC)
@@ -97,7 +97,13 @@ def read_curves(summary: dict) -> Curves:
     """The sites' series from where the run tracked them (MLflow server or store, or TensorBoard files)."""
     mlflow_info = summary.get("mlflow") or {}
     if mlflow_info.get("run_ids"):
-        return mlflow_curves(mlflow_info["tracking_uri"], mlflow_info["run_ids"], CURVE_METRICS)
+        curves = mlflow_curves(mlflow_info["tracking_uri"], mlflow_info["run_ids"], CURVE_METRICS)
+        for resumed in reversed(summary.get("resumed") or []):  # the jobs lost with a restarted server, first
+            lost = mlflow_curves(
+                mlflow_info["tracking_uri"], resumed.get("lost_job_mlflow_run_ids") or {}, CURVE_METRICS
+            )
+            curves = join_curves(lost, curves)
+        return curves
     site_dirs = (summary.get("tensorboard") or {}).get("site_dirs")
     return tensorboard_curves(site_dirs, CURVE_METRICS) if site_dirs else {}
 

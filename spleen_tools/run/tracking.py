@@ -83,3 +83,17 @@ def tensorboard_curves(site_dirs: dict[str, str], metrics: tuple[str, ...]) -> C
             name: sorted((e.step, e.value) for e in events.Scalars(name)) if name in tags else [] for name in metrics
         }
     return curves
+
+
+def join_curves(earlier: Curves, later: Curves) -> Curves:
+    """A job lost with its server, then the job that resumed it: each series is the earlier job's points before
+    the later job's first step, then the later job's (a round run again counts once, as the later job ran it)."""
+    joined: Curves = {}
+    for site in sorted(set(earlier) | set(later)):
+        before, after = earlier.get(site, {}), later.get(site, {})
+        joined[site] = {}
+        for name in sorted(set(before) | set(after)):
+            points = after.get(name) or []
+            first = points[0][0] if points else float("inf")
+            joined[site][name] = [p for p in before.get(name) or [] if p[0] < first] + list(points)
+    return joined

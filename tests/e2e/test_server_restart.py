@@ -23,6 +23,7 @@ from conftest import REPO_ROOT, alive_recorded, assert_best_model_is_the_best_sc
 
 from spleen_flare.resume import HISTORY_FILE
 from spleen_tools.mlflow_server import MLflowServer
+from spleen_tools.run.plots import TRAIN_LOSS
 
 pytestmark = pytest.mark.faults
 ROUNDS = 3
@@ -110,10 +111,14 @@ def test_a_killed_server_comes_back_and_the_job_resumes_from_its_last_global_mod
     # the lost job's metrics stay in its own MLflow runs; the resumed job's runs name it
     assert sorted(resumed["lost_job_mlflow_run_ids"]) == ["site-1", "site-2"]
     with MLflowServer(run_dir / "mlflow") as server:  # the run's own store, served again
-        tags = mlflow.MlflowClient(server.url).get_run(s["mlflow"]["run_ids"]["site-1"]).data.tags
+        client = mlflow.MlflowClient(server.url)
+        run_id = s["mlflow"]["run_ids"]["site-1"]
+        tags = client.get_run(run_id).data.tags
+        epochs = sorted(m.step for m in client.get_metric_history(run_id, TRAIN_LOSS))
     assert tags.get("resumed_from") == resumed["lost_job"], tags
+    assert epochs == [2, 3], epochs  # rounds 2 and 3 of one local epoch each: the epoch count goes on
     took = resumed["noticed_at"] - killed_at
-    print(f"server killed at round 2: restart noticed after {took:.0f} s, sites back after {resumed['sites_back_s']} s")
+    print(f"server killed in round 2: restart noticed after {took:.0f} s, sites back after {resumed['sites_back_s']} s")
     assert alive_recorded(run_dir) == []
 
 

@@ -55,6 +55,16 @@ def test_train_continues_epochs_and_changes_weights(runner):
     assert 0.0 <= runner.best_local_metric <= 1.0
 
 
+def test_a_resumed_job_counts_epochs_from_where_the_lost_one_was(runner):
+    start = runner.global_epoch
+    runner.catch_up(start + 4)  # round 2 of 2 local epochs, say, after 2 epochs here
+    iterations = int(runner.trainer.state.iteration)
+    assert runner.train(1) == len(runner.trainer.data_loader) and runner.global_epoch == start + 5
+    assert int(runner.trainer.state.iteration) == iterations + len(runner.trainer.data_loader)
+    runner.catch_up(start + 1)  # never backwards
+    assert runner.global_epoch == start + 5
+
+
 def test_evaluating_foreign_weights_restores_local_ones(runner):
     local = runner.get_weights()
     best_before = runner.best_local_metric

@@ -69,3 +69,23 @@ def test_charts_url_opens_the_runs_as_charts():
     info = {"tracking_uri": "http://127.0.0.1:5000", "experiment_id": "1"}
     assert charts_url(info) == "http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
     assert charts_url({**info, "experiment_id": None}) is None
+
+
+def test_a_lost_job_and_the_job_that_resumed_it_make_one_curve_per_series(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("spleen_ct_segmentation_local")
+    lost = client.create_run(experiment, run_name="site-1-aaaaaa-lost").info.run_id
+    resumed = client.create_run(experiment, run_name="site-1-bbbbbb-resumed").info.run_id
+    for rnd in range(3):  # the lost job got into round 2, then the server died
+        client.log_metric(lost, GLOBAL_METRIC, 0.1 * rnd, step=rnd)
+    for rnd in range(2, 4):  # the resumed job ran round 2 again, then round 3
+        client.log_metric(resumed, GLOBAL_METRIC, 0.5 + 0.1 * rnd, step=rnd)
+    summary = {
+        "mlflow": {"tracking_uri": uri, "run_ids": {"site-1": resumed}},
+        "resumed": [{"lost_job": "a", "job_id": "b", "lost_job_mlflow_run_ids": {"site-1": lost}}],
+    }
+    series = read_curves(summary)["site-1"][GLOBAL_METRIC]
+    assert series == [(0, 0.0), (1, 0.1), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]
