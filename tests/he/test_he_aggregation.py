@@ -30,7 +30,9 @@ import pytest
 # A broken TenSEAL install fails here (collection error), never as a skip.
 import tenseal as ts  # noqa: E402
 import tenseal.sealapi as sealapi  # noqa: E402
+import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_file, from_shareable  # noqa: E402
+from nvflare.apis.event_type import EventType  # noqa: E402
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey  # noqa: E402
 from nvflare.apis.fl_context import FLContext  # noqa: E402
 from nvflare.apis.shareable import Shareable  # noqa: E402
@@ -50,8 +52,9 @@ from spleen_flare.he.packing import (  # noqa: E402
     decrypt_model,
     encrypt_model,
 )
-from spleen_flare.he.persistor import HEBundleModelPersistor  # noqa: E402
+from spleen_flare.he.persistor import HEBundleModelPersistor, packed_digest  # noqa: E402
 from spleen_flare.he.seal_format import SealFormatError, seal_body  # noqa: E402
+from spleen_flare.resume import RESUME_POINT_PROP  # noqa: E402
 
 # Several ciphertexts' worth of floats (4096 slots each), tensors that straddle ciphertext borders, an int buffer.
 SHAPES = {
@@ -253,20 +256,36 @@ def test_server_holds_only_ciphertexts_that_sites_decrypt(contexts, key, updates
     _assert_ciphertext_only(sent.data, sent.meta, server_ctx, candidates)
 
     # the global model the server persists (the persistor's real save path, then read back from disk)
+    old_app = tmp_path / "job-a" / "app_server"  # the server's folder of the job (see spleen_flare.resume)
+    old_app.mkdir(parents=True)
     persistor = HEBundleModelPersistor()
-    persistor.log_dir = str(tmp_path)
-    persistor._ckpt_save_path = str(tmp_path / "FL_global_model.pt")
+    persistor.log_dir = str(old_app)
+    persistor._ckpt_save_path = str(old_app / "FL_global_model.pt")
     ml = PackedHEShareableGenerator().shareable_to_learnable(sent.to_shareable(), FLContext())
     fl_ctx = FLContext()
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
     persistor.save_model(ml, fl_ctx)
-    stored = from_file(str(tmp_path / "FL_global_model.pt"))
+    stored = from_file(str(old_app / "FL_global_model.pt"))
     _assert_ciphertext_only(stored.data, stored.meta, server_ctx, candidates)
-    loaded = persistor._get_model_from_location(str(tmp_path / "FL_global_model.pt"), fl_ctx)
+    loaded = persistor._get_model_from_location(str(old_app / "FL_global_model.pt"), fl_ctx)
     assert loaded[ModelLearnableKey.META][HE_META_KEY]["weight"] == sum(STEPS.values())
 
-    # a site's key decrypts both to the model's shapes and the FedAvg values
-    for data, meta in ((sent.data, sent.meta), (stored.data, stored.meta)):
+    # the server died: a new job resumes from the stored ciphertext as it is (never decrypted on the server)
+    new_app = tmp_path / "job-b" / "app_server"
+    new_app.mkdir(parents=True)
+    resumed = HEBundleModelPersistor(resume_from="job-a")
+    resumed.model = torch.nn.Linear(2, 2)  # the plaintext initial model NVFlare's format starts from
+    new_ctx = FLContext()
+    new_ctx.set_prop(FLContextKey.APP_ROOT, str(new_app), private=True, sticky=True)
+    resumed.handle_event(EventType.START_RUN, new_ctx)
+    again = resumed.load_model(new_ctx)
+    assert new_ctx.get_prop(RESUME_POINT_PROP).next_round == 1
+    assert packed_digest(again[ModelLearnableKey.WEIGHTS]) == packed_digest(ml[ModelLearnableKey.WEIGHTS])
+    restored = from_file(str(new_app / "FL_global_model.pt"))  # the new job's folder holds it from the start
+    _assert_ciphertext_only(restored.data, restored.meta, server_ctx, candidates)
+
+    # a site's key decrypts each to the model's shapes and the FedAvg values
+    for data, meta in ((sent.data, sent.meta), (stored.data, stored.meta), (again["weights"], again["meta"])):
         got = decrypt_model(data, meta[HE_META_KEY], client_ctx, key=key)
         for name, shape in SHAPES.items():
             assert got[name].shape == shape, name
