@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,8 +110,3 @@ def carry_best_model(point: ResumePoint, best_file: str, to_dir: Path) -> None:
     """The old best checkpoint into the new job's folder, when it is the history's best model."""
     if point.best is not None:
         shutil.copy2(point.app_dir / best_file, Path(to_dir) / best_file)
-
-
-def digest_of_file(path: Path, load: Callable[[Path], str]) -> str | None:
-    """``load(path)`` (the persistor's own reading and digest) where the file exists; None where it does not."""
-    return load(path) if path.is_file() else None
