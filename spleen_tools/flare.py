@@ -129,11 +129,3 @@ def system_info(admin_user: str, admin_kit: Path, timeout: float = 5.0):
 def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> list[str]:
     """Sites the server reports as connected."""
     return sorted(c.name for c in system_info(admin_user, admin_kit, timeout).client_info)
-
-
-def server_started_at(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> float | None:
-    """When the server process started (its own clock, seconds); None while it cannot be asked."""
-    try:
-        return system_info(admin_user, admin_kit, timeout).server_info.start_time
-    except Exception:  # the admin API raises many kinds while the server is down or starting
-        return None

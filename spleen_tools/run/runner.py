@@ -31,7 +31,7 @@ from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.secrets_scan import scan
-from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume, wait_for_sites
+from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
@@ -211,7 +211,7 @@ def log_roots(system: FLSystem) -> dict[str, Path]:
 def run_job(run: Run, admin: JobAdmin, job_folder: Path, follower: LogFollower, progress: Progress):
     """Submit the job and follow it to its end: ``(job_id, status)`` of the job that ended. A server that restarts
     meanwhile has lost the job: it resumes as a new job (up to ``--max-resumes`` times)."""
-    watch = ServerWatch(run.system.admin_user, run.system.admin_startup_kit)
+    watch = ServerWatch(admin)
     watch.arm()
     job_id = submit(run, admin, job_folder)
     while True:
@@ -250,7 +250,7 @@ def resume(run: Run, admin: JobAdmin, restart: ServerRestarted, watch: ServerWat
         "the sites, then a new job goes on from the last global model the server persisted"
     )
     try:
-        waited = wait_for_sites(run.system.admin_user, run.system.admin_startup_kit, list(run.system.site_names))
+        waited = watch.wait_for_sites(list(run.system.site_names))
     except ServerGone as err:
         raise ExperimentError(cannot_resume_now(run, lost, str(err))) from None
     watch.arm()
@@ -279,15 +279,13 @@ def follow_job(
             raise RunTimeout(f"timed out after {run.settings.timeout:.0f} s (job {job_id} aborted)")
         if now >= next_status:
             next_status = now + STATUS_EVERY
-            try:
-                status = admin.status(job_id)
-            except FlareError:  # the server is down or starting: the watch tells which
-                status = None
-            if is_finished(status):
-                follow(follower, progress, run.out)  # the last lines
-                run.out(f"job {job_id} finished: {status}")
-                return status
-            watch.check(job_id)
+            if not watch.runs(job_id):  # not (or no longer) running on the server: ask the job store why
+                with contextlib.suppress(FlareError):
+                    status = admin.status(job_id)
+                    if is_finished(status):
+                        follow(follower, progress, run.out)  # the last lines
+                        run.out(f"job {job_id} finished: {status}")
+                        return status
         time.sleep(run.settings.poll_interval)
 
 

@@ -3,17 +3,17 @@
 NVFlare 2.9 keeps no job snapshot: a restarted server has forgotten the job it ran, which stays ``RUNNING`` in its
 job store with nothing behind it, while the sites' job processes are told to end. What survives is the job's
 server folder with the last global model (see ``spleen_flare.resume``). The run watches the server's start time
-(admin API); when it changes, it waits for every site to connect again and submits a copy of the job with
-``resume_from`` = the lost job, which goes on from the round after the last persisted global model.
+(``nvflare system status``); when it changes, it waits for every site to connect again and submits a copy of the
+job with ``resume_from`` = the lost job, which goes on from the round after the last persisted global model.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from spleen_tools.flare import connected_sites, server_started_at
+from spleen_tools.flare import FlareError, JobAdmin
 
 SERVER_GONE_LIMIT = 300.0  # seconds the server may stay unreachable during a job before the run gives up
 REJOIN_LIMIT = 300.0  # seconds the sites get to connect to a restarted server
@@ -34,49 +34,59 @@ class ServerGone(Exception):
 
 @dataclass
 class ServerWatch:
-    """The server's start time, as first seen; a later, different one means the server restarted."""
+    """The server as ``nvflare system status`` reports it (a command of its own: an interrupted query never leaves
+    a half-open admin session behind in this process). A start time other than the first one seen means the
+    server restarted."""
 
-    admin_user: str
-    admin_kit: Path
+    admin: JobAdmin
     gone_limit: float = SERVER_GONE_LIMIT
     started_at: float | None = None
     unreachable_since: float | None = field(default=None, repr=False)
 
+    def status(self) -> dict | None:
+        """The server's status reply; None while it cannot be asked."""
+        try:
+            return self.admin("system", "status", timeout=60)
+        except (FlareError, subprocess.TimeoutExpired):
+            return None
+
     def arm(self) -> None:
         """Take the running server's start time (before submitting a job)."""
-        self.started_at = server_started_at(self.admin_user, self.admin_kit)
+        reply = self.status() or {}
+        self.started_at = reply.get("server_start_time")
         self.unreachable_since = None
 
-    def check(self, job_id: str) -> None:
-        """Raise ServerRestarted when the server's start time changed, ServerGone when it stayed unreachable."""
-        now_start = server_started_at(self.admin_user, self.admin_kit)
-        if now_start is None:
+    def runs(self, job_id: str) -> bool:
+        """Whether the server runs ``job_id`` now. Raises ServerRestarted when its start time changed, ServerGone
+        when it stayed unreachable past the limit (unreachable until then: False)."""
+        reply = self.status()
+        if reply is None:
             self.unreachable_since = self.unreachable_since or time.monotonic()
             down = time.monotonic() - self.unreachable_since
             if down > self.gone_limit:
                 raise ServerGone(f"the server has not answered for {down:.0f} s while job {job_id} ran")
-            return
+            return False
         self.unreachable_since = None
+        start = reply.get("server_start_time")
         if self.started_at is None:
-            self.started_at = now_start
-        elif now_start != self.started_at:
+            self.started_at = start
+        elif start != self.started_at:
             raise ServerRestarted(job_id, time.time())
+        jobs = reply.get("jobs") or []
+        return any(job_id in (j.get("job_id"), j.get("job")) if isinstance(j, dict) else j == job_id for j in jobs)
 
-
-def wait_for_sites(admin_user: str, admin_kit: Path, sites: list[str], limit: float = REJOIN_LIMIT) -> float:
-    """Seconds until every site is connected to the (restarted) server; ServerGone past ``limit``."""
-    start = time.monotonic()
-    while True:
-        try:
-            connected = set(connected_sites(admin_user, admin_kit))
-        except Exception:  # the server is still starting
-            connected = set()
-        if connected >= set(sites):
-            return time.monotonic() - start
-        if time.monotonic() - start > limit:
-            missing = ", ".join(sorted(set(sites) - connected))
-            raise ServerGone(f"{missing} did not connect to the restarted server within {limit:.0f} s")
-        time.sleep(2.0)
+    def wait_for_sites(self, sites: list[str], limit: float = REJOIN_LIMIT) -> float:
+        """Seconds until every site is connected to the (restarted) server; ServerGone past ``limit``."""
+        start = time.monotonic()
+        while True:
+            reply = self.status() or {}
+            connected = {c.get("client_name") for c in reply.get("clients") or []}
+            if connected >= set(sites):
+                return time.monotonic() - start
+            if time.monotonic() - start > limit:
+                missing = ", ".join(sorted(set(sites) - connected))
+                raise ServerGone(f"{missing} did not connect to the restarted server within {limit:.0f} s")
+            time.sleep(2.0)
 
 
 def cannot_resume(job_id: str, reason: str, secure: bool, job_name: str, rounds: int) -> str:

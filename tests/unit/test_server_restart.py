@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
+from spleen_tools.flare import JobAdmin
 from spleen_tools.run.server_restart import ServerGone, ServerWatch, cannot_resume
+from spleen_tools.systems.base import participant_env
 
 
 def test_cannot_resume_says_what_to_do_on_each_system():
@@ -19,14 +25,12 @@ def test_cannot_resume_says_what_to_do_on_each_system():
 
 
 def test_a_server_that_never_answers_is_given_up_after_the_limit(tmp_path):
-    # no server behind this kit: unreachable from the first look (a real admin API session, refused)
-    watch = ServerWatch("admin@nvidia.com", tmp_path / "no-kit", gone_limit=0.0)
+    # no server behind this kit: `nvflare system status` fails from the first look
+    admin = JobAdmin(tmp_path / "no-kit", participant_env(), tmp_path / "admin.log")
+    watch = ServerWatch(admin, gone_limit=1.0)
     watch.arm()
     assert watch.started_at is None
-    try:
-        watch.check("job-a")
-        watch.check("job-a")
-    except ServerGone as err:
-        assert "has not answered" in str(err) and "job-a" in str(err)
-    else:
-        raise AssertionError("ServerGone not raised")
+    assert watch.runs("job-a") is False  # unreachable: not known to run; the limit starts now
+    time.sleep(1.1)
+    with pytest.raises(ServerGone, match="has not answered .* while job job-a ran"):
+        watch.runs("job-a")
