@@ -107,9 +107,8 @@ class JobAdmin:
         return out_dir
 
 
-def system_info(admin_user: str, admin_kit: Path, timeout: float = 5.0):
-    """The server's ``SystemInfo`` (its start time, connected sites, running jobs) through the admin API with an
-    admin kit (mutual TLS). Raises while the server cannot be asked."""
+def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> list[str]:
+    """Sites the server reports as connected, asked through the admin API with an admin kit (mutual TLS)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     # The API prints "Connecting to FLARE ..." and logs "no connection to server" while the server is starting.
@@ -118,14 +117,10 @@ def system_info(admin_user: str, admin_kit: Path, timeout: float = 5.0):
         with contextlib.redirect_stdout(io.StringIO()):
             session = new_secure_session(admin_user, str(admin_kit), timeout=timeout)
             try:
-                return session.get_system_info()
+                info = session.get_system_info()
             finally:
                 with contextlib.suppress(Exception):
                     session.close()
     finally:
         logging.disable(logging.NOTSET)
-
-
-def connected_sites(admin_user: str, admin_kit: Path, timeout: float = 5.0) -> list[str]:
-    """Sites the server reports as connected."""
-    return sorted(c.name for c in system_info(admin_user, admin_kit, timeout).client_info)
+    return sorted(c.name for c in info.client_info)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from spleen_tools.flare import FlareError, JobAdmin
+from spleen_tools.procs import wait_for
 
 SERVER_GONE_LIMIT = 300.0  # seconds the server may stay unreachable during a job before the run gives up
 REJOIN_LIMIT = 300.0  # seconds the sites get to connect to a restarted server
@@ -77,16 +78,22 @@ class ServerWatch:
 
     def wait_for_sites(self, sites: list[str], limit: float = REJOIN_LIMIT) -> float:
         """Seconds until every site is connected to the (restarted) server; ServerGone past ``limit``."""
-        start = time.monotonic()
-        while True:
+        start, missing = time.monotonic(), set(sites)
+
+        def all_back() -> bool:
             reply = self.status() or {}
             connected = {c.get("client_name") for c in reply.get("clients") or []}
-            if connected >= set(sites):
-                return time.monotonic() - start
-            if time.monotonic() - start > limit:
-                missing = ", ".join(sorted(set(sites) - connected))
-                raise ServerGone(f"{missing} did not connect to the restarted server within {limit:.0f} s")
-            time.sleep(2.0)
+            missing.clear()
+            missing.update(set(sites) - connected)
+            return not missing
+
+        try:
+            wait_for(all_back, limit, "the sites to connect to the restarted server", interval=2.0)
+        except TimeoutError:
+            raise ServerGone(
+                f"{', '.join(sorted(missing))} did not connect to the restarted server within {limit:.0f} s"
+            ) from None
+        return time.monotonic() - start
 
 
 def cannot_resume(job_id: str, reason: str, secure: bool, job_name: str, rounds: int) -> str:

@@ -50,7 +50,6 @@ class FLSystem(Protocol):
     workspace: Path  # the provisioning output: every participant's kit, logs and job folders
     site_names: list[str]
     admin_startup_kit: Path  # the admin kit to submit jobs with (``nvflare job submit --startup-kit``)
-    admin_user: str  # that kit's user (the admin API's sessions name it)
     log_paths: dict[str, Path]  # participant ("server", "site-1", ...) -> its log file
 
     def env(self) -> dict[str, str]: ...

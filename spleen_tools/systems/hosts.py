@@ -58,10 +58,6 @@ class HostSystem:
         return self.kits.admin
 
     @property
-    def admin_user(self) -> str:
-        return self.kits.admin_user
-
-    @property
     def log_paths(self) -> dict[str, Path]:
         return {"server": self.kits.server / "log.txt", **{s: self.kits.sites[s] / "log.txt" for s in self.site_names}}
 

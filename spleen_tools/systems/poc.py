@@ -140,10 +140,6 @@ class PocSystem:
         return self.prod_dir / ADMIN
 
     @property
-    def admin_user(self) -> str:
-        return ADMIN
-
-    @property
     def participants(self) -> list[str]:
         return ["server", *self.site_names]
 

@@ -128,10 +128,6 @@ class SecureSystem:
     def admin_startup_kit(self) -> Path:
         return self.kits.admin
 
-    @property
-    def admin_user(self) -> str:
-        return self.kits.admin_user
-
     def kit_dir(self, participant: str) -> Path:
         return self.kits.server if participant == "server" else self.kits.sites[participant]
 
