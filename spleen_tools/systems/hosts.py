@@ -9,7 +9,9 @@ from the admin's host. The server's log names each site with the address it conn
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -25,6 +27,18 @@ SERVER_NAME = "spleen-server"  # the server's DNS name in the host project (and 
 ADMIN_HOST = "admin"
 # NVFlare's server log, per connection: "Connection [CN00004 10.231.7.2:8102 <= 10.231.7.3:55452 SSL site-1] ..."
 CONNECTED = re.compile(r"Connection \[CN\d+ \S+ <= ([\d.]+):\d+ SSL (site-\d+)\] is created")
+
+
+def hide_folders_script(folders: Sequence[Path]) -> str:
+    """A ``sh -c`` script that covers each of ``folders`` with an empty file system, then runs its arguments
+    (``exec "$@"``); each path quoted, so no folder name is ever read as shell."""
+    mounts = [f"mount -t tmpfs -o size=1m spleen-elsewhere {shlex.quote(str(d))} && " for d in folders]
+    return "".join(mounts) + 'exec "$@"'
+
+
+def without_folders(folders: Sequence[Path], cmd: Sequence[str]) -> list[str]:
+    """``cmd`` in a mount namespace of its own where ``folders`` are empty (the machine's mounts untouched)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide_folders_script(folders), "sh", *cmd]
 
 
 def host_project(project_yml: Path, out: Path, server_name: str = SERVER_NAME) -> Path:
@@ -69,9 +83,7 @@ class HostSystem:
         """``cmd`` on a site's host, seeing only its own data: the other sites' data folders are covered by empty
         file systems in a mount namespace of its own (on real hosts they are simply elsewhere)."""
         hide = [self.data_roots[s] for s in self.site_names if s != site]
-        script = "".join(f'mount -t tmpfs -o size=1m spleen-elsewhere "{d}" && ' for d in hide) + 'exec "$@"'
-        wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
-        return self.network.hosts[site].command(wrapped)
+        return self.network.hosts[site].command(without_folders(hide, cmd))
 
     def start(self, timeout: float = 180.0) -> HostSystem:
         self.network.__enter__()
