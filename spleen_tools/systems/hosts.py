@@ -25,7 +25,7 @@ from spleen_tools.systems.secure_workspace import Kits, isolate_server_storage, 
 
 SERVER_NAME = "spleen-server"  # the server's DNS name in the host project (and in its certificate)
 ADMIN_HOST = "admin"
-# NVFlare's server log, per connection: "Connection [CN00004 10.231.7.2:8102 <= 10.231.7.3:55452 SSL site-1] ..."
+# NVFlare's server log, per connection: "Connection [CN00004 10.231.0.2:8102 <= 10.231.0.3:55452 SSL site-1] ..."
 CONNECTED = re.compile(r"Connection \[CN\d+ \S+ <= ([\d.]+):\d+ SSL (site-\d+)\] is created")
 
 
