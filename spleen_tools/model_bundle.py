@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import pickle
 import shutil
 import tempfile
 import warnings
@@ -27,7 +26,13 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 
 from spleen_tools.jobs import get_script_args
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, BUNDLES_DIR
-from spleen_tools.run.summary import cross_site_by_model, model_choice, read_model_history
+from spleen_tools.run.summary import (
+    CheckpointError,
+    cross_site_by_model,
+    model_choice,
+    read_checkpoint,
+    read_model_history,
+)
 
 EXPORT_DIR = "model_bundle"  # in a run directory: model_bundle/spleen_ct_segmentation/
 SCHEMA = BUNDLES_DIR / "metadata_schema.json"
@@ -72,15 +77,11 @@ class ModelSource:
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The network weights of an NVFlare PT checkpoint or a plain state dict."""
+    """The network weights of an NVFlare PT checkpoint or a plain state dict (weights only: see read_checkpoint)."""
     try:
-        data = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ExportError(f"{checkpoint}: not a readable PyTorch checkpoint ({err})") from None
-    weights = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ExportError(f"{checkpoint}: holds no state dict (expected NVFlare's {{'model': ...}} or a state dict)")
-    return dict(weights)
+        return read_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def source_from_job(job_dir: Path, kind: str = "final") -> ModelSource:
@@ -238,7 +239,7 @@ def verify_bundle(bundle: Path) -> dict:
     parser = ConfigParser()
     parser.read_config(inference)
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu"))
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu")
     meta = json.loads(Path(meta_file).read_text())
     shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from spleen_flare.contract import KEY_METRIC
@@ -125,19 +131,53 @@ def read_model_history(download_dir: Path) -> list[dict] | None:
     return json.loads(found[0].read_text()) if found else None
 
 
-def count_weights(download_dir: Path) -> int | None:
-    """Number of weights in the downloaded global model (for the plain update size of HE runs)."""
+class CheckpointError(Exception):
+    """A checkpoint that is refused or unreadable; the message is one line naming the file."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The weights (a state dict) of a PyTorch checkpoint from another party: NVFlare's ``{"model": ...}`` or a
+    plain state dict. Read with ``weights_only=True``: tensors and plain containers only, so a crafted pickle is
+    refused before it can run code here. NVFlare's own checkpoints ({"model", "train_conf", "meta_props"}: dicts,
+    strings, numbers, tensors) need nothing more."""
+    import torch  # the one command imports this module; torch only when a checkpoint is read
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(err))
+        why = found.group(1).strip() if found else "not a PyTorch checkpoint"
+        raise CheckpointError(
+            f"{path}: refused: not plain weights ({why}); nothing in it ran. Take the model from a server you"
+            " trust; never load this file with weights_only off"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(err).split())})") from None
+    weights = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: holds no state dict (expected NVFlare's {{'model': ...}} or a state dict)")
+    return dict(weights)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def count_weights(download_dir: Path, out: Callable[[str], None] = _stderr) -> int | None:
+    """Number of weights in the downloaded global model (for the plain update size of HE runs). Only a file in
+    torch's zip format is read (an HE server keeps NVFlare's encrypted DXO file under this name); a refused one
+    is one ``error:`` line and None."""
     found = sorted(download_dir.rglob("FL_global_model.pt"))
-    if not found:
+    if not found or not zipfile.is_zipfile(found[0]):
         return None
     try:
-        import torch
-
-        state = torch.load(found[0], map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        return int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
-    except Exception:
+        weights = read_checkpoint(found[0])
+    except CheckpointError as err:
+        out(f"error: {err}")
         return None
+    return int(sum(v.numel() for v in weights.values()))
 
 
 ABANDONED_UPLOAD = "failed to decode streamed submit_update"  # NVFlare 2.9's server job log, at its very end

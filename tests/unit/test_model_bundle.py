@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,34 @@ def test_not_a_checkpoint_is_one_clear_error(tmp_path: Path, capsys) -> None:
 def test_a_folder_without_a_job_is_one_clear_error(tmp_path: Path, capsys) -> None:
     assert export_main([str(tmp_path)]) == 2
     assert "no downloaded job" in capsys.readouterr().err
+
+
+class TouchOnLoad:
+    """Unpickled, this calls ``Path.touch(marker)``: a crafted checkpoint's ``os.system``, made harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("layout", ["torch_zip", "raw_pickle"])
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(
+    downloaded_job: Path, tmp_path: Path, capsys, layout: str
+) -> None:
+    marker = tmp_path / "payload_ran"
+    crafted = tmp_path / "FL_global_model.pt"
+    payload = {"model": {"w": torch.zeros(2)}, "train_conf": TouchOnLoad(marker)}
+    if layout == "torch_zip":
+        torch.save(payload, crafted)
+    else:
+        crafted.write_bytes(pickle.dumps(payload))
+    out = tmp_path / "out"
+    assert export_main([str(downloaded_job), "--checkpoint", str(crafted), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {crafted}: refused") and "\n" not in err
+    assert not marker.exists() and not out.exists()
+    if layout == "raw_pickle":  # the file is a real payload: plain unpickling runs it
+        pickle.loads(crafted.read_bytes())
+        assert marker.exists()

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
+
+import torch
+from model_jobs import bundle_network
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
 from spleen_tools.run.progress import Progress, parse_event
 from spleen_tools.run.settings import ExperimentSettings
-from spleen_tools.run.summary import GLOBAL_MODEL, build_summary, cross_site_by_model, he_summary, problems
+from spleen_tools.run.summary import (
+    GLOBAL_MODEL,
+    build_summary,
+    count_weights,
+    cross_site_by_model,
+    he_summary,
+    problems,
+    read_checkpoint,
+)
 
 SITES = ["site-1", "site-2"]
 CROSS = {
@@ -150,3 +169,51 @@ def test_a_job_that_could_not_resume_names_the_cause_first():
     p.job_errors.append("server: cannot resume from job x: gone")
     found = problems(summary_of(p, cross=None, status="FINISHED:EXECUTION_EXCEPTION"), SITES, ("FINISHED:COMPLETED",))
     assert found[0] == "server: cannot resume from job x: gone" and "job ended FINISHED:EXECUTION_EXCEPTION" in found
+
+
+def _persisted_global_model(download: Path) -> dict:
+    """A global model written the way the job's server writes it (NVFlare's PTFileModelPersistor, which the job's
+    persistor extends, with the bundle's network and the learnable NVFlare's FullModelShareableGenerator hands
+    it); returns its weights."""
+    app = download / "job-1" / "workspace" / "app_server"
+    app.mkdir(parents=True)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app), private=True, sticky=True)
+    persistor = PTFileModelPersistor(model=bundle_network())
+    persistor.handle_event(EventType.START_RUN, fl_ctx)
+    weights = persistor.load_model(fl_ctx)[ModelLearnableKey.WEIGHTS]
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    persistor.save_model(make_model_learnable(weights, {}), fl_ctx)
+    return weights
+
+
+class TouchOnLoad:
+    """Unpickled, this calls ``Path.touch(marker)``: a crafted checkpoint's ``os.system``, made harmless."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_the_weight_count_reads_the_servers_checkpoint_as_weights_only(tmp_path):
+    weights = _persisted_global_model(tmp_path)
+    (checkpoint,) = tmp_path.rglob("FL_global_model.pt")
+    assert read_checkpoint(checkpoint).keys() == weights.keys()  # NVFlare's layout needs no allow-listed types
+    assert count_weights(tmp_path) == sum(v.size for v in weights.values())
+
+
+def test_a_crafted_global_model_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "payload_ran"
+    crafted = tmp_path / "job-1" / "workspace" / "app_server" / "FL_global_model.pt"
+    crafted.parent.mkdir(parents=True)
+    payload = {"model": {"w": torch.zeros(2)}, "train_conf": TouchOnLoad(marker)}
+    torch.save(payload, crafted)
+    lines = []
+    assert count_weights(tmp_path, out=lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith(f"error: {crafted}: refused") and "\n" not in lines[0]
+    assert not marker.exists()
+    crafted.write_bytes(pickle.dumps(payload))  # not torch's format (an HE server's DXO file neither): not read
+    assert count_weights(tmp_path, out=lines.append) is None and len(lines) == 1
+    assert not marker.exists()
