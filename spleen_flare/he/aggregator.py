@@ -5,8 +5,11 @@ weighted their values before encrypting, so the server only adds ciphertexts (fi
 ciphertext prime, seeds of the second kept; see ``packing``) and sums the plaintext weights. Its kit's public
 context gives the prime, the parameter id and the key fingerprint; a context that holds a secret key is refused.
 Since the server cannot decrypt, it refuses up front what would only show as garbage at the sites: an update
-under another key, a malformed field, or anything but exactly one contribution from a site. The aggregate is
-``sum_i w_i * x_i`` plus ``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
+under another key, a malformed field, or anything but exactly one contribution from a site. The sizes an update
+declares are bounded by the round's global model (its float values) before anything is built from them, and
+whatever goes wrong inside ``accept`` (a MemoryError, an OverflowError, anything) refuses that one site's update
+with one log line: the round goes on with the others. The aggregate is ``sum_i w_i * x_i`` plus
+``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
 ``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->
 ModelLearnable meta and back), so the persistor and cross-site evaluation carry the weight with the model.
 """
@@ -15,14 +18,21 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
+import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
-from nvflare.app_common.abstract.model import ModelLearnable, make_model_learnable, model_learnable_to_dxo
+from nvflare.app_common.abstract.model import (
+    ModelLearnable,
+    ModelLearnableKey,
+    make_model_learnable,
+    model_learnable_to_dxo,
+)
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
@@ -32,6 +42,26 @@ from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_wor
 from spleen_flare.he.filters import he_log_line
 from spleen_flare.he.keys import key_fingerprint
 from spleen_flare.he.packing import HE_META_KEY, PackedSum, packed_bytes
+from spleen_flare.he.validation import _is_int, brief, short_message
+
+
+def model_values(model: Any) -> int | None:
+    """How many float values the global model holds (the bound on what an update may declare); None if unknown.
+
+    A packed global model (an aggregate) says it in its layout; the plaintext initial model is counted.
+    """
+    if not isinstance(model, dict):
+        return None
+    meta = model.get(ModelLearnableKey.META) or {}
+    he_meta = meta.get(HE_META_KEY) if isinstance(meta, dict) else None
+    if isinstance(he_meta, dict):
+        n_values = he_meta.get("n_values")
+        return int(n_values) if _is_int(n_values) and n_values > 0 else None
+    weights = model.get(ModelLearnableKey.WEIGHTS)
+    if not isinstance(weights, dict) or not weights:
+        return None
+    arrays = [np.asarray(v) for v in weights.values()]
+    return sum(a.size for a in arrays if a.dtype.kind == "f") or None
 
 
 class PackedHEAggregator(Aggregator):
@@ -74,15 +104,23 @@ class PackedHEAggregator(Aggregator):
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
         contributor = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        try:
+            return self._accept(shareable, contributor, fl_ctx)
+        except Exception as err:  # any failure is this one site's: its update is refused, the round goes on
+            reason = (
+                short_message(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {short_message(err)}"
+            )
+            if not reason.startswith(f"{contributor}'s"):
+                reason = f"refused {contributor}'s update: {reason}"
+            self.log_error(fl_ctx, reason)
+            return False
+
+    def _accept(self, shareable: Shareable, contributor: str, fl_ctx: FLContext) -> bool:
         rc = shareable.get_return_code()
         if rc and rc != ReturnCode.OK:
             self.log_warning(fl_ctx, f"{contributor} returned rc {rc}: contribution disregarded")
             return False
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:
-            self.log_exception(fl_ctx, f"result from {contributor} is not a DXO")
-            return False
+        dxo = from_shareable(shareable)
         he_meta = (dxo.meta or {}).get(HE_META_KEY)
         if dxo.data_kind != DataKind.WEIGHTS or he_meta is None:
             self.log_error(fl_ctx, f"{contributor} sent {dxo.data_kind} without packed CKKS data: refused")
@@ -103,19 +141,13 @@ class PackedHEAggregator(Aggregator):
             contributions = he_meta.get("contributions") if isinstance(he_meta, dict) else None
             if type(contributions) is not int or contributions != 1:
                 self.log_error(
-                    fl_ctx, f"refused {contributor}'s update: it claims {contributions!r} contributions, a site sends 1"
+                    fl_ctx,
+                    f"refused {contributor}'s update: it claims {brief(contributions)} contributions, a site sends 1",
                 )
                 return False
             start = time.perf_counter()
-            try:
-                self._sum.add(dxo.data, he_meta, sender=contributor)
-            except (ValueError, KeyError, TypeError) as err:
-                reason = str(err) if isinstance(err, ValueError) else f"malformed metadata ({err!r})"
-                self.log_error(
-                    fl_ctx,
-                    reason if reason.startswith(f"{contributor}'s") else f"refused {contributor}'s update: {reason}",
-                )
-                return False
+            bound = model_values(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
+            self._sum.add(dxo.data, he_meta, sender=contributor, max_values=bound)
             self._add_seconds += time.perf_counter() - start
             self._contributors.add(contributor)
         return True

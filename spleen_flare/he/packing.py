@@ -27,12 +27,15 @@ server learns from them exactly what it would learn from ``c1``.
 
 Why the server validates every field before it adds anything (the checks: ``spleen_flare.he.validation``): it
 cannot decrypt, so a malformed or replayed update (a duplicate seed, a zero-contribution c0, a buffer that numpy
-would broadcast, more contributions than the range check allowed for) would only surface as garbage at every
-site, one round later. Why a key fingerprint (``spleen_flare.he.keys``): an update encrypted under another key
-with the same CKKS parameters (a re-provisioned site) has the same parms_id and adds up fine, and then no site can
-decrypt the sum. The fingerprint (:func:`key_fingerprint`) hashes the relinearization keys stored in the server's
-public context; a site's context regenerates those at load, so provisioning writes the fingerprint into every site
-kit (``spleen_flare.he.fingerprint``).
+would broadcast, more contributions than the range check allowed for) would only surface as garbage at every site,
+one round later. The sizes an update declares (ciphertexts, tensors, dimensions, contributions, weight) are
+checked against the reader's bounds before anything is built from them, at the server and at a site alike: one
+malformed update must cost its reader no more than its own bytes. Why a key fingerprint
+(``spleen_flare.he.keys``): an update encrypted under another key with the same CKKS parameters (a re-provisioned
+site) has the same parms_id and adds up fine, and then no site can decrypt the sum. The fingerprint
+(:func:`key_fingerprint`) hashes the relinearization keys stored in the server's public context; a site's context
+regenerates those at load, so provisioning writes the fingerprint into every site kit
+(``spleen_flare.he.fingerprint``).
 
 TenSEAL's Python API cannot encrypt at a chosen level or expose the seed, so this uses TenSEAL's bundled SEAL API
 (``tenseal.sealapi``) and SEAL 4's documented serialization layout (header, ciphertext members, DynArray, PRNG
@@ -47,6 +50,7 @@ more than ``max_clients`` contributions.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -77,10 +81,11 @@ from spleen_flare.he.validation import (
     _check_format,
     _check_layout,
     _check_plain_name,
-    _is_int,
     _layout,
     _positive_weight,
     _read_plain,
+    brief_names,
+    check_max_clients,
     expected_ciphertext,
 )
 
@@ -245,8 +250,7 @@ def encrypt_model(
     server refuses more. ``key``: the provisioning's key fingerprint (the site kit's ``he_key_fingerprint.txt``).
     """
     weight = _positive_weight(weight, "aggregation weight")
-    if not (_is_int(max_clients) and max_clients >= 1):
-        raise ValueError(f"max_clients must be an integer >= 1, got {max_clients!r}")
+    max_clients = check_max_clients(max_clients, "HE encryptor")
     key = checked_fingerprint(key, "the key fingerprint given to encrypt_model")
     arrays = {name: _to_numpy(v) for name, v in params.items()}
     floats = {n: a for n, a in arrays.items() if a.dtype.kind == "f"}
@@ -282,6 +286,28 @@ def encrypt_model(
     return data, he_meta
 
 
+def _check_entries(data: Any, he_meta: Mapping, what: str) -> None:
+    """``data`` holds exactly the blobs and buffers ``he_meta`` declares (whose sizes are checked already)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} has missing or unexpected entries: a {type(data).__name__}, not a mapping")
+    wanted = {ct_key(k) for k in range(he_meta["chunks"])} | {entry[0] for entry in he_meta["plain"]}
+    if len(data) != len(wanted) or any(name not in wanted for name in data):  # the count first: it may be huge
+        odd = itertools.chain((n for n in data if n not in wanted), (n for n in wanted if n not in data))
+        raise ValueError(
+            f"{what} has missing or unexpected entries ({len(data)} sent, {len(wanted)} declared): {brief_names(odd)}"
+        )
+
+
+def _check_blob_sizes(data: Mapping, chunks: int, c0_bytes: int, contributions: int) -> None:
+    """Every blob is bytes of the one length its contributions give: checked before anything is built from them."""
+    size = c0_bytes + contributions * SEED_RECORD_BYTES
+    for k in range(chunks):
+        blob = data[ct_key(k)]
+        if not isinstance(blob, bytes) or len(blob) != size:
+            got = f"{len(blob)} bytes" if isinstance(blob, bytes) else type(blob).__name__
+            raise SealFormatError(f"ciphertext {k}: not a packed blob for {contributions} contribution(s) ({got})")
+
+
 class PackedSum:
     """Running sum of packed models: c0 polynomials added modulo the ciphertext primes, seeds kept; no key.
 
@@ -305,40 +331,46 @@ class PackedSum:
     def count(self) -> int:
         return 0 if self.meta is None else int(self.meta["contributions"])
 
-    def add(self, data: Mapping[str, Any], he_meta: Mapping, sender: str | None = None) -> None:
+    def add(
+        self, data: Mapping[str, Any], he_meta: Mapping, sender: str | None = None, max_values: int | None = None
+    ) -> None:
         """Add one update (or an aggregate) in full, or refuse it (ValueError) and change nothing.
 
-        ``sender`` names it in the errors (the site).
+        ``sender`` names it in the errors (the site). ``max_values``: the float values of the server's global model,
+        which bounds the values (hence ciphertexts) an update may declare; ``MAX_VALUES`` when not known.
         """
         what = f"{sender}'s update" if sender else "the packed HE update"
-        weight, contributions = self._check_meta(he_meta, what)
-        wanted = {ct_key(k) for k in range(he_meta["chunks"])} | {entry[0] for entry in he_meta["plain"]}
-        if not isinstance(data, Mapping) or set(data) != wanted:
-            odd = sorted(map(str, set(data) ^ wanted)) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"{what} has missing or unexpected entries: {odd}")
+        weight, contributions = self._check_meta(he_meta, what, max_values)
+        _check_entries(data, he_meta, what)
         c0, records, fresh = self._read_blobs(data, he_meta["chunks"], contributions)
-        plain = _read_plain(data, he_meta)
-        # all checked: nothing below can fail half-way
+        plain = _read_plain(data, he_meta, weight)
         if self.meta is None:
             self.meta = copy.deepcopy(dict(he_meta))
             self.meta["weight"], self.meta["contributions"] = weight, contributions
             self._c0, self._seeds, self._plain = c0, records, plain
         else:
-            self._c0 += c0  # < 2^61 for primes below 2^60: no overflow
-            np.subtract(self._c0, self.moduli, out=self._c0, where=self._c0 >= self.moduli)
-            self._seeds = [mine + theirs for mine, theirs in zip(self._seeds, records, strict=True)]
-            for name, value in plain.items():
-                self._plain[name] = self._plain[name] + value
-            self.meta["weight"] += weight
-            self.meta["contributions"] += contributions
+            self._commit(c0, records, plain, weight, contributions, what)
         self._seen |= fresh
 
-    def _check_meta(self, he_meta: Mapping, what: str) -> tuple[float, int]:
+    def _commit(self, c0: np.ndarray, records: list, plain: dict, weight: float, contributions: int, what: str) -> None:
+        """Add a checked update: the new state is built first and swapped in, so a failure changes nothing."""
+        total_weight = self.meta["weight"] + weight
+        if not math.isfinite(total_weight):
+            raise ValueError(f"{what}: the total weight would not be finite")
+        c0 += self._c0  # < 2^61 for primes below 2^60: no overflow; c0 is this update's own array
+        np.subtract(c0, self.moduli, out=c0, where=c0 >= self.moduli)
+        seeds = [mine + theirs for mine, theirs in zip(self._seeds, records, strict=True)]
+        plain = {name: self._plain[name] + value for name, value in plain.items()}
+        self._c0, self._seeds, self._plain = c0, seeds, plain
+        self.meta["weight"] = total_weight
+        self.meta["contributions"] += contributions
+
+    def _check_meta(self, he_meta: Mapping, what: str, max_values: int | None = None) -> tuple[float, int]:
         _check_format(he_meta)
         check_key(he_meta["key"], self.key, what, "the server's")
         weight, contributions, max_clients = _check_counts(he_meta)
         _check_ciphertext(he_meta["ciphertext"], self.expected, "the server's")
-        _check_layout(he_meta, self.slots)
+        _check_layout(he_meta, self.slots, max_values)
         if self.meta is not None:
             if _layout(he_meta) != _layout(self.meta):
                 raise ValueError(f"{what} has a different layout (model or HE parameters differ between sites)")
@@ -359,12 +391,11 @@ class PackedSum:
         """(c0 of each ciphertext, its seed records, the seeds), every seed a new one and every c0 below q."""
         shape = (self.moduli.shape[0], int(self.expected["degree"]))
         c0_bytes = 8 * shape[0] * shape[1]
+        _check_blob_sizes(data, chunks, c0_bytes, contributions)  # before the array they fill is allocated
         c0 = np.empty((chunks, *shape), dtype=np.uint64)
         records, fresh = [], set()
         for k in range(chunks):
             blob = data[ct_key(k)]
-            if not isinstance(blob, bytes) or len(blob) != c0_bytes + contributions * SEED_RECORD_BYTES:
-                raise SealFormatError(f"ciphertext {k}: not a packed blob for {contributions} contribution(s)")
             c0[k] = np.frombuffer(blob, dtype="<u8", count=shape[0] * shape[1]).reshape(shape)
             for j in range(contributions):
                 seed = _seed(blob, c0_bytes + j * SEED_RECORD_BYTES, f"ciphertext {k}: seed record {j}")
@@ -388,11 +419,14 @@ class PackedSum:
         return data, copy.deepcopy(self.meta)
 
 
-def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context, *, key: str) -> dict[str, np.ndarray]:
+def decrypt_model(
+    data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context, *, key: str, max_values: int | None = None
+) -> dict[str, np.ndarray]:
     """Decrypt a packed model with the secret key and divide by its total weight: ``{name: array}``.
 
     ``key``: this site's key fingerprint (its kit's ``he_key_fingerprint.txt``); a model under another key would
-    decrypt to garbage, so it is refused.
+    decrypt to garbage, so it is refused. Every field and size is checked (``max_values`` bounds the values, as at
+    the server) before the first ciphertext is decrypted: the model comes from the server.
     """
     if not ctx.is_private():
         raise ValueError("decrypting needs the secret key (client_context.tenseal), this context is public")
@@ -400,28 +434,38 @@ def decrypt_model(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context, *,
     check_key(
         he_meta["key"], checked_fingerprint(key, "this site's key fingerprint"), "the packed HE model", "this site's"
     )
-    divisor, _, _ = _check_counts(he_meta)
-    _check_ciphertext(he_meta["ciphertext"], expected_ciphertext(ctx), "this site's")
-    _check_layout(he_meta, slot_count(ctx))
+    divisor, contributions, _ = _check_counts(he_meta)
+    expected = expected_ciphertext(ctx)
+    _check_ciphertext(he_meta["ciphertext"], expected, "this site's")
+    slots = slot_count(ctx)
+    _check_layout(he_meta, slots, max_values)
+    _check_entries(data, he_meta, "the packed HE model")
+    _check_blob_sizes(data, he_meta["chunks"], 8 * expected["degree"] * expected["moduli"], contributions)
+    plain = _read_plain(data, he_meta, divisor)
+    flat = _decrypt_values(data, he_meta, ctx)[: he_meta["n_values"]] / divisor
+    out: dict[str, np.ndarray] = {}
+    for name, shape, dtype, offset in he_meta["tensors"]:
+        size = math.prod(shape)
+        out[name] = flat[offset : offset + size].reshape(shape).astype(dtype)
+    for name, shape, dtype in he_meta["plain"]:
+        out[name] = np.rint(plain[name] / divisor).astype(dtype).reshape(shape)
+    return out
+
+
+def _decrypt_values(data: Mapping[str, Any], he_meta: Mapping, ctx: ts.Context) -> np.ndarray:
+    """Every ciphertext's values, real parts then imaginary parts: ``chunks x 2 x slots`` float64."""
     seal_context = ctx.seal_context().data
     decryptor = sealapi.Decryptor(seal_context, ctx.secret_key().data)
     encoder = sealapi.CKKSEncoder(seal_context)
-    parts = []
+    slots = int(he_meta["slots"])
+    values = np.empty((he_meta["chunks"], 2, slots))
     with _Rebuilder(ctx, he_meta) as rebuild:
         for k in range(he_meta["chunks"]):
             plain = sealapi.Plaintext()
             decryptor.decrypt(rebuild(data[ct_key(k)]), plain)
             z = np.array(encoder.decode_complex(plain), dtype=complex)
-            parts += [z.real, z.imag]
-    flat = np.concatenate(parts)[: he_meta["n_values"]] / divisor
-    out: dict[str, np.ndarray] = {}
-    for name, shape, dtype, offset in he_meta["tensors"]:
-        size = int(np.prod(shape, dtype=np.int64))
-        out[name] = flat[offset : offset + size].reshape(shape).astype(dtype)
-    for name, shape, dtype in he_meta["plain"]:
-        value = np.asarray(data[name], dtype=np.float64) / divisor
-        out[name] = np.rint(value).astype(dtype).reshape(shape)
-    return out
+            values[k, 0], values[k, 1] = z.real, z.imag
+    return values.reshape(-1)
 
 
 def as_ckks_vector(blob: bytes, he_meta: Mapping, ctx: ts.Context) -> ts.CKKSVector:
@@ -430,6 +474,7 @@ def as_ckks_vector(blob: bytes, he_meta: Mapping, ctx: ts.Context) -> ts.CKKSVec
     TenSEAL decrypts the real parts only: the first half of the blob's values.
     """
     _check_format(he_meta)
+    _check_counts(he_meta)
     with _Rebuilder(ctx, he_meta) as rebuild:
         rebuild(blob).save(rebuild.path)
         seal_bytes = rebuild.read()

@@ -84,6 +84,9 @@ CASES = [
     ("weight-inf", _set("weight", math.inf), "weight", True),
     ("weight-bool", _set("weight", True), "weight", True),
     ("weight-str", _set("weight", "1"), "weight", True),
+    ("weight-past-max", _set("weight", 1.7e308), "weight", True),  # two such summed to inf
+    ("weight-int-past-float", _set("weight", 10**400), "weight", True),  # was an OverflowError
+    ("max-clients-past-cap", _set("max_clients", 10**6), "max_clients", True),
     ("contributions-zero", _contributions_zero, "contributions", True),
     ("contributions-bool", _set("contributions", True), "contributions", True),
     ("max-clients-zero", _set("max_clients", 0), "max_clients", True),
@@ -97,6 +100,8 @@ CASES = [
     ("chunks", _extra_chunk, "ciphertexts for", True),
     ("n-values", _set("n_values", 13823), "n_values", True),
     ("tensor-offset", _offset, "layout", True),
+    ("tensor-dtype-spec", lambda d, m: m["tensors"][0].__setitem__(2, "(99999999,)f8"), "layout", True),
+    ("tensors-not-a-list", _set("tensors", "x" * 10**6), "tensors", True),
     ("version", _set("version", 3), "format version", True),
     ("extra-meta-field", _set("note", "x"), "unexpected fields", True),
     ("no-key", _set("key", None), "another HE key", True),
