@@ -21,6 +21,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from spleen_flare.contract import DATALIST_ENV, KEY_METRIC
+from spleen_flare.site_install import confined_path
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ BEST_LOCAL_MODEL = "best_local_model.pt"
 
 
 def resolve_config_files(bundle_root: Path, config_files: Sequence[str]) -> list[str]:
-    """Config files relative to the bundle root (or absolute); a missing one is an error naming it."""
+    """Config files relative to the bundle root, inside the bundles folder (the bundle and its overrides: a job
+    names no other file, configs run as code); a missing one is an error naming it."""
     resolved = []
     for name in config_files:
-        path = Path(name) if Path(name).is_absolute() else bundle_root / name
+        path = confined_path(Path(bundle_root).parent, str(Path(Path(bundle_root).name) / name))
         if not path.is_file():
             raise FileNotFoundError(f"bundle config {path} not found: run `spleen-prepare-jobs` to place the bundle")
         resolved.append(str(path))

@@ -1,6 +1,6 @@
 """Client API training script: one site trains and validates the spleen bundle under NVFlare.
 
-Run by NVFlare's ``ClientAPIExecutor`` from the job's ``app/custom/``. Tasks:
+Run in-process by ``SiteTrainingExecutor`` (``site_executor``) from the site's own installation. Tasks:
 - train: score the received global model on local validation data, train ``--local_epochs``, send weights;
 - validate: score the received model, send its metrics (the last global model after training, with a round
   number, which the site also keeps: in the HE job only the sites can read it; cross-site evaluation's models,
@@ -24,6 +24,7 @@ from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTR
 
 from spleen_flare.bundle_runner import BundleRunner, find_site_datalist, load_site_datalist, to_tensor_dict
 from spleen_flare.contract import (
+    BUNDLE_NAME,
     DATA_DIR_ENV,
     FINAL_GLOBAL_MODEL,
     GLOBAL_METRIC,
@@ -33,6 +34,7 @@ from spleen_flare.contract import (
     tagged_line,
 )
 from spleen_flare.data_check import case_problems
+from spleen_flare.site_install import job_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
@@ -45,7 +47,7 @@ def progress(**fields) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bundle", default="config/spleen_ct_segmentation", help="bundle root, relative to the app")
+    parser.add_argument("--app_root", required=True, help="the job's app folder (given by SiteTrainingExecutor)")
     parser.add_argument(
         "--config_files",
         default="configs/train.json",
@@ -71,8 +73,9 @@ class Site:
 
 def open_site(args: argparse.Namespace) -> Site:
     """The site's datalist, its bundle and the handlers that stream its metrics to the server."""
-    app_root = Path(__file__).resolve().parents[2]  # app/custom/spleen_flare/client_train.py
+    app_root = Path(args.app_root).resolve()
     site = flare.get_site_name()
+    check_install(site, app_root)
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
     datalist_path = find_site_datalist(site, data_dir, args.datalist)
     training = validation = None
@@ -85,7 +88,7 @@ def open_site(args: argparse.Namespace) -> Site:
     else:
         progress(kind="info", site=site, datalist=None, note=f"no site datalist: the bundle's own split of {data_dir}")
     runner = BundleRunner(
-        (app_root / args.bundle).resolve(),
+        app_root / "config" / BUNDLE_NAME,  # the job's copy, checked to be the installed one
         config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
         dataset_dir=data_dir,
         training=training,
@@ -98,6 +101,19 @@ def open_site(args: argparse.Namespace) -> Site:
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
     return Site(site, app_root, runner, sender, train_stats, val_stats)
+
+
+class SiteInstallError(RuntimeError):
+    """The job asks for another version of the job side or another bundle than this site installed."""
+
+
+def check_install(site: str, app_root: Path) -> None:
+    """Before any data is read: the job's version and bundle are this site's own; else one line each, and stop."""
+    problems = job_problems(app_root, site)
+    for problem in problems:
+        progress(kind="install_error", site=site, problem=problem)
+    if problems:
+        raise SiteInstallError(problems[0])
 
 
 class SiteDataError(RuntimeError):

@@ -18,6 +18,13 @@ from typing import Any
 # Environment of the participants (jobs inherit their client's environment).
 DATA_DIR_ENV = "SPLEEN_DATA_DIR"  # the dataset folder (MSD layout)
 DATALIST_ENV = "SPLEEN_DATALIST"  # a site's datalist; "{site}" is replaced by the site name
+BUNDLES_DIR_ENV = "SPLEEN_BUNDLES_DIR"  # a participant's own bundles folder (default: the one installed with the code)
+
+# The bundle, and where a job carries its copy of it and of the override files (under the app's config/).
+BUNDLE_NAME = "spleen_ct_segmentation"
+OVERRIDES_NAME = "overrides"
+# The job side's version a job was written for: a key of the job's meta.json.
+JOB_VERSION_KEY = "spleen_flare_version"
 
 # Metrics.
 KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cross-site metric
@@ -36,8 +43,19 @@ HE_TAG = "[spleen-he]"
 TAGS = (PROGRESS_TAG, HE_TAG)
 # final: the last global model, scored by a site; data_error: a problem a site found in its own cases (one each);
 # dropped: the server closed a round without a site's result (logged by the server's workflow);
-# resumed / resume_error: the server's persistor went on from an earlier job's last global model, or could not
-PROGRESS_KINDS = ("round", "final", "cross_site", "info", "data_error", "dropped", "resumed", "resume_error")
+# resumed / resume_error: the server's persistor went on from an earlier job's last global model, or could not;
+# install_error: a participant refused the job because it asks for another version or bundle than it has installed
+PROGRESS_KINDS = (
+    "round",
+    "final",
+    "cross_site",
+    "info",
+    "data_error",
+    "dropped",
+    "resumed",
+    "resume_error",
+    "install_error",
+)
 
 
 def _finite(value: Any) -> Any:

@@ -17,7 +17,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from spleen_flare.bundle_runner import build_network
-from spleen_flare.contract import PROGRESS_TAG, tagged_line
+from spleen_flare.contract import BUNDLE_NAME, PROGRESS_TAG, tagged_line
 from spleen_flare.resume import (
     HISTORY_FILE,
     RESUME_POINT_PROP,
@@ -28,6 +28,7 @@ from spleen_flare.resume import (
     old_app_dir,
     resume_point,
 )
+from spleen_flare.site_install import job_problems
 
 
 def weights_digest(weights: dict) -> str:
@@ -50,14 +51,12 @@ class BundleModelPersistor(PTFileModelPersistor):
 
     def __init__(
         self,
-        bundle: str = "config/spleen_ct_segmentation",
         config_files: str = "configs/train.json",
         seed: int = 0,
         resume_from: str = "",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.bundle = bundle
         self.config_files = [f.strip() for f in config_files.split(",") if f.strip()]
         self.seed = seed
         self.resume_from = resume_from.strip()  # an earlier job of this server to go on from ("": start afresh)
@@ -66,7 +65,13 @@ class BundleModelPersistor(PTFileModelPersistor):
     def _initialize(self, fl_ctx: FLContext) -> None:
         if self.model is None:
             app_root = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
-            self.model = build_network(app_root / self.bundle, self.config_files, seed=self.seed)
+            problems = job_problems(app_root, "server")
+            for problem in problems:
+                self.log_error(fl_ctx, tagged_line(PROGRESS_TAG, kind="install_error", site="server", problem=problem))
+            if problems:
+                self.system_panic(problems[0], fl_ctx)
+                raise RuntimeError(problems[0])
+            self.model = build_network(app_root / "config" / BUNDLE_NAME, self.config_files, seed=self.seed)
         super()._initialize(fl_ctx)
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:

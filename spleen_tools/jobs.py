@@ -1,9 +1,11 @@
-"""Prepare job folders: place the bundle and the integration code, and set FL knobs in a job copy.
+"""Prepare job folders: place the bundle, and set FL knobs in a job copy.
 
-The bundle (``bundles/spleen_ct_segmentation``), its override files (``bundles/overrides``) and the job side
-(``spleen_flare/``) live once in the repo; this module copies them into each job's ``app/`` (those paths are
-git-ignored). Knobs such as rounds and local epochs are written into a *copy* of the job (e.g. under
-a run directory), so the job folders in git keep their documented defaults.
+The bundle (``bundles/spleen_ct_segmentation``) and its override files (``bundles/overrides``) live once in the
+repo; this module copies them into each job's ``app/config/`` (git-ignored), where every participant checks them
+against its own installed copy. The job side (``spleen_flare``) is installed at each participant and never travels
+in a job, but for ``ship_code`` (a development switch for POC: the code in ``app/custom/``, which makes the job
+bring-your-own-code, refused by the sites' default policy). Knobs such as rounds and local epochs are written into
+a *copy* of the job (e.g. under a run directory), so the job folders in git keep their documented defaults.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from spleen_flare.contract import JOB_ID_PATTERN
+from spleen_flare import __version__
+from spleen_flare.contract import JOB_ID_PATTERN, JOB_VERSION_KEY
+from spleen_flare.site_install import BUNDLE_IGNORED, BUNDLE_IGNORED_SUFFIXES
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
 
 JOB_NAMES = ("spleen_ct_segmentation_local", "spleen_ct_segmentation_he")
@@ -32,8 +36,9 @@ TB_RECEIVER = {
     "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
     "args": {"tb_folder": TB_FOLDER, "events": ["fed.analytix_log_stats"]},
 }
-# Run-time outputs of a bundle that must never travel with a job.
-_BUNDLE_IGNORE = shutil.ignore_patterns("models", "eval", "__pycache__", "*.pyc")
+# Run-time outputs of a bundle that must never travel with a job (nor count when a participant compares bundles).
+_BUNDLE_IGNORE = shutil.ignore_patterns(*BUNDLE_IGNORED, *(f"*{s}" for s in BUNDLE_IGNORED_SUFFIXES))
+CUSTOM_DIR = "custom"  # NVFlare's folder of a job's own code: its presence makes the job bring-your-own-code
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class JobSettings:
     tracking_uri: str | None = None
     experiment_name: str | None = None
     resume_from: str | None = None  # an earlier job of the same server to go on from (see spleen_flare.resume)
+    ship_code: bool = False  # development only: spleen_flare in the job's app/custom (bring-your-own-code)
 
 
 def job_dir(name: str) -> Path:
@@ -58,20 +64,31 @@ def job_dir(name: str) -> Path:
     return path
 
 
-def place_bundle_and_code(job: Path, bundle_src: Path = BUNDLE_SRC) -> None:
-    """Copy the bundle, its overrides and ``spleen_flare`` into ``job/app`` (replacing older copies)."""
+def place_bundle_and_code(job: Path, bundle_src: Path = BUNDLE_SRC, ship_code: bool = False) -> None:
+    """Copy the bundle and its overrides into ``job/app/config`` (replacing older copies); ``spleen_flare`` goes into
+    ``job/app/custom`` only with ``ship_code``, and an older ``custom`` folder is removed otherwise."""
     if not (bundle_src / "configs").is_dir():
         raise FileNotFoundError(f"no bundle at {bundle_src}: expected {bundle_src}/configs/train.json")
     app = job / "app"
-    targets = {
-        bundle_src: app / "config" / BUNDLE_NAME,
-        OVERRIDES_SRC: app / "config" / "overrides",
-        JOB_SIDE_SRC: app / "custom" / JOB_SIDE_SRC.name,
-    }
+    targets = {bundle_src: app / "config" / BUNDLE_NAME, OVERRIDES_SRC: app / "config" / "overrides"}
+    if ship_code:
+        targets[JOB_SIDE_SRC] = app / CUSTOM_DIR / JOB_SIDE_SRC.name
+    elif (app / CUSTOM_DIR).exists():
+        shutil.rmtree(app / CUSTOM_DIR)
     for src, dst in targets.items():
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst, ignore=_BUNDLE_IGNORE)
+
+
+def check_job_version(job: Path) -> None:
+    """The job's meta.json names the installed job side's version (participants refuse a job that does not)."""
+    named = json.loads((job / "meta.json").read_text()).get(JOB_VERSION_KEY)
+    if named != __version__:
+        raise ValueError(
+            f"{job / 'meta.json'}: {JOB_VERSION_KEY} is {named!r}, the installed spleen_flare is {__version__}: "
+            f"set it to {__version__!r}"
+        )
 
 
 def _set_script_args(args: str, updates: dict[str, str]) -> str:
@@ -189,9 +206,11 @@ def prepare_job(
     Returns the folder to submit.
     """
     source = job_dir(name)
-    place_bundle_and_code(source, bundle_src)
+    check_job_version(source)
+    ship_code = bool(settings and settings.ship_code)
+    place_bundle_and_code(source, bundle_src, ship_code=ship_code)
     if out_dir is None:
-        if settings and settings != JobSettings():
+        if settings and settings != JobSettings(ship_code=ship_code):
             raise ValueError("rounds/epochs/sites/quick/tracking settings are written into a copy: add --out DIR")
         return source
     target = Path(out_dir) / name

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from spleen_flare.contract import BUNDLE_NAME, OVERRIDES_NAME
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOBS_DIR = REPO_ROOT / "jobs"
 BUNDLES_DIR = REPO_ROOT / "bundles"
-BUNDLE_NAME = "spleen_ct_segmentation"
 BUNDLE_SRC = BUNDLES_DIR / BUNDLE_NAME
-OVERRIDES_SRC = BUNDLES_DIR / "overrides"
-JOB_SIDE_SRC = REPO_ROOT / "spleen_flare"  # the package shipped into every job's app/custom/
+OVERRIDES_SRC = BUNDLES_DIR / OVERRIDES_NAME
+JOB_SIDE_SRC = REPO_ROOT / "spleen_flare"  # installed at each participant; in a job's app/custom/ only with --ship-code
 WORKSPACES_DIR = REPO_ROOT / "workspaces"
 SECURE_PROJECT_YML = WORKSPACES_DIR / "secure_project.yml"
 RUNS_DIR = REPO_ROOT / "runs"

@@ -1,4 +1,5 @@
-"""Place the bundle and integration code into the job folders, optionally writing a configured copy."""
+"""Place the bundle into the job folders (the code is installed at each participant), optionally writing a
+configured copy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from spleen_tools.paths import BUNDLE_SRC, JOBS_DIR
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--job", choices=JOB_NAMES, action="append", help="job to prepare (default: all)")
-    parser.add_argument("--bundle-src", type=Path, default=BUNDLE_SRC, help="bundle folder to place into the jobs")
+    parser.add_argument(
+        "--bundle-src",
+        type=Path,
+        default=BUNDLE_SRC,
+        help="bundle folder to place into the jobs (every participant must have installed the same one: "
+        "$SPLEEN_BUNDLES_DIR)",
+    )
     parser.add_argument("--out", type=Path, help="write a configured copy of each job here (needed for the knobs)")
     parser.add_argument("--rounds", type=int, help="FL rounds")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round")
@@ -31,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="go on from the last global model an earlier job of the same server persisted (after the server died; "
         "keep --rounds the total of both)",
     )
+    parser.add_argument(
+        "--ship-code",
+        action="store_true",
+        help="development only: put spleen_flare into the jobs' app/custom (bring-your-own-code); sites refuse such "
+        "jobs unless their policy allows it (POC with ./run_experiment.sh --ship-code)",
+    )
     return parser
 
 
@@ -44,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         tracking_uri=args.tracking_uri,
         resume_from=args.resume_from,
+        ship_code=args.ship_code,
     )
     try:
         for name in args.job or JOB_NAMES:

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape, help="synthetic volume size XxYxZ")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run directories go")
     p.add_argument("--secure", action="store_true", help="use the provisioned secure workspace instead of POC")
+    p.add_argument(
+        "--ship-code",
+        action="store_true",
+        help="development only (POC): ship spleen_flare in the job (bring-your-own-code) and let the POC sites "
+        "accept such jobs; by default the job carries no code and the sites run what they installed",
+    )
     p.add_argument("--keep-running", action="store_true", help="leave the FL system and MLflow up afterwards")
     p.add_argument("--timeout", type=float, default=d.timeout, help="give up (and stop everything) after seconds")
     p.add_argument("--mlflow-port", type=int, help="MLflow port on 127.0.0.1 (default: a free one)")
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             runs_dir=args.runs_dir,
             keep_running=args.keep_running,
             secure=args.secure,
+            ship_code=args.ship_code,
             timeout=args.timeout,
             mlflow_port=args.mlflow_port,
             tracking=args.tracking,

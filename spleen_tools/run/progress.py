@@ -111,7 +111,7 @@ class Progress:
     data_errors: list[str] = field(default_factory=list)  # "site: file: what is wrong; the fix"
     dropped: list[dict] = field(default_factory=list)  # the server's "dropped" events: site, round, waited_s, at
     resumed: list[dict] = field(default_factory=list)  # the server's "resumed" events: job, round (the next one)
-    job_errors: list[str] = field(default_factory=list)  # the server's "resume_error" reasons
+    job_errors: list[str] = field(default_factory=list)  # "resume_error" reasons, participants' "install_error"s
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -142,6 +142,9 @@ class Progress:
             return self._resumed(event, now)
         if kind == "resume_error":
             self.job_errors.append(f"server: {event.get('reason')}")
+            return [f"{self._clock(now)} {self.job_errors[-1]}"]
+        if kind == "install_error":  # the problem names the participant
+            self.job_errors.append(str(event.get("problem")))
             return [f"{self._clock(now)} {self.job_errors[-1]}"]
         if kind == "data_error":
             self.data_errors.append(f"{event['site']}: {event.get('problem')}")

@@ -176,6 +176,7 @@ def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jo
         tracking_uri=run.mlflow.url if run.mlflow else None,
         experiment_name=s.job_name,
         resume_from=resume_from,
+        ship_code=s.ship_code,
     )
     job_folder = prepare_job(s.job_name, run.run_dir / folder, job_settings)
     run.out(f"job: {job_folder} ({s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick})")
@@ -191,8 +192,12 @@ def start_system(run: Run, env: dict[str, str]) -> None:
         run.system = SecureSystem(n_sites=s.sites, env=env, pid_file=run.pid_file.path)
     else:
         from spleen_tools.systems.poc import PocSystem
+        from spleen_tools.systems.site_policy import SitePolicy
 
-        run.system = PocSystem(run.run_dir / "poc", s.sites, he=s.job == "he", env=env, pid_file=run.pid_file.path)
+        policy = SitePolicy(allow_byoc=s.ship_code)
+        run.system = PocSystem(
+            run.run_dir / "poc", s.sites, he=s.job == "he", env=env, pid_file=run.pid_file.path, policy=policy
+        )
     run.out(f"starting the FL system ({'secure' if s.secure else 'POC'}, {s.sites} sites) ...")
     run.system.start()
     run.server_memory = PeakMemory(recorded_server(run.pid_file, run.system.kind))

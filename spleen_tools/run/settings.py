@@ -45,6 +45,7 @@ class ExperimentSettings:
     runs_dir: Path = RUNS_DIR
     keep_running: bool = False
     secure: bool = False
+    ship_code: bool = False  # development only, POC only: the code in the job (bring-your-own-code)
     timeout: float = 1800.0
     mlflow_port: int | None = None
     tracking: str = "server"  # server | workspace | tensorboard (spleen_tools.jobs.TRACKING_MODES)
@@ -68,6 +69,11 @@ class ExperimentSettings:
             raise SettingsError(f"--max-resumes must be 0 or more, got {self.max_resumes}")
         if self.tracking not in TRACKING_MODES:
             raise SettingsError(f"--tracking must be one of {', '.join(TRACKING_MODES)}, got {self.tracking!r}")
+        if self.ship_code and self.secure:
+            raise SettingsError(
+                "--ship-code is for development on POC only: a provisioned site refuses jobs that carry code; "
+                "drop --ship-code (the sites run the spleen_flare they installed)"
+            )
         if self.timeout <= 0:
             raise SettingsError(f"--timeout must be positive, got {self.timeout}")
         if self.data is not None and not (Path(self.data) / "dataset.json").is_file():

@@ -48,3 +48,11 @@ def _root_private_key(cert_state: Path):
             f"{cert_state}: no root key to sign the kits again ({err}); use the provisioning's own folder"
         ) from None
     return serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+
+
+def poc_root_key(prod_dir: Path):
+    """The POC's root key where some kit folder is signed (HE kits), else None: nothing to sign again."""
+    prod_dir = Path(prod_dir)
+    if not any(prod_dir.glob(f"*/*/{SIGNATURE_FILE}")):
+        return None
+    return _root_private_key(prod_dir.parent / "state" / "cert.json")

@@ -29,7 +29,8 @@ from spleen_tools.procs import (
     wait_for,
 )
 from spleen_tools.systems.base import participant_env
-from spleen_tools.systems.he_kits import fingerprint_kits
+from spleen_tools.systems.he_kits import fingerprint_kits, poc_root_key
+from spleen_tools.systems.site_policy import SitePolicy, write_poc_policies
 
 KIND = "poc"
 ADMIN = "admin@nvidia.com"
@@ -115,6 +116,7 @@ class PocSystem:
         env: dict[str, str] | None = None,
         start_timeout: float = 180.0,
         pid_file: Path | None = None,
+        policy: SitePolicy | None = None,
     ) -> None:
         if n_sites < 1:
             raise ValueError(f"n_sites must be at least 1, got {n_sites}")
@@ -122,6 +124,7 @@ class PocSystem:
         self.n_sites = n_sites
         self.he = he
         self.extra_env = dict(env or {})
+        self.policy = policy or SitePolicy()
         self.start_timeout = start_timeout
         self.pid_file = PidFile(pid_file) if pid_file is not None else None
         self.site_names = [f"site-{i}" for i in range(1, n_sites + 1)]
@@ -181,6 +184,7 @@ class PocSystem:
                 raise RuntimeError(f"`nvflare poc prepare` made no admin kit at {self.admin_startup_kit}")
             if self.he:
                 fingerprint_kits(self.prod_dir)
+            write_poc_policies(self.prod_dir, self.site_names, self.policy, root_key=poc_root_key(self.prod_dir))
             cmd = nvflare_command("poc", "start", "-ex", ADMIN, "--timeout", str(int(self.start_timeout)))
             # Own session: server, clients and job processes all land in this process group.
             self._starter = start_group(cmd, self.logs_dir / "poc_start.log", env=self.env())

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from spleen_tools.jobs import (
+    JOB_NAMES,
     MLFLOW_RECEIVER_ID,
     TB_FOLDER,
     TB_RECEIVER,
     JobSettings,
+    check_job_version,
     get_script_args,
     place_bundle_and_code,
     prepare_job,
@@ -90,13 +93,38 @@ def test_no_dotted_config_keys(job):
         assert not dotted, dotted
 
 
-def test_place_bundle_and_code(tmp_path):
+def test_place_bundle_without_code(tmp_path):
+    """The default job carries the bundle (checked by each participant) and no code: sites run what they installed."""
     job = prepare_job("spleen_ct_segmentation_local", tmp_path)
     app = job / "app"
     assert (app / "config" / "spleen_ct_segmentation" / "configs" / "train.json").is_file()
     assert (app / "config" / "overrides" / "cpu_quick.json").is_file()
-    assert (app / "custom" / "spleen_flare" / "client_train.py").is_file()
+    assert not (app / "custom").exists()
     assert not list(app.rglob("__pycache__"))
+    assert not list(job.rglob("*.py")), "no Python file travels in a default job"
+
+
+def test_ship_code_puts_the_job_side_into_custom_and_a_later_default_removes_it(tmp_path):
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path, JobSettings(ship_code=True))
+    assert (job / "app" / "custom" / "spleen_flare" / "client_train.py").is_file()
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path)
+    assert not (job / "app" / "custom").exists()
+    assert not (JOBS_DIR / "spleen_ct_segmentation_local" / "app" / "custom").exists()
+
+
+def test_jobs_name_the_installed_version(tmp_path):
+    from spleen_flare import __version__
+    from spleen_flare.contract import JOB_VERSION_KEY
+
+    for name in JOB_NAMES:
+        assert json.loads((JOBS_DIR / name / "meta.json").read_text())[JOB_VERSION_KEY] == __version__
+    job = tmp_path / "job"
+    shutil.copytree(JOBS_DIR / "spleen_ct_segmentation_local", job, ignore=shutil.ignore_patterns("app"))
+    meta = json.loads((job / "meta.json").read_text())
+    meta[JOB_VERSION_KEY] = "0.0.1"
+    (job / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"meta.json: spleen_flare_version is '0.0.1'.*set it to"):
+        check_job_version(job)
 
 
 def test_settings_are_written_into_the_copy_only(tmp_path):

@@ -14,20 +14,25 @@ from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_lear
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
+from spleen_flare import __version__
+from spleen_flare.contract import JOB_VERSION_KEY
 from spleen_flare.model_selection import ResumableModelSelector
 from spleen_flare.persistor import BundleModelPersistor, weights_digest
 from spleen_flare.resume import HISTORY_FILE, RESUME_POINT_PROP, RESUMED_EVENT, ResumeError, old_app_dir, resume_point
 from spleen_flare.workflows import rounds_left
 from spleen_tools.jobs import JobSettings, prepare_job
-from spleen_tools.paths import BUNDLE_SRC
+from spleen_tools.paths import BUNDLE_SRC, OVERRIDES_SRC
 
 BEST_DICE = 0.61
 
 
 def _app(workspace: Path, job_id: str) -> Path:
+    """A job's server app as NVFlare deploys it: the bundle and overrides the server installed, the job's meta."""
     app = workspace / job_id / "app_server"
     (app / "config").mkdir(parents=True)
     (app / "config" / "spleen_ct_segmentation").symlink_to(BUNDLE_SRC)
+    (app / "config" / "overrides").symlink_to(OVERRIDES_SRC)
+    (app.parent / "meta.json").write_text(json.dumps({JOB_VERSION_KEY: __version__}))
     return app
 
 

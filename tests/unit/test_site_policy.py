@@ -1,0 +1,128 @@
+"""What a site allows: its allow-list covers exactly what our jobs name, NVFlare's own authorizer reads it from the
+kit, BYOC is taken from every role, and the privacy scope holds the site's filters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from nvflare.apis.fl_exception import UnsafeComponentError
+from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+from nvflare.fuel.sec.authz import AuthzContext, Person
+from nvflare.security.security import FLAuthorizer
+
+from spleen_tools.jobs import TB_RECEIVER, JobSettings, prepare_job
+from spleen_tools.paths import JOBS_DIR
+from spleen_tools.systems.site_policy import (
+    SCOPE,
+    SERVER_CLASSES,
+    SITE_CLASSES,
+    SitePolicy,
+    site_privacy,
+    write_server_policy,
+    write_site_policy,
+)
+
+JOBS = sorted(p.name for p in JOBS_DIR.iterdir() if (p / "meta.json").is_file())
+
+
+def paths(node) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["path"]} if isinstance(node.get("path"), str) and "." in node["path"] else set()
+        return found.union(*(paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(paths(v) for v in node)) if node else set()
+    return set()
+
+
+def kit(tmp_path: Path, name: str) -> Path:
+    local = tmp_path / name / "local"
+    local.mkdir(parents=True)
+    (local / "resources.json.default").write_text(json.dumps({"format_version": 2, "components": []}))
+    return tmp_path / name
+
+
+class Workspace:
+    """What the authorizer asks of NVFlare's workspace: the site's resources file."""
+
+    def __init__(self, resources: Path) -> None:
+        self.resources = resources
+
+    def get_resources_file_path(self) -> str:
+        return str(self.resources)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_the_allow_lists_cover_every_class_the_jobs_name(job):
+    config = JOBS_DIR / job / "app" / "config"
+    client = paths(json.loads((config / "config_fed_client.json").read_text()))
+    server = paths(json.loads((config / "config_fed_server.json").read_text())) | {TB_RECEIVER["path"]}
+    assert client <= set(SITE_CLASSES), client - set(SITE_CLASSES)
+    assert server <= set(SERVER_CLASSES), server - set(SERVER_CLASSES)
+
+
+def test_a_site_allows_no_class_that_runs_what_a_job_names():
+    """ClientAPIExecutor runs any command (external_process) or script: only our pinned executor is allowed."""
+    assert not [c for c in SITE_CLASSES if c.endswith("ClientAPIExecutor") or c.endswith("LauncherExecutor")]
+    assert all(not c.endswith(".") for c in (*SITE_CLASSES, *SERVER_CLASSES)), "classes, not package prefixes"
+
+
+def test_nvflare_enforces_the_written_allow_list(tmp_path):
+    site = kit(tmp_path, "site-1")
+    write_site_policy(site)
+    authorizer, workspace = ComponentPathAuthorizer(), Workspace(site / "local" / "resources.json")
+    authorizer.authorize_component_config({"path": SITE_CLASSES[0]}, workspace=workspace)
+    for outside in (
+        "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
+        "spleen_flare.workflows.ScatterAndGather",  # a server class is not a site's
+        "os.system",
+    ):
+        with pytest.raises(UnsafeComponentError, match="not in allow_list"):
+            authorizer.authorize_component_config({"path": outside}, workspace=workspace)
+    server = kit(tmp_path, "server")
+    write_server_policy(server)
+    Workspace(server / "local" / "resources.json")
+    resources = json.loads((server / "local" / "resources.json").read_text())
+    assert resources["class_allow_list"] == list(SERVER_CLASSES) and resources["format_version"] == 2
+
+
+@pytest.mark.parametrize("allow_byoc", [False, True])
+def test_byoc_is_refused_for_every_role_unless_the_site_allows_it(tmp_path, allow_byoc):
+    site = kit(tmp_path, "site-1")
+    write_site_policy(site, SitePolicy(allow_byoc=allow_byoc))
+    policy = json.loads((site / "local" / "authorization.json").read_text())
+    authorizer = FLAuthorizer("nvidia", policy)
+    for role in ("project_admin", "org_admin", "lead", "member"):
+        person = Person("admin@nvidia.com", "nvidia", role)
+        allowed, _ = authorizer.authorize(AuthzContext(right="byoc", user=person, submitter=person))
+        assert allowed is (allow_byoc and role in ("project_admin", "lead")), role
+    person = Person("admin@nvidia.com", "nvidia", "project_admin")
+    assert authorizer.authorize(AuthzContext(right="submit_job", user=person, submitter=person))[0]
+
+
+def test_privacy_scope_is_the_only_and_default_one():
+    assert site_privacy(SitePolicy()) is None
+    both = site_privacy(SitePolicy(encrypt_results=True, keep_local_model=True))
+    assert both["default_scope"] == SCOPE and [s["name"] for s in both["scopes"]] == [SCOPE]
+    results = [f["path"] for f in both["scopes"][0]["task_result_filters"]]
+    assert results == ["spleen_flare.site_filters.KeepLocalModel", "spleen_flare.site_filters.SiteHEEncryptor"]
+    assert paths(both) <= set(SITE_CLASSES)
+
+
+def test_a_site_without_privacy_choices_has_no_privacy_file(tmp_path):
+    site = kit(tmp_path, "site-1")
+    write_site_policy(site, SitePolicy(keep_local_model=True))
+    assert (site / "local" / "privacy.json").is_file()
+    write_site_policy(site, SitePolicy())
+    assert not (site / "local" / "privacy.json").exists()
+
+
+def test_a_shipped_code_job_differs_from_the_default_by_custom_only(tmp_path):
+    default = prepare_job("spleen_ct_segmentation_local", tmp_path / "a")
+    shipped = prepare_job("spleen_ct_segmentation_local", tmp_path / "b", JobSettings(ship_code=True))
+    rel = {p.relative_to(shipped).parts[:2] for p in shipped.rglob("*") if p.is_file()}
+    assert ("app", "custom") in rel
+    assert {p.relative_to(default) for p in default.rglob("*.json")} == {
+        p.relative_to(shipped) for p in shipped.rglob("*.json") if "custom" not in p.parts
+    }
