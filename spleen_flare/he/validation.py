@@ -252,9 +252,9 @@ def _check_layout(he_meta: Mapping, slots: int, max_values: int | None = None) -
     plain_values = 0
     for name, shape, dtype in _entries(he_meta, "plain", 3):
         _check_plain_name(name, dtype)
-        plain_values += _size(shape, MAX_VALUES)
-        if plain_values > MAX_VALUES:
-            raise ValueError(f"packed HE model: its plaintext buffers hold more than {MAX_VALUES} values")
+        plain_values += _size(shape, MAX_TENSORS)
+        if plain_values > MAX_TENSORS:  # step counters: one value each
+            raise ValueError(f"packed HE model: its plaintext buffers hold more than {MAX_TENSORS} values")
         if name in names:
             raise ValueError(f"packed HE model: tensor {brief(name)} declared twice")
         names.add(name)
