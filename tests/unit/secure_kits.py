@@ -21,3 +21,38 @@ def fake_kits(root: Path, sites: int = 2, ports: tuple[int, int] | None = None) 
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(content))
     return root
+
+
+PROJECT = "secure_project"
+PARTICIPANTS = {"localhost": "server", "site-1": "client", "site-2": "client", "admin@nvidia.com": "client"}
+
+
+def provisioned_kits(ws: Path) -> Path:
+    """<ws>/secure_project/{prod_00/<participant>/startup, state/cert.json} with real keys, certificates and HE
+    contexts, as nvflare provision writes them; returns ws."""
+    from nvflare.lighter.impl.he import HEBuilder
+    from nvflare.lighter.utils import Identity, generate_cert, generate_keys, serialize_cert, serialize_pri_key
+
+    root_key, root_pub = generate_keys()
+    root = Identity(PROJECT)
+    root_pem = serialize_cert(generate_cert(root, root, root_key, root_pub, ca=True))
+    state = {"root_cert": root_pem.decode(), "root_pri_key": serialize_pri_key(root_key).decode()}
+    he = HEBuilder()
+    he.initialize(None, None)
+    for name, base in PARTICIPANTS.items():
+        startup = ws / PROJECT / "prod_00" / name / "startup"
+        startup.mkdir(parents=True)
+        key, pub = generate_keys()
+        cert = serialize_cert(generate_cert(Identity(name, "nvidia"), root, root_key, pub))
+        (startup / f"{base}.key").write_bytes(serialize_pri_key(key))
+        (startup / f"{base}.crt").write_bytes(cert)
+        (startup / "rootCA.pem").write_bytes(root_pem)
+        (startup / "signature.json").write_text(json.dumps({f"{base}.crt": "c2lnbmF0dXJl"}))
+        state[name] = {"cert": cert.decode(), "pri_key": serialize_pri_key(key).decode()}
+        if name == "localhost":
+            (startup / "server_context.tenseal").write_bytes(he.get_serialized_context())
+        elif name.startswith("site-"):
+            (startup / "client_context.tenseal").write_bytes(he.get_serialized_context(is_client=True))
+    (ws / PROJECT / "state").mkdir()
+    (ws / PROJECT / "state" / "cert.json").write_text(json.dumps(state))
+    return ws

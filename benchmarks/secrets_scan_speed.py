@@ -1,0 +1,108 @@
+"""Speed of the secrets scan (``spleen-scan-secrets``) on a synthetic run folder, with real provisioned kits.
+
+The folder: ``--logs-mb`` of text logs in 8 files (NVFlare-like lines with numbers, paths and base64-looking ids),
+a ``--model-mb`` fake model (random bytes, as incompressible as real weights) and, with ``--gz-mb``, one gzipped log
+of that many MB unpacked (the cost of opening compressed files). The kits: 4 participants' keys, the root key in
+state/cert.json and a client TenSEAL context (tests/unit/secure_kits.py). Prints the best of ``--repeat`` scans
+(files cached in memory) as seconds and MB/s; ``--save`` also writes benchmarks/results/secrets_scan_speed.json.
+
+Usage: ``.venv/bin/python benchmarks/secrets_scan_speed.py [--logs-mb 200] [--model-mb 100] [--gz-mb 0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
+import record  # noqa: E402
+from secure_kits import provisioned_kits  # noqa: E402
+
+from spleen_tools.run.kit_secrets import known_secrets  # noqa: E402
+from spleen_tools.run.secrets_scan import scan  # noqa: E402
+
+LOG_FILES = 8
+
+
+def log_text(mb: int, seed: int) -> bytes:
+    """About ``mb`` MB of log lines; every line differs (numbers, ids) so nothing is unusually cheap to scan."""
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < mb * 1_000_000:
+        token = base64.b64encode(rng.randbytes(12)).decode()
+        line = (
+            f"2024-05-{rng.randint(1, 28):02d} 12:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+            f" - ClientRunner - INFO - [identity=site-{rng.randint(1, 3)}, run={token}, peer=localhost,"
+            f" task_name=train, task_id={rng.getrandbits(64):016x}]: round {rng.randint(0, 99)} loss "
+            f"{rng.random():.6f} dice {rng.random():.4f} /workspace/site-1/{token}/app/custom\n"
+        ).encode()
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+def make_run_dir(root: Path, logs_mb: int, model_mb: int, gz_mb: int) -> None:
+    (root / "logs").mkdir(parents=True)
+    for i in range(LOG_FILES):
+        (root / "logs" / f"log_{i}.txt").write_bytes(log_text(logs_mb // LOG_FILES, seed=i))
+    (root / "model.pt").write_bytes(os.urandom(model_mb * 1_000_000))
+    if gz_mb:
+        (root / "logs" / "old.log.gz").write_bytes(gzip.compress(log_text(gz_mb, seed=99), compresslevel=6))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logs-mb", type=int, default=200)
+    parser.add_argument("--model-mb", type=int, default=100)
+    parser.add_argument("--gz-mb", type=int, default=0, help="also a gzipped log of this many MB unpacked")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/secrets_scan_speed.json")
+    parser.add_argument("--workdir", type=Path, help="keep the kits and the folder here, reuse them if there")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        if not (work / "ws").is_dir():
+            provisioned_kits(work / "ws")
+            make_run_dir(work / "run", args.logs_mb, args.model_mb, args.gz_mb)
+        secrets = known_secrets([work / "ws"])
+        on_disk = sum(p.stat().st_size for p in (work / "run").rglob("*") if p.is_file())
+        times, cpu = [], []
+        for _ in range(args.repeat):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            report = scan([work / "run"], secrets)
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        assert report.clean, report.findings + report.unchecked
+    best = min(times)
+    result = {
+        "logs_mb": args.logs_mb,
+        "model_mb": args.model_mb,
+        "gz_mb": args.gz_mb,
+        "files": report.files,
+        "bytes_on_disk": on_disk,
+        "secrets": len(secrets),
+        "needles": sum(len(s.needles) for s in secrets),
+        "scan_s": [round(t, 2) for t in times],
+        "best_s": round(best, 2),
+        "best_cpu_s": round(min(cpu), 2),
+        "mb_per_s": round(on_disk / 1e6 / best),
+    }
+    print(
+        f"scanned {report.files} files, {on_disk / 1e6:.0f} MB on disk, {result['secrets']} secrets "
+        f"({result['needles']} needles): best {best:.2f} s of {args.repeat} ({result['mb_per_s']} MB/s), "
+        f"CPU {min(cpu):.2f} s"
+    )
+    if args.save:
+        print(record.save("secrets_scan_speed", result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""What the secrets scan reads besides bytes as they are: text with its layout taken out, and compressed files and
+archives opened as streams, with a cap on what they may unpack.
+
+Text: ``normalized()`` drops zero bytes (UTF-16 and UTF-32 text becomes ASCII), all whitespace (base64 and hex
+wrapped at any width), colons (hex as ``openssl -text`` prints it) and escaped line breaks (``\\n`` in JSON). The
+scan looks for normalized needles in normalized data: a copy of a needle in the data, as is or laid out anew, is a
+copy of the normalized needle in the normalized data. ``TextPiece`` normalizes a stream chunk by chunk and maps
+offsets back to the stream.
+
+Archives: gzip, bzip2, xz and zstd streams (concatenated ones too), tar (stream mode, so a .tar.gz is read once)
+and zip, recognised by their first bytes whatever their names. Every unpacked stream goes through ``Capped``: past
+its own cap, or past the budget of the file on disk it came from, reading raises ``TooLarge`` instead of going on.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import re
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import zstandard
+
+DROPPED = b"\x00\t\n\v\f\r :"
+_ESCAPE = re.compile(rb"\\[nrt]")  # an escaped line break (or tab) in JSON or a Python repr
+_KEPT = np.ones(256, dtype=bool)
+_KEPT[list(DROPPED)] = False
+_READ = 1 << 20  # compressed bytes read at a time
+_XZ_MEMORY = 256 << 20  # an xz header may ask for a dictionary of gigabytes
+_TAR_HEADER_CAP = 1 << 20  # GNU long names and pax headers are read whole by tarfile
+_TAR_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
+_INNER_NAMES = {".gz": "", ".bz2": "", ".xz": "", ".zst": "", ".tgz": ".tar", ".tbz2": ".tar", ".txz": ".tar"}
+
+UNPACK_ERRORS = (
+    OSError,  # gzip.BadGzipFile, bz2 errors
+    EOFError,  # truncated streams
+    zlib.error,
+    lzma.LZMAError,
+    zstandard.ZstdError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    NotImplementedError,  # a zip compression method Python lacks
+    RuntimeError,  # an encrypted zip member
+)
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+
+
+def normalized(data: bytes) -> bytes:
+    """``data`` without zero bytes, whitespace, colons and escaped line breaks."""
+    text = data.translate(None, DROPPED)
+    return _ESCAPE.sub(b"", text) if b"\\" in text else text
+
+
+def searchable(needle: bytes) -> tuple[bytes, int]:
+    """The needle as the normalized data holds it, and the offset in the needle where that form starts.
+
+    A backslash in front of a copy may eat its first letter (``\\n``), and a trailing backslash the next byte: those
+    ends are cut off.
+    """
+    piece = TextPiece(needle, 0, None)  # holds back a trailing backslash
+    first = 1 if piece.text[:1] in (b"n", b"r", b"t") else 0
+    text = piece.text[first:]
+    return text, (piece.stream_offset(first) if text else 0)
+
+
+class TextPiece:
+    """One chunk of a stream, normalized; a backslash that ends it is held for the next chunk (it may start ``\\n``).
+
+    ``stream_offset(i)`` is where the i-th byte of ``text`` lies in the stream (numpy, only asked on a hit).
+    """
+
+    def __init__(self, block: bytes, base: int, carried: int | None) -> None:
+        self.block, self.base, self.carried = block, base, carried  # carried: stream offset of a held backslash
+        text = (b"\\" if carried is not None else b"") + block.translate(None, DROPPED)
+        self.held: int | None = None  # stream offset of a backslash held for the next piece
+        if text.endswith(b"\\"):
+            text = text[:-1]
+            self.held = self._last_kept()
+        self._joined = text
+        self.text = _ESCAPE.sub(b"", text) if b"\\" in text else text
+        self._offsets: np.ndarray | None = None
+
+    def _last_kept(self) -> int:
+        stripped = self.block.rstrip(DROPPED)
+        return self.base + len(stripped) - 1 if stripped else self.carried  # type: ignore[return-value]
+
+    def stream_offset(self, i: int) -> int:
+        if self._offsets is None:
+            offsets = self.base + np.flatnonzero(_KEPT[np.frombuffer(self.block, dtype=np.uint8)])
+            if self.carried is not None:
+                offsets = np.concatenate([[self.carried], offsets])
+            offsets = offsets[: len(self._joined)]  # less the held backslash
+            if len(self.text) != len(self._joined):
+                escapes = [i for m in _ESCAPE.finditer(self._joined) for i in (m.start(), m.start() + 1)]
+                offsets = np.delete(offsets, escapes)
+            self._offsets = offsets
+        return int(self._offsets[i])
+
+
+# --- archives -----------------------------------------------------------------------------------------------------
+
+
+def archive_kind(head: bytes) -> str | None:
+    """ "gzip", "bzip2", "xz", "zstd", "zip" or "tar" by the first 512 bytes of a stream, or None."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return "gzip"
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return "bzip2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def inner_name(label: str) -> str:
+    """What a compressed file holds: "logs.tar" for ".../logs.tgz", "key.pem" for "key.pem.gz"."""
+    name = re.split(r"[/!]", label)[-1]
+    stem, dot, suffix = name.rpartition(".")
+    if dot and f".{suffix}" in _INNER_NAMES:
+        return stem + _INNER_NAMES[f".{suffix}"]
+    return f"{name} (unpacked)"
+
+
+def decompressed(kind: str, source: BinaryIO) -> BinaryIO:
+    """The stream that ``source`` (gzip, bzip2, xz or zstd) unpacks to, read as it goes."""
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[return-value]
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)  # type: ignore[return-value]
+    if kind == "bzip2":
+        return _Streams(source, bz2.BZ2Decompressor)  # type: ignore[return-value]
+    return _Streams(source, lambda: lzma.LZMADecompressor(memlimit=_XZ_MEMORY))  # type: ignore[return-value]
+
+
+class _Decompressor(Protocol):
+    eof: bool
+    needs_input: bool
+    unused_data: bytes
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _Streams:
+    """Concatenated bzip2 or xz streams. BZ2File and LZMAFile would pass over bytes after the last stream that do
+    not unpack (they are not scanned as unpacked, so here they are an error) and LZMAFile takes no memory limit."""
+
+    def __init__(self, source: BinaryIO, new: Callable[[], _Decompressor]) -> None:
+        self.source, self.new, self.unpacker = source, new, new()
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size > 0 else _READ
+        while True:
+            if self.unpacker.eof:
+                data = self.unpacker.unused_data or self.source.read(_READ)
+                if not data:
+                    return b""
+                self.unpacker = self.new()
+            elif self.unpacker.needs_input:
+                data = self.source.read(_READ)
+                if not data:
+                    raise EOFError("compressed data ends before the end-of-stream marker")
+            else:
+                data = b""
+            if out := self.unpacker.decompress(data, size):
+                return out
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long name or a pax header whole, whatever size its header claims: cap it."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_HEADERS and self.size > _TAR_HEADER_CAP:
+            raise tarfile.HeaderError(f"{self.name}: extended header of {self.size} bytes")
+        return super()._proc_member(tar)  # type: ignore[misc]
+
+
+def tar_members(source: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
+    """(name, stream) of each regular file in a tar stream, read once in order; blocks of 512 bytes so that what
+    follows the end of the archive is still in ``source``."""
+    with tarfile.open(fileobj=source, mode="r|", bufsize=tarfile.BLOCKSIZE, tarinfo=_BoundedTarInfo) as tar:
+        for info in tar:
+            if info.isreg():
+                yield info.name, tar.extractfile(info)  # type: ignore[misc]
+
+
+def only_padding(source: BinaryIO) -> bool:
+    """Whether the rest of ``source`` is zero bytes (what may follow the end of a tar archive)."""
+    clean = True
+    while data := source.read(_READ):
+        clean = clean and not data.strip(b"\0")
+    return clean
+
+
+# --- streams ------------------------------------------------------------------------------------------------------
+
+
+class TooLarge(Exception):
+    """Raised by a ``Capped`` stream; ``owner`` is the stream whose cap, or the budget whose total, was reached."""
+
+    def __init__(self, owner: object, limit: int) -> None:
+        super().__init__(f"unpacks to more than {limit >> 20} MiB")
+        self.owner = owner
+
+
+class Budget:
+    """Bytes that all the streams unpacked from one file on disk may give, together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+
+class Capped:
+    """A stream that gives at most ``limit`` bytes, and no more than its budget has left; then raises TooLarge."""
+
+    def __init__(self, source: BinaryIO, limit: int, budget: Budget) -> None:
+        self.source, self.limit, self.left, self.budget = source, limit, limit, budget
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size >= 0 else _READ  # never read() to the end: that alone could exhaust memory
+        data = self.source.read(min(size, self.left + 1, self.budget.left + 1))
+        if len(data) > self.left:
+            raise TooLarge(self, self.limit)
+        if len(data) > self.budget.left:
+            raise TooLarge(self.budget, self.budget.limit)
+        self.left -= len(data)
+        self.budget.left -= len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+
+class Replay:
+    """``head`` (already read from ``source``), then the rest of ``source``; every byte given is also passed to
+    ``sink`` when there is one (the scan of a compressed file as it is, while it is being unpacked)."""
+
+    def __init__(self, source: BinaryIO, head: bytes = b"", sink: Callable[[bytes], None] | None = None) -> None:
+        self.source, self.head, self.sink = source, head, sink
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            data = self.head if size < 0 else self.head[:size]
+            self.head = self.head[len(data) :]
+            if size < 0 or len(data) < size:
+                data += self.source.read(size - len(data) if size >= 0 else -1)
+        else:
+            data = self.source.read(size)
+        if self.sink is not None:
+            self.sink(data)
+        return data
+
+    def seekable(self) -> bool:
+        return False
