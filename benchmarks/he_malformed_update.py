@@ -147,7 +147,7 @@ def _measured(call: Callable[[], Any]) -> tuple[Any, float, int]:
         result = call()
     except ValueError as err:
         result = err
-    except BaseException as err:  # noqa: BLE001 - what escaped is the figure (the code before the fix)
+    except BaseException as err:  # what escaped is the figure (the code before the fix)
         result = f"escaped: {type(err).__name__}"
     seconds = time.perf_counter() - start
     peak = 0

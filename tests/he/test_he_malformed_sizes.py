@@ -59,7 +59,7 @@ def _measured(call: Callable[[], Any]) -> tuple[Any, int]:
     tracemalloc.start()
     try:
         outcome = call()
-    except Exception as err:  # noqa: BLE001 - the outcome under test
+    except Exception as err:  # the outcome under test
         outcome = err
     finally:
         peak = tracemalloc.get_traced_memory()[1]
