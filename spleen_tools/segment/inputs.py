@@ -1,10 +1,11 @@
-"""Which scans to segment, and whether each one is a 3D CT in Hounsfield units: one line per problem."""
+"""Which scans to segment, whether each one is a 3D CT in Hounsfield units and each label fits its scan: one line
+per problem, all before any inference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from spleen_flare.data_check import NIFTI_SUFFIXES, image_problem
+from spleen_flare.data_check import NIFTI_SUFFIXES, image_problem, label_problem
 
 
 class InputError(Exception):
@@ -52,3 +53,10 @@ def find_labels(scans: list[Path], labels_dir: Path) -> dict[Path, Path]:
     if missing:
         raise InputError(f"{labels_dir}: no label named {', '.join(missing)}; labels must have their scan's file name")
     return {s: labels_dir / s.name for s in scans}
+
+
+def check_labels(labels: dict[Path, Path]) -> None:
+    """Each label readable, one 3D volume on its scan's grid, 0 and 1 only (the dataset check's label rule)."""
+    problems = [p for p in (label_problem(label, scan) for scan, label in labels.items()) if p]
+    if problems:
+        raise InputError("\n".join(problems))

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from spleen_tools.segment.inference import check_bundle, run_inference
-from spleen_tools.segment.inputs import InputError, case_name, check_scans, find_labels, list_scans
+from spleen_tools.segment.inputs import case_name, check_labels, check_scans, find_labels, list_scans
 from spleen_tools.segment.measures import dice, geometry_problem, spleen_volume_ml
 from spleen_tools.segment.overlay import write_overlay
 
@@ -25,11 +25,8 @@ def measure(scan: Path, mask_file: Path, label: Path | None, output_dir: Path) -
         raise RuntimeError(problem)
     row = {"scan": str(scan), "mask": str(mask_file), "spleen_ml": round(spleen_volume_ml(mask_img), 1)}
     title = f"{case_name(scan)}: spleen {row['spleen_ml']} mL"
-    if label is not None:
+    if label is not None:  # checked before inference: on the scan's grid, 0 and 1 only
         label_img = nib.load(label)
-        problem = geometry_problem(label_img, scan_img, label)
-        if problem:
-            raise InputError(f"{problem}; a label must lie on its scan's voxel grid")
         row["dice"] = round(dice(np.asanyarray(mask_img.dataobj), np.asanyarray(label_img.dataobj)), 4)
         title += f", Dice {row['dice']}"
     overlay = write_overlay(scan, mask_file, output_dir / f"{case_name(scan)}_overlay.png", title)
@@ -48,6 +45,7 @@ def segment(
     scans = list_scans(source)
     check_scans(scans)  # every problem before any work
     labels = find_labels(scans, labels_dir) if labels_dir else {}
+    check_labels(labels)
     check_bundle(bundle)
     out(f"segmenting {len(scans)} scan(s) with {bundle} ...")
     masks = run_inference(bundle, scans, output_dir)

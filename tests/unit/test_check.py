@@ -74,3 +74,21 @@ def test_label_values_and_too_few_cases_for_the_sites(data):
     problems = check_dataset(data, num_sites=4)
     assert problems[0].startswith(f"{lab}: holds values 0, 1, 2")
     assert "4 sites need at least 8 training cases" in problems[1] and "fewer sites" in problems[1]
+
+
+def test_malformed_dataset_json_entries_are_one_line_each(data, capsys):
+    meta = data / "dataset.json"
+    listing = json.loads(meta.read_text())
+    listing["training"][1] = {"label": listing["training"][1]["label"]}  # no image
+    listing["training"][3] = listing["training"][3]["image"]  # a string, not an entry
+    meta.write_text(json.dumps(listing))
+    assert check_main([str(data), "--sites", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert err[0].startswith(f"error: {meta.resolve()}: training entry 1 ({{'label': ")
+    assert err[1].startswith(f"error: {meta.resolve()}: training entry 3 ('")
+    assert all("is not {'image': path, 'label': path}; give every case both paths" in line for line in err)
+    listing["training"] = {"image": "x"}
+    meta.write_text(json.dumps(listing))
+    (problem,) = check_dataset(data)
+    assert problem.startswith(f"{meta.resolve()}: 'training' is not a list of cases")

@@ -70,14 +70,46 @@ def test_every_bad_scan_gets_one_line_and_nothing_is_written(bundle, dataset, tm
     _nifti(scans / "normalised.nii.gz", np.random.default_rng(0).random((16, 16, 8)).astype(np.float32))
     good = sorted((dataset / "imagesTr").iterdir())[0]
     (scans / "truncated.nii.gz").write_bytes(gzip.compress(good.read_bytes())[:2000])
+    header = nib.Nifti1Header()
+    header.set_data_shape((2000, 2000, 2000))  # 16 GB declared in a 70-byte file
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    (scans / "bomb.nii.gz").write_bytes(gzip.compress(header.binaryblock + bytes(4)))
     out = tmp_path / "out"
     assert segment_main(["--bundle", str(bundle), "--input", str(scans), "--output", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
-    assert "flat.nii.gz: a 2D image" in lines[0]
-    assert "normalised.nii.gz: intensities" in lines[1] and "Hounsfield" in lines[1]
-    assert "truncated.nii.gz: not a readable NIfTI" in lines[2]
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    assert "bomb.nii.gz: its header declares 2000x2000x2000 int16 voxels" in lines[0]
+    assert "flat.nii.gz: a 2D image" in lines[1]
+    assert "normalised.nii.gz: intensities" in lines[2] and "Hounsfield" in lines[2]
+    assert "truncated.nii.gz: not a readable NIfTI" in lines[3]
     assert not out.exists()
+
+
+def test_labels_are_checked_before_inference_one_line_each(bundle, dataset, tmp_path, capsys):
+    scans, labels = tmp_path / "scans", tmp_path / "labels"
+    scans.mkdir()
+    labels.mkdir()
+    for scan in sorted((dataset / "imagesTr").iterdir()):  # 4 scans: the 2 of the dataset and copies
+        for name in (scan.name, f"x_{scan.name}"):
+            (scans / name).write_bytes(scan.read_bytes())
+            (labels / name).write_bytes((dataset / "labelsTr" / scan.name).read_bytes())
+    four_d, twos, cut, _fine = (labels / p.name for p in sorted(scans.iterdir()))
+    label = nib.load(four_d)
+    values = np.asanyarray(label.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([values, values], axis=-1), label.affine), four_d)
+    label = nib.load(twos)
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj) * 2, label.affine), twos)  # 0 and 2: not spleen
+    cut.write_bytes(cut.read_bytes()[:300])
+    out = tmp_path / "out"
+    args = ["--bundle", str(bundle), "--input", str(scans), "--output", str(out), "--labels", str(labels)]
+    assert segment_main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert lines[0].startswith(f"error: {four_d}: a 4D label of shape")
+    assert lines[1].startswith(f"error: {twos}: holds values 0, 2")
+    assert lines[2].startswith(f"error: {cut}: not a readable NIfTI")
+    assert not out.exists()  # nothing ran, nothing written
 
 
 def test_not_a_nifti_a_missing_label_and_not_a_bundle(bundle, dataset, tmp_path, capsys):
