@@ -1,8 +1,10 @@
 """Check a dataset (MSD layout: dataset.json, imagesTr, labelsTr) before any training starts.
 
-Every listed image must be a readable 3D CT NIfTI in Hounsfield units with plausible spacing; every label must be
-readable, on its image's grid (shape and affine) and hold only 0 and 1; with --sites, each site must get at least
-one training and one validation case. Prints one line per problem (all of them) and exits 2, or says it is fine.
+Every dataset.json entry must give an image and a label path. Every listed image must be a readable 3D CT NIfTI
+in Hounsfield units with plausible spacing, finite voxels and a header declaring at most MAX_VOXELS voxels (see
+spleen_flare.data_check); every label must be readable, one 3D volume on its image's grid (shape and affine) and
+hold only 0 and 1; with --sites, each site must get at least one training and one validation case. Prints one line
+per problem (all of them) and exits 2, or says it is fine.
 """
 
 from __future__ import annotations
