@@ -14,15 +14,15 @@ import json
 import os
 from pathlib import Path
 
-from nvflare.lighter.tool_consts import NVFLARE_SIG_FILE
+from nvflare.lighter.tool_consts import NVFLARE_PREFIX
 
 from spleen_flare import __version__
 from spleen_flare.contract import BUNDLE_NAME, BUNDLES_DIR_ENV, JOB_VERSION_KEY, OVERRIDES_NAME
 
 # Run-time outputs of a bundle: never part of what is compared (nor copied into a job).
 BUNDLE_IGNORED = ("models", "eval", "__pycache__")
-# What NVFlare adds to a submitted job's folders: its signature of their files (not part of the bundle).
-DEPLOYMENT_FILES = (NVFLARE_SIG_FILE,)
+# NVFlare's own files in a submitted job's folders (the signature of their files, the submitter's certificate).
+DEPLOYMENT_PREFIX = NVFLARE_PREFIX
 BUNDLE_IGNORED_SUFFIXES = (".pyc",)
 JOB_META = "meta.json"
 
@@ -40,7 +40,7 @@ def folder_digests(root: Path) -> dict[str, str]:
     for path in sorted(root.rglob("*")) if root.is_dir() else []:
         rel = path.relative_to(root)
         ignored = set(rel.parts) & set(BUNDLE_IGNORED) or path.suffix in BUNDLE_IGNORED_SUFFIXES
-        if ignored or path.name in DEPLOYMENT_FILES or not path.is_file():
+        if ignored or path.name.startswith(DEPLOYMENT_PREFIX) or not path.is_file():
             continue
         digests[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests

@@ -116,8 +116,8 @@ class PackedHEEncryptor(_SiteContextFilter):
                 f"HE encryptor expects full weights (DataKind.WEIGHTS), got {dxo.data_kind}: set "
                 '"params_transfer_type": "FULL" in config_fed_client.json'
             )
-        if HE_META_KEY in (dxo.meta or {}):
-            raise ValueError("HE encryptor: this DXO is already encrypted")
+        if HE_META_KEY in (dxo.meta or {}):  # the site's own policy encrypted it first (spleen_flare.site_filters)
+            return None
         self.load_kit(fl_ctx)
         weight = self.aggregation_weight(dxo)
         plain_bytes = sum(getattr(v, "nbytes", 0) for v in dxo.data.values())

@@ -50,9 +50,13 @@ def _root_private_key(cert_state: Path):
     return serialization.load_pem_private_key(pem.encode("ascii"), password=None)
 
 
-def poc_root_key(prod_dir: Path):
-    """The POC's root key where some kit folder is signed (HE kits), else None: nothing to sign again."""
+def sign_kits_again(prod_dir: Path) -> list[Path]:
+    """Every kit folder under ``prod_dir`` that NVFlare signed (HE kits: ``startup`` and ``local``) signed again with
+    the POC's root key, after we changed files in it; returns those folders (none for plain kits)."""
     prod_dir = Path(prod_dir)
-    if not any(prod_dir.glob(f"*/*/{SIGNATURE_FILE}")):
-        return None
-    return _root_private_key(prod_dir.parent / "state" / "cert.json")
+    signed = sorted(p.parent for p in prod_dir.glob(f"*/*/{SIGNATURE_FILE}"))
+    if signed:
+        root_key = _root_private_key(prod_dir.parent / "state" / "cert.json")
+        for folder in signed:
+            sign_folders(str(folder), root_key, signature_file=SIGNATURE_FILE)
+    return signed

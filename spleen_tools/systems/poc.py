@@ -13,6 +13,7 @@ Why the care:
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -29,14 +30,27 @@ from spleen_tools.procs import (
     wait_for,
 )
 from spleen_tools.systems.base import participant_env
-from spleen_tools.systems.he_kits import fingerprint_kits, poc_root_key
+from spleen_tools.systems.he_kits import fingerprint_kits, sign_kits_again
 from spleen_tools.systems.site_policy import SitePolicy, write_poc_policies
 
 KIND = "poc"
 ADMIN = "admin@nvidia.com"
 PROJECT = "example_project"
 SERVER_PORTS = (8002, 8003)
+LOOPBACK = "127.0.0.1"  # where the POC server listens (bind_server_to_loopback)
 STARTER = "poc_group"  # the pids entry of `nvflare poc start`, the leader of the participants' process group
+
+
+def bind_server_to_loopback(server_kit: Path) -> Path:
+    """NVFlare 2.9 listens on every interface unless the server's service host is a loopback address; the POC's is
+    ``server``. The sites and admins connect to ``localhost`` anyway, so nothing but this machine needs the ports."""
+    path = Path(server_kit) / "startup" / "fed_server.json"
+    config = json.loads(path.read_text())
+    for server in config["servers"]:
+        port = str(server["service"]["target"]).rsplit(":", 1)[1]
+        server["service"]["target"] = f"{LOOPBACK}:{port}"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 class PocBusyError(RuntimeError):
@@ -184,7 +198,9 @@ class PocSystem:
                 raise RuntimeError(f"`nvflare poc prepare` made no admin kit at {self.admin_startup_kit}")
             if self.he:
                 fingerprint_kits(self.prod_dir)
-            write_poc_policies(self.prod_dir, self.site_names, self.policy, root_key=poc_root_key(self.prod_dir))
+            write_poc_policies(self.prod_dir, self.site_names, self.policy)
+            bind_server_to_loopback(self.prod_dir / "server")
+            sign_kits_again(self.prod_dir)
             cmd = nvflare_command("poc", "start", "-ex", ADMIN, "--timeout", str(int(self.start_timeout)))
             # Own session: server, clients and job processes all land in this process group.
             self._starter = start_group(cmd, self.logs_dir / "poc_start.log", env=self.env())

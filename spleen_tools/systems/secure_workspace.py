@@ -174,12 +174,11 @@ _SHARED_STORAGE = {"/tmp/nvflare/jobs-storage": "jobs", "/tmp/nvflare/snapshot-s
 def isolate_server_storage(server_kit: Path) -> Path:
     """NVFlare's default server resources keep the job store and snapshots in ``/tmp/nvflare/``, shared by every
     provisioned server on the machine (another workspace would list, and after a crash resume, this one's jobs).
-    Write ``local/resources.json`` (NVFlare reads it instead of ``resources.json.default``) with both under
-    ``<server kit>/storage/``; a ``resources.json`` that is already there (the user's) is left alone."""
+    Point both at ``<server kit>/storage/`` in ``local/resources.json`` (NVFlare reads it instead of
+    ``resources.json.default``; provisioning writes it with the server's class allow-list). Only those two paths
+    change: a file without them is left as it is."""
     local = Path(server_kit) / "local"
     target = local / "resources.json"
-    if target.exists():
-        return target
 
     def swap(node):
         if isinstance(node, dict):
@@ -190,7 +189,10 @@ def isolate_server_storage(server_kit: Path) -> Path:
             return str((Path(server_kit) / "storage" / _SHARED_STORAGE[node]).resolve())
         return node
 
-    resources = swap(json.loads((local / "resources.json.default").read_text()))
+    current = json.loads((target if target.exists() else local / "resources.json.default").read_text())
+    resources = swap(current)
+    if target.exists() and resources == current:
+        return target
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(resources, indent=2) + "\n")
     tmp.replace(target)

@@ -23,7 +23,6 @@ from pathlib import Path
 from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.entity import Project
 from nvflare.lighter.spec import Builder
-from nvflare.lighter.utils import sign_folders
 
 from spleen_tools.jobs import TB_RECEIVER
 
@@ -167,22 +166,45 @@ def write_site_policy(site_kit: Path, policy: SitePolicy | None = None) -> list[
     return written
 
 
+def kit_policy(kit: Path) -> dict:
+    """What a kit allows now, as NVFlare will read it (``local/`` files over their ``.default``)."""
+    local = Path(kit) / "local"
+
+    def read(name: str) -> dict | None:
+        for path in (local / name, local / f"{name}.default"):
+            if path.is_file():
+                return json.loads(path.read_text())
+        return None
+
+    resources, authz, privacy = read("resources.json") or {}, read("authorization.json") or {}, read("privacy.json")
+    byoc = {
+        role: rights.get("byoc", "any") if isinstance(rights, dict) else rights
+        for role, rights in (authz.get("permissions") or {}).items()
+    }
+    scope = (privacy or {}).get("default_scope")
+    return {
+        "class_allow_list": resources.get("class_allow_list", "NVFlare's default list"),
+        "byoc": byoc,
+        "privacy_default_scope": scope,
+        "privacy_filters": [
+            f["path"]
+            for s in (privacy or {}).get("scopes", [])
+            if s.get("name") == scope
+            for key in ("task_data_filters", "task_result_filters")
+            for f in s.get(key, [])
+        ],
+    }
+
+
 def write_server_policy(server_kit: Path) -> Path:
     return with_allow_list(Path(server_kit) / "local", SERVER_CLASSES)
 
 
-def write_poc_policies(prod_dir: Path, sites: list[str], policy: SitePolicy, root_key=None) -> None:
-    """The POC kits the one command prepared: the server's allow-list and each site's policy (signed again where
-    NVFlare signed the kit's local folder, as it does for HE kits)."""
-    prod_dir = Path(prod_dir)
-    write_server_policy(prod_dir / "server")
+def write_poc_policies(prod_dir: Path, sites: list[str], policy: SitePolicy) -> None:
+    """The POC kits the one command prepared: the server's allow-list and each site's policy."""
+    write_server_policy(Path(prod_dir) / "server")
     for site in sites:
-        write_site_policy(prod_dir / site, policy)
-    if root_key is not None:
-        for name in ("server", *sites):
-            local = prod_dir / name / "local"
-            if (local / ProvFileName.SIGNATURE_JSON).is_file():
-                sign_folders(str(local), root_key, signature_file=ProvFileName.SIGNATURE_JSON)
+        write_site_policy(Path(prod_dir) / site, policy)
 
 
 class SitePolicyBuilder(Builder):

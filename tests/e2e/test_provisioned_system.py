@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, SITES, alive_recorded, runner_cmd
+from conftest import REPO_ROOT, SITES, alive_recorded, runner_cmd, wait_finished
 
 from spleen_tools import flare
+from spleen_tools.flare import JobAdmin
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.paths import NVFLARE, SECURE_PROJECT_YML
 from spleen_tools.procs import ProcessRef, start_group, terminate
@@ -199,6 +200,58 @@ def test_admin_without_a_valid_kit_cannot_submit(running, workspaces, tmp_path):
     )
     reply = json.loads(listed.stdout.strip().splitlines()[-1])
     assert listed.returncode == 0 and reply["status"] == "ok" and reply["data"] == [], listed.stdout
+
+
+def _job_outcome(kits, job: Path, log: Path, timeout: float = 300.0) -> tuple[str, str]:
+    """Submit ``job`` with the admin kit and wait until it is finished: (job id, final status)."""
+    admin = JobAdmin(kits.admin, participant_env(), log)
+    job_id = admin.submit(job)
+    return job_id, wait_finished(admin, job_id, timeout)
+
+
+def _site_logs(kits) -> str:
+    return "".join((kit / "log.txt").read_text(errors="replace") for kit in kits.sites.values())
+
+
+def test_a_job_with_code_never_runs_on_a_site(running, tmp_path):
+    """A job that carries code (app/custom: bring-your-own-code) is refused by each site's own authorization policy
+    with NVFlare's refusal, before anything of it runs; the server (NVFlare's default policy) deployed it."""
+    kits = running["kits"]
+    marker = tmp_path / "custom_code_ran"
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path / "jobs", JobSettings(rounds=1, ship_code=True))
+    custom = job / "app" / "custom" / "spleen_flare" / "__init__.py"
+    custom.write_text(custom.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    job_id, status = _job_outcome(kits, job, tmp_path / "admin.log")
+    assert status.startswith("FINISHED") and status != "FINISHED:COMPLETED", status
+    logs = _site_logs(kits)
+    assert logs.count("BYOC not permitted") >= len(SITES), logs[-3000:]
+    assert not marker.exists(), "the job's own code ran somewhere"
+    for kit in kits.sites.values():
+        assert not (kit / job_id / "log.txt").exists() or "[spleen]" not in (kit / job_id / "log.txt").read_text()
+
+
+def test_a_job_naming_a_class_outside_the_allow_list_is_refused(running, tmp_path):
+    """No code in the job, but NVFlare's ClientAPIExecutor, which would run any command: not in a site's
+    class_allow_list, so the site refuses to build it and the command never runs."""
+    kits = running["kits"]
+    marker = tmp_path / "command_ran"
+    job = prepare_job("spleen_ct_segmentation_local", tmp_path / "jobs", JobSettings(rounds=1))
+    client_json = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_json.read_text())
+    client["executors"][0]["executor"] = {
+        "path": "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
+        "args": {"execution_mode": "external_process", "command": f"touch {marker}"},
+    }
+    client_json.write_text(json.dumps(client))
+    job_id, status = _job_outcome(kits, job, tmp_path / "admin.log")
+    assert status != "FINISHED:COMPLETED", status
+    refusals = [
+        (kit / job_id / "log.txt").read_text(errors="replace") if (kit / job_id / "log.txt").is_file() else ""
+        for kit in kits.sites.values()
+    ]
+    for log in refusals:
+        assert "ClientAPIExecutor' at config path" in log and "is not in allow_list" in log, log[-3000:]
+    assert not marker.exists()
 
 
 def test_stop_ends_everything_it_started(running):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from spleen_tools.paths import SECURE_PROJECT_YML
@@ -42,6 +44,7 @@ def test_server_storage_moves_out_of_the_shared_tmp(tmp_path):
     text = written.read_text()
     assert "/tmp/nvflare" not in text
     assert str(kits.server / "storage" / "jobs") in text and str(kits.server / "storage" / "snapshot") in text
-    written.write_text("{}")  # the user's own file is left alone
+    assert json.loads(text)["class_allow_list"], "provisioning's allow-list is kept"
+    written.write_text("{}")  # a file without the shared paths is left alone
     isolate_server_storage(kits.server)
     assert written.read_text() == "{}"

@@ -24,7 +24,8 @@ def app(tmp_path) -> Path:
     run.mkdir()
     shutil.copy(job / "meta.json", run / "meta.json")
     shutil.copytree(job / "app", run / "app_site-1")
-    (run / "app_site-1" / "config" / "spleen_ct_segmentation" / ".__nvfl_sig.json").write_text("{}")  # NVFlare's
+    for added in (".__nvfl_sig.json", ".__nvfl_submitter.crt"):  # what NVFlare adds to a submitted job's folders
+        (run / "app_site-1" / "config" / "spleen_ct_segmentation" / added).write_text("{}")
     return run / "app_site-1"
 
 

@@ -1,0 +1,60 @@
+"""A site's own privacy policy on a real HE POC (``nvflare poc prepare -he``): sites whose ``local/privacy.json``
+says "encrypt what leaves" are sent the *plain* FedAvg job. Each site encrypts its update all the same, so the
+server's plaintext aggregator gets nothing it can read and the global model never moves, and cross-site evaluation
+gets no local model from a site that keeps it at home."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import wait_finished
+
+from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, HE_TAG, read_tagged_line
+from spleen_tools.data.datalists import make_site_datalists
+from spleen_tools.data.synthetic import make_synthetic_dataset
+from spleen_tools.flare import JobAdmin
+from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.systems.poc import PocSystem
+from spleen_tools.systems.site_policy import SitePolicy, kit_policy
+
+pytestmark = pytest.mark.he
+
+
+def _he_lines(log: str) -> list[dict]:
+    found = [read_tagged_line(line) for line in log.splitlines() if HE_TAG in line]
+    return [fields for tag_fields in found if tag_fields for tag, fields in [tag_fields] if tag == HE_TAG]
+
+
+def test_a_plain_job_sent_to_sites_that_encrypt_leaves_no_plaintext_weights(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "data", num_train=4, num_test=0, shape=(64, 64, 16))
+    make_site_datalists(data, 2, out_dir=tmp_path / "datalists")
+    env = {DATA_DIR_ENV: str(data), DATALIST_ENV: str(tmp_path / "datalists" / "{site}.json")}
+    policy = SitePolicy(encrypt_results=True, keep_local_model=True)
+    with PocSystem(tmp_path / "poc", 2, he=True, env=env, policy=policy) as system:
+        for site in system.site_names:
+            assert kit_policy(system.prod_dir / site)["privacy_filters"] == [
+                "spleen_flare.site_filters.SiteHEDecryptor",
+                "spleen_flare.site_filters.KeepLocalModel",
+                "spleen_flare.site_filters.SiteHEEncryptor",
+            ]
+        admin = JobAdmin(system.admin_startup_kit, system.env(), tmp_path / "admin.log")
+        settings = JobSettings(rounds=1, local_epochs=1, quick=True, tracking="workspace", site_timeout=120)
+        job_id = admin.submit(prepare_job("spleen_ct_segmentation_local", tmp_path / "jobs", settings))
+        status = wait_finished(admin, job_id, timeout=600)
+        logs = {
+            name: (system.prod_dir / name / job_id / "log.txt").read_text(errors="replace")
+            for name in system.participants
+        }
+    # every site trained, and what it sent for "train" left encrypted under its policy, not the job's
+    for site in system.site_names:
+        encrypted = [f for f in _he_lines(logs[site]) if f.get("stage") == "encrypt" and f.get("task") == "train"]
+        assert encrypted and encrypted[0]["side"] == site and encrypted[0]["ciphertexts"] > 0, logs[site][-3000:]
+        assert "local model kept at the site" in logs[site]
+    # the plain server got no weights it could add: it refused both updates, the global model never changed
+    server = logs["server"]
+    assert "[spleen-he]" not in server, "the plain job's server runs no HE component"
+    history = json.loads(next((system.prod_dir / "server" / job_id).rglob("global_model_history.json")).read_text())
+    digests = {e["sha256"] for e in history if "sha256" in e}
+    assert len(digests) == 1, history  # only the initial model: nothing was aggregated
+    assert status != "FINISHED:COMPLETED" or "cross_site_val" not in server, status
