@@ -1,8 +1,8 @@
 """What must never leave the startup kits, as byte needles to look for: read from a provisioning output.
 
-Chunks of the private part of each key (DER, and as base64 so a re-wrapped or JSON-escaped PEM copy is still found)
-and chunks of the HE secret key (SEAL bytes as written and decompressed); needles that also occur in a public kit
-file (certificates, public contexts) are dropped. ``secrets_scan`` looks for them.
+Chunks of the private part of each key and of the HE secret key (SEAL bytes as written and decompressed), each as
+bytes, hex and base64 at every byte alignment; needles that also occur in a public kit file (certificates, public
+contexts) are dropped. ``secrets_scan`` looks for them, in data with its layout taken out (line breaks, UTF-16).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import tenseal
 import zstandard
@@ -27,11 +28,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from spleen_flare.he.seal_format import SEAL_HEADER, SEAL_MAGIC, SealFormatError, seal_body
 
 _KIT_FILE_CAP = 16 << 20
-_DER_CHUNK = 24  # bytes; 32 base64 characters, half a PEM line
-_HE_CHUNK = 32
-_PER_FORM = 12  # needles per secret and form
+_DER_CHUNK = 32  # bytes; 40 base64 characters at any alignment, less than a PEM line
+_HE_CHUNK = 64  # bytes; the decompressed key has zero bytes in every coefficient, which normalizing drops
+_PER_FORM = 12  # chunks per secret and form, each re-encoded 6 ways
 _KIT_DIRS = {"startup", "state"}  # where nvflare provision writes keys and contexts
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,30 +148,27 @@ def _json_label(data: bytes, der: bytes) -> str:
 
 
 def _key_needles(der: bytes) -> tuple[list[bytes], list[bytes]]:
-    """Chunks over the key's private numbers (DER, and base64 in each PEM form) and the key's public encoding.
+    """Chunks of the key's private numbers, re-encoded (``_reencoded``), and the key's public encoding.
 
-    Headers and algorithm ids are the same in every key, and the public numbers are in the certificate: a chunk
-    counts only if most of it is private (RSA d, p, q, ...; the EC private value).
+    Headers and algorithm ids are the same in every key, and the public numbers are in the certificate: the chunks
+    lie wholly inside the private numbers (RSA d, p, q, ...; the EC private value), which every DER form of the key
+    (PKCS#1, PKCS#8, SEC1) holds as the same bytes.
     """
     key = _load_key(der)
-    forms, public, pieces = [der], [], [der]  # unreadable (encrypted) key: any chunk
+    public, pieces = [], [der]  # unreadable (encrypted) key: any chunk
     if key is not None:
         public.append(key.public_key().public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo))
         pieces = _private_pieces(key) or [der]
-        for fmt in (ser.PrivateFormat.PKCS8, ser.PrivateFormat.TraditionalOpenSSL):  # the same key re-exported
-            try:
-                forms.append(key.private_bytes(ser.Encoding.DER, fmt, ser.NoEncryption()))
-            except ValueError:
-                pass
-    needles: list[bytes] = []
-    for n, form in enumerate(dict.fromkeys(forms)):
-        b64 = base64.b64encode(form)
-        private = [(start, start + len(p)) for p in pieces if (start := form.find(p)) >= 0]
-        starts = [i for i in range(0, len(form) - _DER_CHUNK + 1, _DER_CHUNK) if _mostly_in(i, private)]
-        if n == 0:  # the private numbers are the same bytes in every form
-            needles += [form[i : i + _DER_CHUNK] for i in _spread(starts)]
-        needles += [b64[i // 3 * 4 : i // 3 * 4 + _DER_CHUNK // 3 * 4] for i in _spread(starts)]
-    return needles, public
+    chunks = [p[i : i + _DER_CHUNK] for p in pieces for i in range(0, len(p) - _DER_CHUNK + 1, _DER_CHUNK)]
+    return [needle for chunk in _spread(chunks) for needle in _reencoded(chunk)], public
+
+
+def _reencoded(chunk: bytes) -> list[bytes]:
+    """The chunk as bytes, as hex (lower and upper case) and as base64 at each of the 3 byte alignments it may have
+    in a longer base64 text (a copy shifted by 1 or 2 bytes encodes to other letters): only the 3-byte groups wholly
+    inside the chunk, which encode the same whatever surrounds them."""
+    b64 = [base64.b64encode(chunk[a : a + (len(chunk) - a) // 3 * 3]) for a in range(3)]
+    return [chunk, chunk.hex().encode(), chunk.hex().upper().encode(), *b64]
 
 
 def _load_key(der: bytes) -> PrivateKeyTypes | None:
@@ -193,19 +192,13 @@ def _private_pieces(key: PrivateKeyTypes) -> list[bytes]:
     return [i.to_bytes((i.bit_length() + 7) // 8, "big") for i in ints]
 
 
-def _mostly_in(start: int, ranges: list[tuple[int, int]]) -> bool:
-    """Whether at least 2/3 of the chunk at ``start`` lies in one of the ranges."""
-    end = start + _DER_CHUNK
-    return any(min(end, hi) - max(start, lo) >= _DER_CHUNK * 2 // 3 for lo, hi in ranges)
-
-
-def _spread(items: list[int]) -> list[int]:
+def _spread(items: list[T]) -> list[T]:
     step = max(1, len(items) // _PER_FORM)
     return items[::step][:_PER_FORM]
 
 
 def _key_bytes_needles(key: bytes) -> list[bytes]:
-    """Chunks of the secret key's SEAL bytes as saved (past the header) and of its decompressed body."""
+    """Chunks of the secret key's SEAL bytes as saved (past the header) and of its decompressed body, re-encoded."""
     forms = [(key, 64)]
     body = _seal_body(key)
     if body is not None:
@@ -213,7 +206,7 @@ def _key_bytes_needles(key: bytes) -> list[bytes]:
     needles = []
     for data, start in forms:
         starts = list(range(start, len(data) - _HE_CHUNK, _HE_CHUNK))
-        needles += [data[i : i + _HE_CHUNK] for i in _spread(starts)]
+        needles += [needle for i in _spread(starts) for needle in _reencoded(data[i : i + _HE_CHUNK])]
     return needles
 
 

@@ -1,15 +1,8 @@
-"""What the secrets scan reads besides bytes as they are: text with its layout taken out, and compressed files and
-archives opened as streams, with a cap on what they may unpack.
+"""Compressed files and archives for the secrets scan, opened as streams with a cap on what they may unpack.
 
-Text: ``normalized()`` drops zero bytes (UTF-16 and UTF-32 text becomes ASCII), all whitespace (base64 and hex
-wrapped at any width), colons (hex as ``openssl -text`` prints it) and escaped line breaks (``\\n`` in JSON). The
-scan looks for normalized needles in normalized data: a copy of a needle in the data, as is or laid out anew, is a
-copy of the normalized needle in the normalized data. ``TextPiece`` normalizes a stream chunk by chunk and maps
-offsets back to the stream.
-
-Archives: gzip, bzip2, xz and zstd streams (concatenated ones too), tar (stream mode, so a .tar.gz is read once)
-and zip, recognised by their first bytes whatever their names. Every unpacked stream goes through ``Capped``: past
-its own cap, or past the budget of the file on disk it came from, reading raises ``TooLarge`` instead of going on.
+gzip, bzip2, xz and zstd streams (concatenated ones too), tar (stream mode, so a .tar.gz is read once) and zip are
+recognised by their first bytes whatever their names. Every unpacked stream goes through ``Capped``: past its own
+cap, or past the budget of the file on disk it came from, reading raises ``TooLarge`` instead of going on.
 """
 
 from __future__ import annotations
@@ -24,16 +17,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
-import numpy as np
 import zstandard
 
-DROPPED = b"\x00\t\n\v\f\r :"
-_ESCAPE = re.compile(rb"\\[nrt]")  # an escaped line break (or tab) in JSON or a Python repr
-_KEPT = np.ones(256, dtype=bool)
-_KEPT[list(DROPPED)] = False
 _READ = 1 << 20  # compressed bytes read at a time
 _XZ_MEMORY = 256 << 20  # an xz header may ask for a dictionary of gigabytes
-_TAR_HEADER_CAP = 1 << 20  # GNU long names and pax headers are read whole by tarfile
+_TAR_HEADER_CAP = 1 << 20  # GNU long names and pax headers (X: Solaris) are read whole by tarfile
 _TAR_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
 _INNER_NAMES = {".gz": "", ".bz2": "", ".xz": "", ".zst": "", ".tgz": ".tar", ".tbz2": ".tar", ".txz": ".tar"}
 
@@ -50,66 +38,12 @@ UNPACK_ERRORS = (
 )
 
 
-# --- text ---------------------------------------------------------------------------------------------------------
-
-
-def normalized(data: bytes) -> bytes:
-    """``data`` without zero bytes, whitespace, colons and escaped line breaks."""
-    text = data.translate(None, DROPPED)
-    return _ESCAPE.sub(b"", text) if b"\\" in text else text
-
-
-def searchable(needle: bytes) -> tuple[bytes, int]:
-    """The needle as the normalized data holds it, and the offset in the needle where that form starts.
-
-    A backslash in front of a copy may eat its first letter (``\\n``), and a trailing backslash the next byte: those
-    ends are cut off.
-    """
-    piece = TextPiece(needle, 0, None)  # holds back a trailing backslash
-    first = 1 if piece.text[:1] in (b"n", b"r", b"t") else 0
-    text = piece.text[first:]
-    return text, (piece.stream_offset(first) if text else 0)
-
-
-class TextPiece:
-    """One chunk of a stream, normalized; a backslash that ends it is held for the next chunk (it may start ``\\n``).
-
-    ``stream_offset(i)`` is where the i-th byte of ``text`` lies in the stream (numpy, only asked on a hit).
-    """
-
-    def __init__(self, block: bytes, base: int, carried: int | None) -> None:
-        self.block, self.base, self.carried = block, base, carried  # carried: stream offset of a held backslash
-        text = (b"\\" if carried is not None else b"") + block.translate(None, DROPPED)
-        self.held: int | None = None  # stream offset of a backslash held for the next piece
-        if text.endswith(b"\\"):
-            text = text[:-1]
-            self.held = self._last_kept()
-        self._joined = text
-        self.text = _ESCAPE.sub(b"", text) if b"\\" in text else text
-        self._offsets: np.ndarray | None = None
-
-    def _last_kept(self) -> int:
-        stripped = self.block.rstrip(DROPPED)
-        return self.base + len(stripped) - 1 if stripped else self.carried  # type: ignore[return-value]
-
-    def stream_offset(self, i: int) -> int:
-        if self._offsets is None:
-            offsets = self.base + np.flatnonzero(_KEPT[np.frombuffer(self.block, dtype=np.uint8)])
-            if self.carried is not None:
-                offsets = np.concatenate([[self.carried], offsets])
-            offsets = offsets[: len(self._joined)]  # less the held backslash
-            if len(self.text) != len(self._joined):
-                escapes = [i for m in _ESCAPE.finditer(self._joined) for i in (m.start(), m.start() + 1)]
-                offsets = np.delete(offsets, escapes)
-            self._offsets = offsets
-        return int(self._offsets[i])
-
-
 # --- archives -----------------------------------------------------------------------------------------------------
 
 
 def archive_kind(head: bytes) -> str | None:
-    """ "gzip", "bzip2", "xz", "zstd", "zip" or "tar" by the first 512 bytes of a stream, or None."""
+    """The archive or compression a stream starts with ("gzip", "bzip2", "xz", "zstd", "zip", "tar"), or None;
+    ``head`` is its first 512 bytes."""
     if head.startswith(b"\x1f\x8b\x08"):
         return "gzip"
     if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):

@@ -2,40 +2,40 @@
 
 The run directory, the MLflow store and artifacts, a downloaded job and the logs may hold no private key, no TenSEAL
 context with its secret key and no admin credential. ``kit_secrets.known_secrets()`` reads those secrets from a
-provisioning output as byte needles; scan() walks the folders (no symlinks, into .zip files) in overlapping chunks
-and flags any PEM private key marker, any file that loads as a TenSEAL context with a secret key, and any needle.
+provisioning output as byte needles; scan() walks the folders (no symlinks) and reads every file in overlapping
+chunks, looking for PEM private key markers and the needles in the bytes with their layout taken out (any line
+width, UTF-16, hex separators: ``scan_text``), and for files that load as a TenSEAL context with a
+secret key. Compressed files and archives (gzip, bzip2, xz, zstd, tar, zip; nested) are scanned as they are and
+unpacked, each unpacked stream capped; a file that cannot be read or unpacked in full is reported as not checked,
+which fails the scan like a finding.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import re
 import stat
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import numpy as np
-
+from spleen_tools.run import scan_decoders as dec
 from spleen_tools.run.kit_secrets import Secret, looks_like_context, private_context
+from spleen_tools.run.scan_text import OVERLAP, ChunkScan, NeedleIndex
 
 CHUNK_SIZE = 8 << 20
-_OVERLAP = 256  # bytes carried into the next chunk: more than any needle or PEM marker
-_WHOLE_CAP = 256 << 20  # largest file loaded whole (a TenSEAL context, a zip inside a zip)
-_ZIP_DEPTH = 3
-
-_PEM_MARKER = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-_GRAM = 8
-_TABLE_BITS = 20  # 1 MiB table: stays in cache
-_HASH = np.uint64(0x9E3779B97F4A7C15)
+MEMBER_CAP = 1 << 30  # the most one compressed stream or archive member may unpack to
+FILE_CAP = 4 << 30  # the most all streams unpacked from one file on disk may give, at every level together
+MAX_DEPTH = 5  # archives inside archives (a .tar.gz is two)
+_WHOLE_CAP = 256 << 20  # largest stream loaded whole (a TenSEAL context, a zip inside an archive)
+_HELD_CAP = 512 << 20  # all such loads held at once
+_HEAD = 512  # enough to tell an archive (tar's magic is at byte 257)
 
 
 class Finding(NamedTuple):
-    file: str  # a path, or "archive.zip!member"
+    file: str  # a path, or "archive.tar.gz!archive.tar!member"
     what: str
     detail: str
 
@@ -44,9 +44,10 @@ class Finding(NamedTuple):
 class ScanReport:
     files: int = 0
     bytes: int = 0
-    members: int = 0  # files read inside zips
+    members: int = 0  # streams read inside compressed files and archives
+    unpacked: int = 0  # bytes read out of them
     findings: list[Finding] = field(default_factory=list)
-    unchecked: list[Finding] = field(default_factory=list)  # could not be read or unpacked
+    unchecked: list[Finding] = field(default_factory=list)  # could not be read or unpacked in full
     kit_files: list[str] = field(default_factory=list)  # provisioned secret files met on the way, skipped
 
     @property
@@ -57,33 +58,36 @@ class ScanReport:
 # --- the scan -----------------------------------------------------------------------------------------------------
 
 
-def scan(roots: list[Path], secrets: list[Secret], *, chunk_size: int = CHUNK_SIZE) -> ScanReport:
-    """Every regular file under the roots (symlinks not followed, .zip files opened), read in overlapping chunks.
+def scan(
+    roots: list[Path],
+    secrets: list[Secret],
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    member_cap: int = MEMBER_CAP,
+    file_cap: int = FILE_CAP,
+) -> ScanReport:
+    """Every regular file under the roots (symlinks not followed, archives opened), read in overlapping chunks.
 
-    The secrets' own provisioned files are skipped (listed in ``kit_files``); a missing root raises
-    FileNotFoundError.
+    The secrets' own provisioned files are skipped at their provisioned paths only (listed in ``kit_files``): a
+    hard link or a copy anywhere else is a finding. A missing root raises FileNotFoundError.
     """
     missing = [root for root in roots if not root.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such file or folder")
-    scanner = _Scanner(secrets, chunk_size)
-    kit = {_file_id(p) for s in secrets for p in s.sources if p.exists()}
-    for path, file_id in _files(roots, scanner.report):
-        if file_id in kit:
+    scanner = _Scanner(secrets, chunk_size, member_cap, file_cap)
+    kit = {os.path.realpath(p) for s in secrets for p in s.sources}
+    for path, real in _files(roots, scanner.report):
+        if real in kit:
             scanner.report.kit_files.append(str(path))
-            continue
-        scanner.file(path)
+        else:
+            scanner.file(path)
     return scanner.report
 
 
-def _file_id(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_dev, st.st_ino
-
-
-def _files(roots: list[Path], report: ScanReport) -> Iterator[tuple[Path, tuple[int, int]]]:
-    """Regular files, each once; symlinks (which may lead out of the roots), fifos and sockets are passed over."""
-    seen: set[tuple[int, int]] = set()
+def _files(roots: list[Path], report: ScanReport) -> Iterator[tuple[Path, str]]:
+    """(path, real path) of regular files, each path once; symlinks (which may lead out of the roots), fifos and
+    sockets are passed over. Hard links are read at each of their paths."""
+    seen: set[str] = set()
 
     def unreadable(err: OSError) -> None:
         report.unchecked.append(Finding(str(err.filename), "not checked", err.strerror or str(err)))
@@ -94,109 +98,112 @@ def _files(roots: list[Path], report: ScanReport) -> Iterator[tuple[Path, tuple[
         walk = os.walk(root, onerror=unreadable) if root.is_dir() else [(str(root.parent), [], [root.name])]
         for dirpath, dirnames, filenames in walk:
             dirnames.sort()
+            real_dir = os.path.realpath(dirpath)
             for name in sorted(filenames):
-                path = Path(dirpath, name)
+                path, real = Path(dirpath, name), os.path.join(real_dir, name)
                 try:
                     st = path.lstat()
                 except OSError as e:
                     unreadable(e)
                     continue
-                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    yield path, (st.st_dev, st.st_ino)
-
-
-class _NeedleIndex:
-    """Needles by their 8-byte grams: one vectorised hash look-up per 8 bytes of data, whatever the needle count.
-
-    A needle of 15 bytes or more holds a whole gram at a multiple of 8 wherever it lies, so grams of the data at
-    offsets 0, 8, 16, ... are enough; a hit is then compared byte for byte.
-    """
-
-    def __init__(self, secrets: list[Secret]) -> None:
-        self.by_gram: dict[int, list[tuple[bytes, int, Secret]]] = {}
-        for secret in secrets:
-            for needle in secret.needles:
-                if not 2 * _GRAM - 1 <= len(needle) <= _OVERLAP:
-                    raise ValueError(f"{secret.name}: needle of {len(needle)} bytes")
-                for off in range(len(needle) - _GRAM + 1):
-                    gram = int.from_bytes(needle[off : off + _GRAM], "little")
-                    self.by_gram.setdefault(gram, []).append((needle, off, secret))
-        self.table = np.zeros(1 << _TABLE_BITS, dtype=bool)
-        self.table[_hash(np.fromiter(self.by_gram, dtype=np.uint64, count=len(self.by_gram)))] = True
-
-    def hits(self, buf: bytes) -> Iterator[tuple[int, Secret]]:
-        """(offset in buf, secret) of every needle in buf."""
-        if not self.by_gram:
-            return
-        grams = np.frombuffer(buf, dtype="<u8", count=len(buf) // _GRAM)
-        cand = np.flatnonzero(self.table[_hash(grams)])
-        values = grams[cand]
-        known = [v for v in np.unique(values).tolist() if v in self.by_gram]  # drops hash collisions at once
-        for i in cand[np.isin(values, np.array(known, dtype=np.uint64))].tolist():
-            for needle, off, secret in self.by_gram[int(grams[i])]:
-                start = _GRAM * i - off
-                if start >= 0 and buf[start : start + len(needle)] == needle:
-                    yield start, secret
-
-
-def _hash(grams: np.ndarray) -> np.ndarray:
-    return (grams * _HASH) >> np.uint64(64 - _TABLE_BITS)
+                if stat.S_ISREG(st.st_mode) and real not in seen:
+                    seen.add(real)
+                    yield path, real
 
 
 class _Scanner:
-    def __init__(self, secrets: list[Secret], chunk_size: int) -> None:
-        if chunk_size <= _OVERLAP:
-            raise ValueError(f"chunk_size must exceed {_OVERLAP} bytes")
-        self.index = _NeedleIndex(secrets)
-        self.chunk_size = chunk_size
+    def __init__(self, secrets: list[Secret], chunk_size: int, member_cap: int, file_cap: int) -> None:
+        if chunk_size <= OVERLAP:
+            raise ValueError(f"chunk_size must exceed {OVERLAP} bytes")
+        self.index = NeedleIndex(secrets)
+        self.chunk_size, self.member_cap, self.file_cap = chunk_size, member_cap, file_cap
+        self.held = 0  # bytes of zips inside archives loaded whole, now
         self.report = ScanReport()
 
     def file(self, path: Path) -> None:
+        budget = dec.Budget(self.file_cap)
         try:
             with path.open("rb") as f:
-                self.report.bytes += self.stream(f, str(path), depth=0)
+                self.report.bytes += self.stream(f, str(path), 0, budget)
             self.report.files += 1
         except OSError as e:
-            self.report.unchecked.append(Finding(str(path), "not checked", e.strerror or str(e)))
+            self.unchecked(str(path), "not checked", e.strerror or str(e))
+        except dec.TooLarge as e:  # the file's budget: its members' own caps are handled where they are read
+            self.unchecked(str(path), "not fully scanned", f"{e}; unpack it and scan the files")
+        self.report.unpacked += budget.limit - budget.left
 
-    def stream(self, f: BinaryIO, label: str, depth: int) -> int:
-        """Scan one file or zip member (seekable); returns its size."""
-        head = f.read(64)
-        f.seek(0)
-        if label.endswith(".tenseal") or looks_like_context(head):
-            self.context(f, label)
+    def stream(self, f: BinaryIO, label: str, depth: int, budget: dec.Budget) -> int:
+        """Scan one file or unpacked stream; returns its size."""
+        if f.seekable():
+            head = f.read(_HEAD)
             f.seek(0)
-        size = self.raw(f, label)
-        if head.startswith(b"PK\x03\x04") and depth < _ZIP_DEPTH:
+        else:
+            head = _read_up_to(f, _HEAD)
+            f = dec.Replay(f, head)  # type: ignore[assignment]
+        kind = dec.archive_kind(head)
+        if looks_like_context(head) or (label.endswith(".tenseal") and kind is None):  # a leaf: loaded whole
+            f = self.context(f, label)
+        chunks = ChunkScan(self.index, self.chunk_size, lambda what, detail: self.found(label, what, detail))
+        try:
+            if kind is not None and depth >= MAX_DEPTH:
+                self.unchecked(label, "not fully scanned", f"{kind} nested {depth} deep; unpack it and scan the files")
+                kind = None
+            if kind == "zip":
+                self.zip(f, chunks, label, depth, budget)
+            elif kind is not None:
+                self.unpack(kind, f, chunks, label, depth, budget)
+            else:
+                chunks.read_all(f)
+        finally:
+            chunks.close()
+        return chunks.size
+
+    def unpack(self, kind: str, f: BinaryIO, chunks: ChunkScan, label: str, depth: int, budget: dec.Budget) -> None:
+        """A compressed stream or a tar, unpacked while its own bytes are scanned as they are read."""
+        source = dec.Replay(f, sink=chunks.feed)
+        try:
+            if kind == "tar":
+                for name, member in dec.tar_members(source):  # type: ignore[arg-type]
+                    self.member(member, f"{label}!{name}", depth, budget)
+                if not dec.only_padding(source):  # type: ignore[arg-type]
+                    self.unchecked(label, "not fully scanned", "data after the end of the tar archive")
+            else:
+                unpacked = dec.decompressed(kind, source)  # type: ignore[arg-type]
+                self.member(unpacked, f"{label}!{dec.inner_name(label)}", depth, budget)
+        except dec.UNPACK_ERRORS as e:
+            self.unchecked(label, "not fully scanned", f"{kind}: {e}")
+        chunks.read_all(source)  # type: ignore[arg-type]  # what the unpacker left, if anything
+
+    def member(self, stream: BinaryIO, label: str, depth: int, budget: dec.Budget) -> None:
+        capped = dec.Capped(stream, self.member_cap, budget)
+        try:
+            self.stream(capped, label, depth + 1, budget)  # type: ignore[arg-type]
+            self.report.members += 1
+        except dec.TooLarge as e:
+            if e.owner is not capped:
+                raise
+            self.unchecked(label, "not fully scanned", f"{e}; unpack it and scan the files")
+
+    def zip(self, f: BinaryIO, chunks: ChunkScan, label: str, depth: int, budget: dec.Budget) -> None:
+        if f.seekable():
+            chunks.read_all(f)
             f.seek(0)
-            self.archive(f if depth == 0 else self.load(f, label), label, depth)
-        return size
-
-    def raw(self, f: BinaryIO, label: str) -> int:
-        """PEM markers and needles, in chunks that overlap so nothing across a chunk border is missed."""
-        seen: set[str] = set()
-        tail, offset = b"", 0
-        while block := f.read(self.chunk_size):
-            buf, base = tail + block, offset - len(tail)
-            for m in _PEM_MARKER.finditer(buf):
-                self.found(seen, label, "PEM private key", f"{m.group().decode()} at byte {base + m.start()}")
-            for start, secret in self.index.hits(buf):
-                self.found(seen, label, f"copy of {secret.name}", f"at byte {base + start}")
-            offset += len(block)
-            tail = buf[-_OVERLAP:]
-        return offset
-
-    def context(self, f: BinaryIO, label: str) -> None:
-        data = f.read(_WHOLE_CAP + 1)
-        if len(data) > _WHOLE_CAP:
-            self.report.unchecked.append(Finding(label, "not loaded as a TenSEAL context", "too large"))
-        elif private_context(data) is not None:
-            self.found(set(), label, "TenSEAL context with secret key", "tenseal.context_from(...).is_private()")
-
-    def archive(self, f: BinaryIO | None, label: str, depth: int) -> None:
-        if f is None:
+            self.zip_members(f, label, depth, budget)
             return
+        cap = min(_WHOLE_CAP, _HELD_CAP - self.held)  # zipfile seeks: a zip inside an archive is loaded whole
+        data = _read_up_to(f, cap + 1)
+        if len(data) > cap:
+            self.unchecked(label, "not fully scanned", f"zip inside an archive over {cap >> 20} MiB")
+            chunks.read_all(dec.Replay(f, data))  # type: ignore[arg-type]
+            return
+        self.held += len(data)
+        try:
+            chunks.read_all(io.BytesIO(data))
+            self.zip_members(io.BytesIO(data), label, depth, budget)
+        finally:
+            self.held -= len(data)
+
+    def zip_members(self, f: BinaryIO, label: str, depth: int, budget: dec.Budget) -> None:
         try:
             with zipfile.ZipFile(f) as zf:
                 for info in zf.infolist():
@@ -205,22 +212,35 @@ class _Scanner:
                     name = f"{label}!{info.filename}"
                     try:
                         with zf.open(info) as member:
-                            self.stream(member, name, depth + 1)
-                        self.report.members += 1
-                    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, zlib.error, EOFError) as e:
-                        self.report.unchecked.append(Finding(name, "zip member not checked", str(e)))
+                            self.member(member, name, depth, budget)  # type: ignore[arg-type]
+                    except dec.UNPACK_ERRORS as e:
+                        self.unchecked(name, "zip member not checked", str(e))
         except zipfile.BadZipFile as e:
-            self.report.unchecked.append(Finding(label, "zip not opened", str(e)))
+            self.unchecked(label, "zip not opened", str(e))
 
-    def load(self, f: BinaryIO, label: str) -> BinaryIO | None:
-        """A zip inside a zip, in memory: zipfile seeks, and seeking back in a compressed member re-reads it."""
-        data = f.read(_WHOLE_CAP + 1)
-        if len(data) <= _WHOLE_CAP:
-            return io.BytesIO(data)
-        self.report.unchecked.append(Finding(label, "zip inside a zip not opened", "too large"))
-        return None
+    def context(self, f: BinaryIO, label: str) -> BinaryIO:
+        """Check a stream that may be a TenSEAL context; returns a stream that reads it from its start."""
+        data = _read_up_to(f, _WHOLE_CAP + 1)
+        if len(data) > _WHOLE_CAP:
+            self.unchecked(label, "not loaded as a TenSEAL context", "too large")
+        elif private_context(data) is not None:
+            self.found(label, "TenSEAL context with secret key", "tenseal.context_from(...).is_private()")
+        if f.seekable():
+            f.seek(0)
+            return f
+        return dec.Replay(f, data)  # type: ignore[return-value]
 
-    def found(self, seen: set[str], label: str, what: str, detail: str) -> None:
-        if what not in seen:  # one finding per file and kind
-            seen.add(what)
-            self.report.findings.append(Finding(label, what, detail))
+    def found(self, label: str, what: str, detail: str) -> None:
+        self.report.findings.append(Finding(label, what, detail))
+
+    def unchecked(self, label: str, what: str, detail: str) -> None:
+        self.report.unchecked.append(Finding(label, what, detail))
+
+
+def _read_up_to(f: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, or fewer at the end of the stream (one read may give less)."""
+    parts, got = [], 0
+    while got < size and (data := f.read(min(size - got, CHUNK_SIZE))):
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
