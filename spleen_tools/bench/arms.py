@@ -142,6 +142,7 @@ def run_fedavg(
         quick=True,
         tracking_uri=tracking_uri,
         experiment_name=experiment,
+        ship_code=True,  # the simulator has no site policies: it admits our classes only in a job's own code
     )
     job = prepare_job(FEDAVG_JOB, workdir / "jobs", settings)
     workspace = workdir / "workspace"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from spleen_flare.contract import DATA_DIR_ENV
 from spleen_tools.flare import nvflare_command
+from spleen_tools.jobs import CUSTOM_DIR
 from spleen_tools.procs import start_group, stop_started
 from spleen_tools.systems.base import participant_env
 
@@ -43,7 +44,15 @@ def run_simulator(
     timeout: float = 1800,
     env: dict[str, str] | None = None,
 ) -> SimulatorResult:
-    """``nvflare simulator`` with ``sites`` clients in parallel; output to ``workspace/simulator.log``."""
+    """``nvflare simulator`` with ``sites`` clients in parallel; output to ``workspace/simulator.log``.
+
+    The simulator has no site policies: it admits only NVFlare's default classes, unless the job carries its own code
+    (``ship_code``), which on one machine is the installed code anyway."""
+    if not (Path(job_folder) / "app" / CUSTOM_DIR).is_dir():
+        raise ValueError(
+            f"{job_folder}: the simulator admits our classes only in a job that carries them: prepare it with "
+            "spleen-prepare-jobs --ship-code"
+        )
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     log_path = workspace.parent / f"{workspace.name}.simulator.log"  # the simulator empties its workspace

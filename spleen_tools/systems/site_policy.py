@@ -3,8 +3,9 @@
 - ``resources.json``: NVFlare 2.9's ``class_allow_list``, exactly the classes our jobs name on that side. A job that
   names any other class is refused when its components are built. A site's list has no ``ClientAPIExecutor``: that
   one runs any command or script a job names; ``SiteTrainingExecutor`` runs only the installed training script.
-- ``authorization.json`` (sites): NVFlare's default policy with the ``byoc`` right taken from every role, so a job
-  that carries code (``app/custom``) is refused at deployment and the allow-list cannot be bypassed.
+- ``authorization.json`` (sites, and the server): NVFlare's default policy with the ``byoc`` right taken from every
+  role, so a job that carries code (``app/custom``) is refused at deployment and the allow-list cannot be bypassed.
+  Each site decides on its own: a server that accepts such a job still cannot make a site run it.
 - ``privacy.json`` (sites that ask for it): one scope, the default, so it applies whatever the job says: the HE
   filters (the site encrypts what it sends) and/or ``KeepLocalModel`` (no local model leaves in cross-site
   evaluation). A job naming another scope is refused by NVFlare.
@@ -196,13 +197,16 @@ def kit_policy(kit: Path) -> dict:
     }
 
 
-def write_server_policy(server_kit: Path) -> Path:
-    return with_allow_list(Path(server_kit) / "local", SERVER_CLASSES)
+def write_server_policy(server_kit: Path, allow_byoc: bool = False) -> list[Path]:
+    """The server's allow-list, and no job code on the server either (its own authorization policy)."""
+    local = Path(server_kit) / "local"
+    _write_json(local / "authorization.json", site_authorization(allow_byoc))
+    return [with_allow_list(local, SERVER_CLASSES), local / "authorization.json"]
 
 
 def write_poc_policies(prod_dir: Path, sites: list[str], policy: SitePolicy) -> None:
     """The POC kits the one command prepared: the server's allow-list and each site's policy."""
-    write_server_policy(Path(prod_dir) / "server")
+    write_server_policy(Path(prod_dir) / "server", allow_byoc=policy.allow_byoc)
     for site in sites:
         write_site_policy(Path(prod_dir) / site, policy)
 

@@ -54,6 +54,8 @@ def workspaces(tmp_path_factory) -> dict[str, Path]:
     yml = root / "secure_project.yml"
     yml.write_text(yaml.safe_dump(project, sort_keys=False))
     ours = provision(root / "ours", yml)
+    # A server that accepts code (NVFlare's default policy): the sites must refuse such jobs on their own.
+    (ours / "localhost" / "local" / "authorization.json").unlink()
     foreign = provision(root / "foreign", yml)
     assert (ours / "localhost/startup/rootCA.pem").read_bytes() != (
         foreign / "localhost/startup/rootCA.pem"
@@ -215,7 +217,8 @@ def _site_logs(kits) -> str:
 
 def test_a_job_with_code_never_runs_on_a_site(running, tmp_path):
     """A job that carries code (app/custom: bring-your-own-code) is refused by each site's own authorization policy
-    with NVFlare's refusal, before anything of it runs; the server (NVFlare's default policy) deployed it."""
+    with NVFlare's refusal, before anything of it runs; the server here accepts code (NVFlare's default policy,
+    see ``workspaces``), so the refusal is the sites' own."""
     kits = running["kits"]
     marker = tmp_path / "custom_code_ran"
     job = prepare_job("spleen_ct_segmentation_local", tmp_path / "jobs", JobSettings(rounds=1, ship_code=True))

@@ -32,6 +32,7 @@ def simulated(tmp_path_factory):
             quick=True,
             tracking_uri=server.url,
             experiment_name=experiment,
+            ship_code=True,
         )
         job = prepare_job("spleen_ct_segmentation_local", root / "jobs", settings)
         result = run_simulator(job, root / "workspace", len(SITES), data_dir, timeout=1200)

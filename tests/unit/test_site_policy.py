@@ -82,9 +82,9 @@ def test_nvflare_enforces_the_written_allow_list(tmp_path):
             authorizer.authorize_component_config({"path": outside}, workspace=workspace)
     server = kit(tmp_path, "server")
     write_server_policy(server)
-    Workspace(server / "local" / "resources.json")
     resources = json.loads((server / "local" / "resources.json").read_text())
     assert resources["class_allow_list"] == list(SERVER_CLASSES) and resources["format_version"] == 2
+    assert json.loads((server / "local" / "authorization.json").read_text())["permissions"]["lead"]["byoc"] == "none"
 
 
 @pytest.mark.parametrize("allow_byoc", [False, True])
