@@ -1,12 +1,14 @@
 """Speed of the secrets scan (``spleen-scan-secrets``) on a synthetic run folder, with real provisioned kits.
 
 The folder: ``--logs-mb`` of text logs in 8 files (NVFlare-like lines with numbers, paths and base64-looking ids),
-a ``--model-mb`` fake model (random bytes, as incompressible as real weights) and, with ``--gz-mb``, one gzipped log
-of that many MB unpacked (the cost of opening compressed files). The kits: 4 participants' keys, the root key in
+a ``--model-mb`` fake model (random bytes, as incompressible as real weights) and, with ``--tar-gz-mb``, a .tar.gz
+of that many MB of logs (the cost of opening archives). The kits: 4 participants' keys, the root key in
 state/cert.json and a client TenSEAL context (tests/unit/secure_kits.py). Prints the best of ``--repeat`` scans
-(files cached in memory) as seconds and MB/s; ``--save`` also writes benchmarks/results/secrets_scan_speed.json.
+(files cached in memory) as seconds and MB/s, and with ``--bomb-gib`` the CLI's time, exit code and peak memory on
+a gzip bomb of that many GiB; ``--save`` also writes benchmarks/results/secrets_scan_speed.json.
 
-Usage: ``.venv/bin/python benchmarks/secrets_scan_speed.py [--logs-mb 200] [--model-mb 100] [--gz-mb 0]``
+Usage: ``.venv/bin/python benchmarks/secrets_scan_speed.py [--logs-mb 200] [--model-mb 100] [--tar-gz-mb 0]
+[--bomb-gib 0]`` (``--workdir DIR`` keeps the folder for the next run)
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from __future__ import annotations
 import argparse
 import base64
 import gzip
+import io
 import os
 import random
+import resource
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +33,7 @@ import record  # noqa: E402
 from secure_kits import provisioned_kits  # noqa: E402
 
 from spleen_tools.run.kit_secrets import known_secrets  # noqa: E402
-from spleen_tools.run.secrets_scan import scan  # noqa: E402
+from spleen_tools.run.secrets_scan import ScanReport, scan  # noqa: E402
 
 LOG_FILES = 8
 
@@ -49,20 +55,53 @@ def log_text(mb: int, seed: int) -> bytes:
     return b"".join(lines)
 
 
-def make_run_dir(root: Path, logs_mb: int, model_mb: int, gz_mb: int) -> None:
+def make_run_dir(root: Path, logs_mb: int, model_mb: int, tar_gz_mb: int) -> None:
     (root / "logs").mkdir(parents=True)
     for i in range(LOG_FILES):
         (root / "logs" / f"log_{i}.txt").write_bytes(log_text(logs_mb // LOG_FILES, seed=i))
     (root / "model.pt").write_bytes(os.urandom(model_mb * 1_000_000))
-    if gz_mb:
-        (root / "logs" / "old.log.gz").write_bytes(gzip.compress(log_text(gz_mb, seed=99), compresslevel=6))
+    if tar_gz_mb:  # an exported run: logs in a .tar.gz
+        with tarfile.open(root / "export.tar.gz", "w:gz", compresslevel=6) as tar:
+            for i in range(4):
+                data = log_text(tar_gz_mb // 4, seed=100 + i)
+                info = tarfile.TarInfo(f"export/logs/log_{i}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def timed_scans(root: Path, secrets: list, repeat: int) -> tuple[list[float], list[float], ScanReport]:
+    times, cpu = [], []
+    for _ in range(repeat):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        report = scan([root], secrets)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return times, cpu, report
+
+
+def bomb_scan(work: Path, gib: int) -> dict:
+    """The CLI on a gzip bomb of ``gib`` GiB (concatenated members of 1 MiB of zeros): time, exit code, peak RSS."""
+    bomb = work / "bomb" / "run.log.gz"
+    bomb.parent.mkdir(exist_ok=True)
+    bomb.write_bytes(gzip.compress(bytes(1 << 20), compresslevel=9) * (gib << 10))
+    cli = [sys.executable, "-m", "spleen_tools.cli.scan_secrets", str(bomb.parent), "--kits", str(work / "ws")]
+    start = time.perf_counter()
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(
+        f"bomb: {bomb.stat().st_size / 1e6:.1f} MB file, {gib} GiB unpacked: exit {done.returncode} in {wall:.1f} s, "
+        f"peak RSS {peak_mb:.0f} MB: {done.stderr.strip()}"
+    )
+    return {"bomb_gib": gib, "bomb_exit": done.returncode, "bomb_s": round(wall, 1), "bomb_peak_rss_mb": round(peak_mb)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logs-mb", type=int, default=200)
     parser.add_argument("--model-mb", type=int, default=100)
-    parser.add_argument("--gz-mb", type=int, default=0, help="also a gzipped log of this many MB unpacked")
+    parser.add_argument("--tar-gz-mb", type=int, default=0, help="also a .tar.gz holding this many MB of logs")
+    parser.add_argument("--bomb-gib", type=int, default=0, help="also the CLI on a gzip bomb of this many GiB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/secrets_scan_speed.json")
     parser.add_argument("--workdir", type=Path, help="keep the kits and the folder here, reuse them if there")
@@ -71,21 +110,17 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         if not (work / "ws").is_dir():
             provisioned_kits(work / "ws")
-            make_run_dir(work / "run", args.logs_mb, args.model_mb, args.gz_mb)
+            make_run_dir(work / "run", args.logs_mb, args.model_mb, args.tar_gz_mb)
         secrets = known_secrets([work / "ws"])
         on_disk = sum(p.stat().st_size for p in (work / "run").rglob("*") if p.is_file())
-        times, cpu = [], []
-        for _ in range(args.repeat):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            report = scan([work / "run"], secrets)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+        times, cpu, report = timed_scans(work / "run", secrets, args.repeat)
         assert report.clean, report.findings + report.unchecked
+        bomb = bomb_scan(work, args.bomb_gib) if args.bomb_gib else {}
     best = min(times)
     result = {
         "logs_mb": args.logs_mb,
         "model_mb": args.model_mb,
-        "gz_mb": args.gz_mb,
+        "tar_gz_mb": args.tar_gz_mb,
         "files": report.files,
         "bytes_on_disk": on_disk,
         "secrets": len(secrets),
@@ -94,6 +129,7 @@ def main() -> None:
         "best_s": round(best, 2),
         "best_cpu_s": round(min(cpu), 2),
         "mb_per_s": round(on_disk / 1e6 / best),
+        **bomb,
     }
     print(
         f"scanned {report.files} files, {on_disk / 1e6:.0f} MB on disk, {result['secrets']} secrets "

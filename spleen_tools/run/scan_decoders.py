@@ -21,6 +21,7 @@ import zstandard
 
 _READ = 1 << 20  # compressed bytes read at a time
 _XZ_MEMORY = 256 << 20  # an xz header may ask for a dictionary of gigabytes
+_TAR_BUFFER = 1 << 16  # tarfile reads this much at a time
 _TAR_HEADER_CAP = 1 << 20  # GNU long names and pax headers (X: Solaris) are read whole by tarfile
 _TAR_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
 _INNER_NAMES = {".gz": "", ".bz2": "", ".xz": "", ".zst": "", ".tgz": ".tar", ".tbz2": ".tar", ".txz": ".tar"}
@@ -122,20 +123,43 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 
 def tar_members(source: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
-    """(name, stream) of each regular file in a tar stream, read once in order; blocks of 512 bytes so that what
-    follows the end of the archive is still in ``source``."""
-    with tarfile.open(fileobj=source, mode="r|", bufsize=tarfile.BLOCKSIZE, tarinfo=_BoundedTarInfo) as tar:
+    """(name, stream) of each regular file in a tar stream, read once in order. Then the rest of ``source`` is read:
+    anything but zero bytes after the end of the archive (or after a header tarfile stops at) raises TarError."""
+    counted = _Recent(source, keep=2 * _TAR_BUFFER + tarfile.BLOCKSIZE)
+    with tarfile.open(fileobj=counted, mode="r|", bufsize=_TAR_BUFFER, tarinfo=_BoundedTarInfo) as tar:
         for info in tar:
             if info.isreg():
                 yield info.name, tar.extractfile(info)  # type: ignore[misc]
+        end = counted.since(tar.offset)  # the header it stopped at, and what it read past it
+    rest_is_padding = _only_padding(counted)  # read in full either way: the caller scans it as it is
+    if end is None or end.strip(b"\0") or not rest_is_padding:
+        raise tarfile.TarError("data after the end of the tar archive")
 
 
-def only_padding(source: BinaryIO) -> bool:
-    """Whether the rest of ``source`` is zero bytes (what may follow the end of a tar archive)."""
+def _only_padding(source: BinaryIO) -> bool:
     clean = True
     while data := source.read(_READ):
         clean = clean and not data.strip(b"\0")
     return clean
+
+
+class _Recent:
+    """A stream that counts the bytes it gave and keeps the last ``keep`` of them."""
+
+    def __init__(self, source: BinaryIO, keep: int) -> None:
+        self.source, self.keep, self.count, self.recent = source, keep, 0, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.count += len(data)
+        self.recent += data
+        del self.recent[: -self.keep]
+        return data
+
+    def since(self, offset: int) -> bytes | None:
+        """The bytes from ``offset`` in the stream to what was last given, or None if they are no longer kept."""
+        back = self.count - offset
+        return bytes(self.recent[len(self.recent) - back :]) if 0 <= back <= len(self.recent) else None
 
 
 # --- streams ------------------------------------------------------------------------------------------------------
@@ -182,15 +206,15 @@ class Replay:
     ``sink`` when there is one (the scan of a compressed file as it is, while it is being unpacked)."""
 
     def __init__(self, source: BinaryIO, head: bytes = b"", sink: Callable[[bytes], None] | None = None) -> None:
-        self.source, self.head, self.sink = source, head, sink
+        self.source, self.head, self.at, self.sink = source, head, 0, sink
 
     def read(self, size: int = -1) -> bytes:
-        if self.head:
-            data = self.head if size < 0 else self.head[:size]
-            self.head = self.head[len(data) :]
-            if size < 0 or len(data) < size:
-                data += self.source.read(size - len(data) if size >= 0 else -1)
+        size = size if size >= 0 else _READ  # never all at once: that alone could exhaust memory
+        if self.at < len(self.head):
+            data = self.head[self.at : self.at + size]
+            self.at += len(data)
         else:
+            self.head = b""
             data = self.source.read(size)
         if self.sink is not None:
             self.sink(data)

@@ -169,7 +169,8 @@ class ChunkScan:
         if b"-----BEGIN" in text and "PEM private key" not in self.seen:  # `in` is faster than the regex alone
             for m in _PEM_MARKER.finditer(text):
                 start, end = (_stream_offset(i, tail, previous, piece) for i in (m.start(), m.end() - 1))
-                self.found("PEM private key", f"{_marker(m.group(), block, base, start, end)} {_at(start, base)}")
+                marker = _marker(m.group(), previous, piece, start, end)
+                self.found("PEM private key", f"{marker} {_at(start, base)}")
         for start, lead, secret in self.index.hits(text):
             what = f"copy of {secret.name}"
             if what not in self.seen:
@@ -191,12 +192,15 @@ def _stream_offset(i: int, tail: int, previous: TextPiece | None, piece: TextPie
     return previous.stream_offset(j) if previous and j >= 0 else None  # the tail can span tiny chunks
 
 
-def _marker(normalized: bytes, block: bytes, base: int, start: int | None, end: int | None) -> str:
-    """The marker as the stream spells it when it lies in this chunk (UTF-16 zero bytes left out)."""
-    if start is None or end is None or start < base:
+def _marker(normalized: bytes, previous: TextPiece | None, piece: TextPiece, start: int | None, end: int | None) -> str:
+    """The marker as the stream spells it, UTF-16 zero bytes left out, when it lies in this chunk and the one before."""
+    first = previous if previous is not None and start is not None and start < piece.base else piece
+    if start is None or end is None or start < first.base:
         return normalized.decode()
-    written = block[start - base : end - base + 1].replace(b"\0", b"")
-    return " ".join(written.decode("ascii", "replace").split())
+    written = first.block[start - first.base : end - first.base + 1]
+    if first is previous:
+        written += piece.block[: end - piece.base + 1]
+    return " ".join(written.replace(b"\0", b"").decode("ascii", "replace").split())
 
 
 def _at(offset: int | None, base: int) -> str:

@@ -32,6 +32,7 @@ MAX_DEPTH = 5  # archives inside archives (a .tar.gz is two)
 _WHOLE_CAP = 256 << 20  # largest stream loaded whole (a TenSEAL context, a zip inside an archive)
 _HELD_CAP = 512 << 20  # all such loads held at once
 _HEAD = 512  # enough to tell an archive (tar's magic is at byte 257)
+_UNPACK_IT = "unpack it and scan the files"
 
 
 class Finding(NamedTuple):
@@ -129,7 +130,7 @@ class _Scanner:
         except OSError as e:
             self.unchecked(str(path), "not checked", e.strerror or str(e))
         except dec.TooLarge as e:  # the file's budget: its members' own caps are handled where they are read
-            self.unchecked(str(path), "not fully scanned", f"{e}; unpack it and scan the files")
+            self.unchecked(str(path), "not fully scanned", f"{e}; {_UNPACK_IT}, or raise --max-unpacked")
         self.report.unpacked += budget.limit - budget.left
 
     def stream(self, f: BinaryIO, label: str, depth: int, budget: dec.Budget) -> int:
@@ -146,7 +147,7 @@ class _Scanner:
         chunks = ChunkScan(self.index, self.chunk_size, lambda what, detail: self.found(label, what, detail))
         try:
             if kind is not None and depth >= MAX_DEPTH:
-                self.unchecked(label, "not fully scanned", f"{kind} nested {depth} deep; unpack it and scan the files")
+                self.unchecked(label, "not fully scanned", f"{kind} nested {depth} deep; {_UNPACK_IT}")
                 kind = None
             if kind == "zip":
                 self.zip(f, chunks, label, depth, budget)
@@ -165,8 +166,6 @@ class _Scanner:
             if kind == "tar":
                 for name, member in dec.tar_members(source):  # type: ignore[arg-type]
                     self.member(member, f"{label}!{name}", depth, budget)
-                if not dec.only_padding(source):  # type: ignore[arg-type]
-                    self.unchecked(label, "not fully scanned", "data after the end of the tar archive")
             else:
                 unpacked = dec.decompressed(kind, source)  # type: ignore[arg-type]
                 self.member(unpacked, f"{label}!{dec.inner_name(label)}", depth, budget)
@@ -182,7 +181,7 @@ class _Scanner:
         except dec.TooLarge as e:
             if e.owner is not capped:
                 raise
-            self.unchecked(label, "not fully scanned", f"{e}; unpack it and scan the files")
+            self.unchecked(label, "not fully scanned", f"{e}; {_UNPACK_IT}, or raise --max-unpacked")
 
     def zip(self, f: BinaryIO, chunks: ChunkScan, label: str, depth: int, budget: dec.Budget) -> None:
         if f.seekable():

@@ -393,7 +393,7 @@ def _gzip_bomb(path: Path, mib: int) -> None:
 def test_a_decompression_bomb_stops_at_the_cap_and_fails_the_scan(tmp_path, secrets):
     _gzip_bomb(tmp_path / "bomb.gz", 64)
     report = scan([tmp_path], secrets, member_cap=8 << 20)
-    cap = "unpacks to more than 8 MiB; unpack it and scan the files"
+    cap = "unpacks to more than 8 MiB; unpack it and scan the files, or raise --max-unpacked"
     assert report.unchecked == [Finding(f"{tmp_path / 'bomb.gz'}!bomb", "not fully scanned", cap)]
     assert report.unpacked <= 8 << 20 and report.files == 1
 
@@ -423,12 +423,40 @@ def test_a_tar_header_that_claims_megabytes_is_refused(tmp_path, secrets):
     assert finding.file == str(tmp_path / "odd.tar") and "extended header of" in finding.detail
 
 
-def test_data_after_the_end_of_a_tar_fails_the_scan(tmp_path, secrets):
-    _tar(tmp_path / "job.tar", "w", {"a.txt": b"fine\n"})
-    with (tmp_path / "job.tar").open("ab") as f:
-        f.write(gzip.compress(b"not in any member"))
+@pytest.mark.parametrize("how", ["appended", "bad header"])
+def test_data_after_the_end_of_a_tar_fails_the_scan(tmp_path, secrets, how):
+    path = tmp_path / "job.tar"
+    _tar(path, "w", {"a.txt": b"fine\n", "b.txt": b"hidden behind a header tarfile stops at\n"})
+    if how == "appended":
+        with path.open("ab") as f:
+            f.write(gzip.compress(b"not in any member"))
+    else:
+        data = bytearray(path.read_bytes())
+        data[1024 + 148 : 1024 + 156] = b"0000000\0"  # the second header's checksum
+        path.write_bytes(bytes(data))
     (finding,) = scan([tmp_path], secrets).unchecked
-    assert (finding.file, finding.detail) == (str(tmp_path / "job.tar"), "data after the end of the tar archive")
+    assert (finding.file, finding.detail) == (str(path), "tar: data after the end of the tar archive")
+
+
+def test_escaped_line_breaks_split_by_a_chunk_border_are_found(tmp_path, kits, secrets):
+    """The backslash of a JSON-escaped line break ends one chunk, its n starts the next."""
+    body = _pem_body(_key_pem(kits)).replace("\n", "")
+    text = json.dumps({"key": "\n".join(body[i : i + 16] for i in range(0, len(body), 16))})
+    (tmp_path / "params.json").write_text(text)
+    escapes = [i for i in range(300, len(text)) if text[i : i + 2] == "\\n"][:3]
+    for backslash in escapes:
+        report = scan([tmp_path], secrets, chunk_size=backslash + 1)
+        assert _copies(report, kits) == {str(tmp_path / "params.json")}, backslash
+
+
+@pytest.mark.parametrize("chunk_size", [300, 4096])
+def test_utf16_copies_across_chunk_borders_are_found(tmp_path, kits, secrets, chunk_size):
+    prefix = os.urandom(4090)
+    (tmp_path / "dump.bin").write_bytes(prefix + _key_pem(kits).decode().encode("utf-16-le") + os.urandom(999))
+    report = scan([tmp_path], secrets, chunk_size=chunk_size)
+    assert _copies(report, kits) == {str(tmp_path / "dump.bin")}
+    (marker,) = [f for f in report.findings if f.what == "PEM private key"]
+    assert marker.detail == f"-----BEGIN RSA PRIVATE KEY----- at byte {len(prefix)}"
 
 
 def test_clean_archives_and_encodings_pass(run_dir, kits, secrets):
@@ -468,6 +496,14 @@ def test_cli_findings_exit_1_one_line_each(run_dir, kits, tmp_path, capsys):
     assert len(lines) == len(json.loads(out.read_text())["findings"]) == 4
     assert all(line.startswith(f"error: {run_dir}/") for line in lines)
     assert any(line.startswith(f"error: {run_dir / 'b.tenseal'}: TenSEAL context with secret key") for line in lines)
+
+
+def test_cli_a_bomb_fails_with_one_line_naming_the_file(kits, tmp_path, capsys):
+    _gzip_bomb(tmp_path / "run.log.gz", 16)
+    assert main([str(tmp_path), "--kits", str(kits), "--max-unpacked", "4"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    fix = "unpack it and scan the files, or raise --max-unpacked"
+    assert line == f"error: {tmp_path / 'run.log.gz'}!run.log: not fully scanned (unpacks to more than 4 MiB; {fix})"
 
 
 def test_cli_missing_root_exits_2(kits, tmp_path, capsys):
