@@ -153,8 +153,9 @@ def read_checkpoint(path: Path) -> dict:
             f"{path}: refused: not plain weights ({why}); nothing in it ran. Take the model from a server you"
             " trust; never load this file with weights_only off"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(err).split())})") from None
+    except Exception as err:  # torch raises many kinds for damaged or foreign files
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     weights = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: holds no state dict (expected NVFlare's {{'model': ...}} or a state dict)")
