@@ -29,6 +29,7 @@ from spleen_tools.run.kit_secrets import known_secrets
 from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
+from spleen_tools.run.refusals import policy_refusals
 from spleen_tools.run.rundir import make_run_dir, prepare_data
 from spleen_tools.run.secrets_scan import scan
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
@@ -323,6 +324,8 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         param_count=summary.count_weights(download_dir) if progress.he_events else None,
         model_history=summary.read_model_history(download_dir),
     )
+    # a participant's policy refused the job (no tagged line then): NVFlare's own reason, first among the problems
+    result["job_errors"] = [*result["job_errors"], *policy_refusals(log_roots(run.system), job_id)]
     result["server_peak_memory_mb"] = run.server_memory.stop() if run.server_memory else None
     result["resumed"] = resumes_info(run, progress)
     result.update(tracking_info(run, download_dir, job_id, sites))

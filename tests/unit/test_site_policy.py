@@ -15,6 +15,7 @@ from nvflare.security.security import FLAuthorizer
 from spleen_tools.jobs import TB_RECEIVER, JobSettings, prepare_job
 from spleen_tools.paths import JOBS_DIR
 from spleen_tools.systems.site_policy import (
+    HE_FILTERS,
     SCOPE,
     SERVER_CLASSES,
     SITE_CLASSES,
@@ -126,3 +127,21 @@ def test_a_shipped_code_job_differs_from_the_default_by_custom_only(tmp_path):
     assert {p.relative_to(default) for p in default.rglob("*.json")} == {
         p.relative_to(shipped) for p in shipped.rglob("*.json") if "custom" not in p.parts
     }
+
+
+def test_the_site_admin_command_writes_and_shows_its_own_kit(tmp_path, capsys):
+    from spleen_tools.cli.site_policy import main
+
+    site = kit(tmp_path, "site-1")
+    (site / "startup").mkdir()
+    (site / "startup" / "fed_client.json").write_text("{}")
+    assert main([str(site), "--encrypt-results"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\n", 3)[-1])
+    assert shown["privacy_default_scope"] == SCOPE and shown["byoc"]["project_admin"] == "none"
+    assert shown["privacy_filters"] == [
+        f["path"] for f in (*HE_FILTERS["task_data_filters"], *HE_FILTERS["task_result_filters"])
+    ]
+    before = {p.name: p.read_text() for p in (site / "local").iterdir()}
+    assert main([str(site), "--show"]) == 0 and before == {p.name: p.read_text() for p in (site / "local").iterdir()}
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
