@@ -36,6 +36,11 @@ def _load_cases(dataset_dir: Path) -> list[dict[str, str]]:
         training = json.loads(meta_path.read_text())["training"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{meta_path} is not an MSD dataset.json with a 'training' list ({e})") from e
+    for n, c in enumerate(training if isinstance(training, list) else [training]):
+        if not (isinstance(c, dict) and isinstance(c.get("image"), str) and isinstance(c.get("label"), str)):
+            raise ValueError(
+                f"{meta_path}: training entry {n} is not {{'image': path, 'label': path}} ({str(c)[:80]}); fix it"
+            )
     cases = [
         {"image": str((dataset_dir / c["image"]).resolve()), "label": str((dataset_dir / c["label"]).resolve())}
         for c in training

@@ -321,7 +321,7 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         cross_site_results=cross_site_results,
         mlflow_info=None,
         paths=paths,
-        param_count=summary.count_weights(download_dir) if progress.he_events else None,
+        param_count=summary.count_weights(download_dir, out=run.out) if progress.he_events else None,
         model_history=summary.read_model_history(download_dir),
     )
     # a participant's policy refused the job (no tagged line then): NVFlare's own reason, first among the problems

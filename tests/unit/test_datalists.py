@@ -119,3 +119,13 @@ def test_on_synthetic_dataset(tmp_path: Path) -> None:
     task = make_synthetic_dataset(tmp_path, num_train=6, num_test=1, shape=(16, 16, 8))
     lists = _load(make_site_datalists(task, 2))
     assert sum(len(d["training"]) + len(d["validation"]) for d in lists.values()) == 6
+
+
+@pytest.mark.parametrize("entry", ["./imagesTr/spleen_3.nii.gz", {"label": "./labelsTr/spleen_3.nii.gz"}, {"image": 3}])
+def test_a_malformed_dataset_entry_is_one_line_naming_it(tmp_path, entry):
+    task = _fake_dataset(tmp_path, 4)
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["training"][2] = entry
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"dataset.json: training entry 2 is not \{'image': path, 'label': path\}"):
+        make_site_datalists(task, 2)
