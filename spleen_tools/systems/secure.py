@@ -29,6 +29,7 @@ from spleen_tools.paths import LOCK_DIR, SECURE_PROJECT_YML
 from spleen_tools.procs import HostLock, PidFile, ProcessRef, busy_ports, start_group, terminate, write_json
 from spleen_tools.systems.base import participant_env
 from spleen_tools.systems.secure_workspace import (
+    FIX_PROVISION,
     FIX_STOP,
     Kits,
     NotProvisionedError,
@@ -43,6 +44,7 @@ from spleen_tools.systems.secure_workspace import (
     running_pids,
     state_path,
 )
+from spleen_tools.systems.site_policy import SERVER_CLASSES, SITE_CLASSES, kit_policy
 
 KIND = "secure"
 CONSOLE_DIR = "logs"  # <workspace>/logs/<participant>.console.log: what sub_start.sh and python3 print
@@ -61,12 +63,28 @@ def port_lock(port: int, owner: str) -> HostLock:
     return HostLock(LOCK_DIR / f"spleen-secure-{port}.lock", owner, busy)
 
 
+def check_policies(kits: Kits, n_sites: int) -> None:
+    """Kits provisioned before the job side was installed at the sites allow none of its classes: say so now."""
+    wanted = {
+        kits.server: SERVER_CLASSES[0],
+        **{kits.sites[f"site-{i}"]: SITE_CLASSES[0] for i in range(1, n_sites + 1)},
+    }
+    for kit, cls in wanted.items():
+        allowed = kit_policy(kit)["class_allow_list"]
+        if not isinstance(allowed, list) or cls not in allowed:
+            raise SecureError(
+                f"{kit / 'local'} does not allow {cls} (kits from an older provisioning): provision again "
+                f"({FIX_PROVISION}), or let a site allow our classes with spleen-site-policy {kit}"
+            )
+
+
 def preflight(n_sites: int, workspace: Path | None = None) -> Kits:
     """Fail fast (one line naming the fix) when the system cannot start: not provisioned, too few site kits,
     a secure system still running from this workspace, or the server ports taken."""
     workspace = Path(workspace) if workspace is not None else default_workspace()
     kits = read_kits(workspace)
     check_sites(kits, n_sites)
+    check_policies(kits, n_sites)
     live = running_pids(workspace)
     if live:
         raise SecureBusyError(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from spleen_tools.procs import free_port
+from spleen_tools.systems.site_policy import write_server_policy, write_site_policy
 
 
 def fake_kits(root: Path, sites: int = 2, ports: tuple[int, int] | None = None) -> Path:
@@ -20,6 +21,10 @@ def fake_kits(root: Path, sites: int = 2, ports: tuple[int, int] | None = None) 
     for rel, content in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(content))
+    for kit in ("localhost", *(f"site-{i}" for i in range(1, sites + 1))):  # as SitePolicyBuilder leaves them
+        (root / kit / "local").mkdir(parents=True, exist_ok=True)
+        (root / kit / "local" / "resources.json.default").write_text(json.dumps({"format_version": 2}))
+        (write_server_policy if kit == "localhost" else write_site_policy)(root / kit)
     return root
 
 

@@ -41,6 +41,14 @@ def test_more_sites_than_provisioned(tmp_path):
         preflight(3, fake_kits(tmp_path))
 
 
+def test_kits_from_before_the_site_policies_are_named_with_the_fix(tmp_path):
+    """Kits whose allow-list lacks our classes would refuse every job: said before anything starts."""
+    workspace = fake_kits(tmp_path)
+    (workspace / "site-2" / "local" / "resources.json").unlink()  # NVFlare's default list, as older kits have
+    with pytest.raises(SecureError, match=r"site-2/local does not allow spleen_flare.site_executor.*provision again"):
+        preflight(2, workspace)
+
+
 def test_port_taken(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
