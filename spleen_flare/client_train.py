@@ -54,8 +54,6 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated bundle config files (relative to the bundle root), later ones override earlier ones",
     )
     parser.add_argument("--local_epochs", type=int, default=1, help="local epochs per FL round")
-    parser.add_argument("--data_dir", default=None, help=f"dataset folder (default: ${DATA_DIR_ENV})")
-    parser.add_argument("--datalist", default=None, help="site datalist JSON ({site} is replaced by the site name)")
     return parser.parse_args()
 
 
@@ -76,8 +74,9 @@ def open_site(args: argparse.Namespace) -> Site:
     app_root = Path(args.app_root).resolve()
     site = flare.get_site_name()
     check_install(site, app_root)
-    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
-    datalist_path = find_site_datalist(site, data_dir, args.datalist)
+    # where the data is, is the site's to say (its environment), never the job's
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    datalist_path = find_site_datalist(site, data_dir)
     training = validation = None
     if datalist_path:
         training, validation = load_site_datalist(datalist_path)

@@ -78,3 +78,15 @@ def test_config_files_stay_inside_the_bundles(app, name):
     assert resolve_config_files(app / "config" / "spleen_ct_segmentation", ["../overrides/cpu_quick.json"])
     with pytest.raises(ValueError, match="outside"):
         confined_path(app, "../meta.json")
+
+
+def test_a_job_cannot_name_the_sites_data(monkeypatch):
+    """Where the data is, is the site's environment's to say: the training script takes no data path from a job."""
+    from spleen_flare import client_train
+
+    for option in ("--data_dir", "--datalist"):
+        monkeypatch.setattr("sys.argv", ["client_train.py", "--app_root", "/app", option, "/etc"])
+        with pytest.raises(SystemExit):
+            client_train.parse_args()
+    monkeypatch.setattr("sys.argv", ["client_train.py", "--app_root", "/app", "--local_epochs", "2"])
+    assert client_train.parse_args().local_epochs == 2
