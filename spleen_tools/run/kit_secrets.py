@@ -159,7 +159,8 @@ def _key_needles(der: bytes) -> tuple[list[bytes], list[bytes]]:
     if key is not None:
         public.append(key.public_key().public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo))
         pieces = _private_pieces(key) or [der]
-    chunks = [p[i : i + _DER_CHUNK] for p in pieces for i in range(0, len(p) - _DER_CHUNK + 1, _DER_CHUNK)]
+    starts = [(p, i) for p in pieces for i in range(0, max(1, len(p) - _DER_CHUNK + 1), _DER_CHUNK)]  # short: whole
+    chunks = [p[i : i + _DER_CHUNK] for p, i in starts]
     return [needle for chunk in _spread(chunks) for needle in _reencoded(chunk)], public
 
 

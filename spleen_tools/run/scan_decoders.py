@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import re
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -24,6 +26,10 @@ _XZ_MEMORY = 256 << 20  # an xz header may ask for a dictionary of gigabytes
 _TAR_BUFFER = 1 << 16  # tarfile reads this much at a time
 _TAR_HEADER_CAP = 1 << 20  # GNU long names and pax headers (X: Solaris) are read whole by tarfile
 _TAR_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
+_EOCD = struct.Struct("<4s4H2LH")  # zip end of central directory: ..., entries, size, offset, comment length
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # ..., offset of the zip64 end record, ...
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # ..., entries on this disk, entries, size, offset
+MAX_MEMBERS = 100_000  # per archive
 _INNER_NAMES = {".gz": "", ".bz2": "", ".xz": "", ".zst": "", ".tgz": ".tar", ".tbz2": ".tar", ".txz": ".tar"}
 
 UNPACK_ERRORS = (
@@ -98,8 +104,10 @@ class _Streams:
     def read(self, size: int = -1) -> bytes:
         size = size if size > 0 else _READ
         while True:
-            if self.unpacker.eof:
-                data = self.unpacker.unused_data or self.source.read(_READ)
+            if self.unpacker.eof:  # another stream may follow, after zero bytes of xz stream padding
+                data = self.unpacker.unused_data.lstrip(b"\0")
+                while not data and (more := self.source.read(_READ)):
+                    data = more.lstrip(b"\0")
                 if not data:
                     return b""
                 self.unpacker = self.new()
@@ -127,13 +135,37 @@ def tar_members(source: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
     anything but zero bytes after the end of the archive (or after a header tarfile stops at) raises TarError."""
     counted = _Recent(source, keep=2 * _TAR_BUFFER + tarfile.BLOCKSIZE)
     with tarfile.open(fileobj=counted, mode="r|", bufsize=_TAR_BUFFER, tarinfo=_BoundedTarInfo) as tar:
-        for info in tar:
+        count = 0
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # it would keep every header: 1 GiB of tar is 2 million of them
+            count += 1
+            if count > MAX_MEMBERS:
+                raise tarfile.TarError(f"more than {MAX_MEMBERS} members")
             if info.isreg():
                 yield info.name, tar.extractfile(info)  # type: ignore[misc]
         end = counted.since(tar.offset)  # the header it stopped at, and what it read past it
     rest_is_padding = _only_padding(counted)  # read in full either way: the caller scans it as it is
     if end is None or end.strip(b"\0") or not rest_is_padding:
         raise tarfile.TarError("data after the end of the tar archive")
+
+
+def zip_directory(f: BinaryIO) -> tuple[int, int]:
+    """(entries, bytes) of a seekable zip's central directory as its end records declare them: zipfile reads it whole
+    into objects ten times its size. (0, 0) when there is no end record (zipfile will refuse the file)."""
+    f.seek(0, io.SEEK_END)
+    f.seek(max(0, f.tell() - _EOCD.size - 0xFFFF))  # the end record, then a comment of at most 64 KiB
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        return 0, 0
+    entries, size = _EOCD.unpack_from(tail, at)[4:6]
+    locator = at - _ZIP64_LOCATOR.size
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        f.seek(_ZIP64_LOCATOR.unpack_from(tail, locator)[2])
+        record = f.read(_ZIP64_END.size)
+        if len(record) == _ZIP64_END.size and record.startswith(b"PK\x06\x06"):
+            entries, size = _ZIP64_END.unpack(record)[7:9]
+    return entries, size
 
 
 def _only_padding(source: BinaryIO) -> bool:

@@ -1,11 +1,11 @@
 """What one stream's bytes hold: PEM private key markers and the kit secrets' needles, looked for in the bytes with
 their layout taken out, chunk by chunk.
 
-``normalized()`` drops zero bytes (UTF-16 and UTF-32 text becomes ASCII), all whitespace (base64 and hex wrapped at
-any width), colons (hex as ``openssl -text`` prints it) and escaped line breaks (``\\n`` in JSON). Needles are
-normalized the same way: a copy of a needle in the data, as is or laid out anew, is a copy of the normalized needle
-in the normalized data. ``ChunkScan`` reads a stream in chunks that overlap, so nothing across a border is missed,
-and names each finding by where it starts in the stream as written.
+Normalizing (``TextPiece``) drops zero bytes (UTF-16 and UTF-32 text becomes ASCII), all whitespace (base64 and hex
+wrapped at any width), colons (hex as ``openssl -text`` prints it) and escaped line breaks (``\\n`` in JSON). Needles
+are normalized the same way (``searchable``): a copy of a needle in the data, as is or laid out anew, is a copy of
+the normalized needle in the normalized data. ``ChunkScan`` reads a stream in chunks that overlap, so nothing across
+a border is missed, and names each finding by where it starts in the stream as written.
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ _HASH = np.uint64(0x9E3779B97F4A7C15)
 
 
 # --- normalized text ----------------------------------------------------------------------------------------------
-
-
-def normalized(data: bytes) -> bytes:
-    """``data`` without zero bytes, whitespace, colons and escaped line breaks."""
-    text = data.translate(None, DROPPED)
-    return _ESCAPE.sub(b"", text) if b"\\" in text else text
 
 
 def searchable(needle: bytes) -> tuple[bytes, int]:

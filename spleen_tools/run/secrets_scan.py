@@ -31,6 +31,7 @@ FILE_CAP = 4 << 30  # the most all streams unpacked from one file on disk may gi
 MAX_DEPTH = 5  # archives inside archives (a .tar.gz is two)
 _WHOLE_CAP = 256 << 20  # largest stream loaded whole (a TenSEAL context, a zip inside an archive)
 _HELD_CAP = 512 << 20  # all such loads held at once
+_ZIP_DIRECTORY_CAP = 16 << 20  # zipfile holds an object per entry: about 10x this in memory
 _HEAD = 512  # enough to tell an archive (tar's magic is at byte 257)
 _UNPACK_IT = "unpack it and scan the files"
 
@@ -192,7 +193,7 @@ class _Scanner:
         cap = min(_WHOLE_CAP, _HELD_CAP - self.held)  # zipfile seeks: a zip inside an archive is loaded whole
         data = _read_up_to(f, cap + 1)
         if len(data) > cap:
-            self.unchecked(label, "not fully scanned", f"zip inside an archive over {cap >> 20} MiB")
+            self.unchecked(label, "not fully scanned", f"zip inside an archive over {cap >> 20} MiB; {_UNPACK_IT}")
             chunks.read_all(dec.Replay(f, data))  # type: ignore[arg-type]
             return
         self.held += len(data)
@@ -203,6 +204,11 @@ class _Scanner:
             self.held -= len(data)
 
     def zip_members(self, f: BinaryIO, label: str, depth: int, budget: dec.Budget) -> None:
+        entries, size = dec.zip_directory(f)
+        if entries > dec.MAX_MEMBERS or size > _ZIP_DIRECTORY_CAP:
+            detail = f"zip of {entries} members, {size >> 20} MiB of directory; {_UNPACK_IT}"
+            self.unchecked(label, "not fully scanned", detail)
+            return
         try:
             with zipfile.ZipFile(f) as zf:
                 for info in zf.infolist():

@@ -30,6 +30,7 @@ from nvflare.lighter.utils import generate_keys
 from secure_kits import PARTICIPANTS, PROJECT, provisioned_kits
 
 from spleen_tools.cli.scan_secrets import main
+from spleen_tools.run import scan_decoders
 from spleen_tools.run.kit_secrets import Secret, known_secrets
 from spleen_tools.run.secrets_scan import CHUNK_SIZE, MAX_DEPTH, Finding, scan
 
@@ -199,15 +200,15 @@ def test_secret_key_inside_a_binary_across_a_chunk_border_is_found(tmp_path, kit
 
 @pytest.mark.parametrize("secret_name", ["client.key", "client_context.tenseal"])
 def test_a_single_needle_across_a_chunk_border_is_found(tmp_path, secrets, secret_name):
+    """Each needle (bytes, hex, base64 at each alignment) alone in a file of its own, across the first border."""
     secret = next(s for s in secrets if secret_name in s.name)
-    for needle in secret.needles:
+    for n, needle in enumerate(secret.needles):
         data = bytearray(os.urandom(3 * 4096))
-        data[4096 - 7 : 4096 - 7 + len(needle)] = needle  # straddles the first border
-        (tmp_path / "piece.bin").write_bytes(bytes(data))
-        findings = scan([tmp_path], secrets, chunk_size=4096).findings
-        assert len(findings) == 1, (needle, findings)
-        (finding,) = findings
-        assert finding.what == f"copy of {secret.name}" and finding.detail == f"at byte {4096 - 7}"
+        data[4096 - 7 : 4096 - 7 + len(needle)] = needle
+        (tmp_path / f"piece{n:03d}.bin").write_bytes(bytes(data))
+    findings = scan([tmp_path], secrets, chunk_size=4096).findings
+    assert sorted(f.file for f in findings) == [str(tmp_path / f"piece{n:03d}.bin") for n in range(len(secret.needles))]
+    assert {(f.what, f.detail) for f in findings} == {(f"copy of {secret.name}", f"at byte {4096 - 7}")}
 
 
 def test_secrets_inside_zips_are_found(tmp_path, kits, secrets):
@@ -423,6 +424,28 @@ def test_a_tar_header_that_claims_megabytes_is_refused(tmp_path, secrets):
     assert finding.file == str(tmp_path / "odd.tar") and "extended header of" in finding.detail
 
 
+def test_archives_of_too_many_members_fail_the_scan(tmp_path, secrets, monkeypatch):
+    """A tar of 1 GiB holds 2 million headers, a zip's directory becomes an object per entry: both are capped."""
+    monkeypatch.setattr(scan_decoders, "MAX_MEMBERS", 10)
+    _tar(tmp_path / "many.tar.gz", "w:gz", {f"f{i}.txt": b"x" for i in range(11)})
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as zf:
+        for i in range(11):
+            zf.writestr(f"f{i}.txt", b"x")
+    report = scan([tmp_path], secrets)
+    tar, zipped = f"{tmp_path / 'many.tar.gz'}!many.tar", str(tmp_path / "many.zip")
+    assert sorted(f.file for f in report.unchecked) == [tar, zipped]
+    assert {f.what for f in report.unchecked} == {"not fully scanned"}
+
+
+def test_a_zip64_directory_is_read_from_its_zip64_end_record(tmp_path):
+    with zipfile.ZipFile(tmp_path / "big.zip", "w") as zf:
+        for i in range(0x10000 + 5):  # past what the classic end record can count
+            zf.writestr(str(i), b"")
+    with (tmp_path / "big.zip").open("rb") as f:
+        entries, size = scan_decoders.zip_directory(f)
+    assert entries == 0x10005 and size > 0x10000 * 46
+
+
 @pytest.mark.parametrize("how", ["appended", "bad header"])
 def test_data_after_the_end_of_a_tar_fails_the_scan(tmp_path, secrets, how):
     path = tmp_path / "job.tar"
@@ -467,13 +490,14 @@ def test_clean_archives_and_encodings_pass(run_dir, kits, secrets):
     _tar(run_dir / "export.tar.gz", "w:gz", {"logs/server.log": log, **public})
     for suffix, compress in COMPRESSORS.items():
         (run_dir / "logs" / f"old.log{suffix}").write_bytes(compress(log))
+    (run_dir / "logs" / "two.log.xz").write_bytes(lzma.compress(log) + b"\0" * 4 + lzma.compress(log))  # padding
     (run_dir / "logs" / "utf16.txt").write_bytes(log.decode().encode("utf-16"))
     (run_dir / "logs" / "certs.hex").write_text("".join(p.hex() for p in public.values()))
     wrapped = base64.b64encode(b"".join(public.values())).decode()
     (run_dir / "logs" / "certs.b64").write_text("\n".join(wrapped[i : i + 20] for i in range(0, len(wrapped), 20)))
     report = scan([run_dir], secrets)
     assert report.clean, report.findings + report.unchecked
-    assert report.members == 3 + 1 + len(public) + 1 + len(COMPRESSORS)  # job.zip, the tar, its members, the logs
+    assert report.members == 3 + 1 + len(public) + 1 + len(COMPRESSORS) + 1  # job.zip, the tar, its members, logs
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
