@@ -6,8 +6,10 @@ small model (2 ciphertexts, contexts made by NVFlare's HEBuilder with the provis
 the real components as the first update of a round, and prints per case: the outcome (refused, accepted, or the
 exception that escaped), the seconds it took (median of ``--repeat`` runs, tracemalloc off), the peak of traced
 memory (tracemalloc, one more run: numpy reports its buffers to it) and the length of the refusal (the error the
-aggregator logs; the exception a site's decryptor raises). An intact update is the reference. Asserts nothing.
-Usage: .venv/bin/python benchmarks/he_malformed_update.py [--repeat 5] [--no-save]
+aggregator logs; the exception a site's decryptor raises). An intact update is the reference. ``--save`` records
+them, with the server's figures before the fix (``BEFORE``), in benchmarks/results/he_malformed_update.json.
+Asserts nothing.
+Usage: .venv/bin/python benchmarks/he_malformed_update.py [--repeat 5] [--save]
 """
 
 from __future__ import annotations
@@ -44,6 +46,35 @@ MODEL = {
     "bn.num_batches_tracked": np.asarray(7, dtype=np.int64),
 }
 NBT = "bn.num_batches_tracked"
+
+# The server's aggregator on each case before the fix, as ``measure`` reports it (None: not measured, or no
+# refusal to measure). Not re-run: the old code is gone; kept here so the JSON and BENCHMARKS.md carry them.
+BEFORE = {
+    "provenance": "measured on commit 47c6cf1, 2-core CPU, once",
+    "server": {
+        "layout of 4,000,000 ciphertexts": {
+            "outcome": "refused",
+            "seconds": 26.6,
+            "peak_mib": 525,
+            "message_chars": 66_900_000,
+        },
+        "layout of 1,000,000 ciphertexts": {
+            "outcome": "refused",
+            "seconds": 7.7,
+            "peak_mib": 130,
+            "message_chars": 15_900_000,
+        },
+        "400,000 empty blobs": {
+            "outcome": "escaped: MemoryError",
+            "note": "numpy asked for 24.4 GiB",
+            "seconds": None,
+            "peak_mib": None,
+            "message_chars": None,
+        },
+        "shape of 1,000,000 entries": {"outcome": "accepted", "seconds": 2.3, "peak_mib": None, "message_chars": None},
+        "weight 1.7e308": {"outcome": "accepted", "seconds": None, "peak_mib": None, "message_chars": None},
+    },
+}
 
 
 def _contexts() -> tuple[ts.Context, ts.Context]:
@@ -178,7 +209,7 @@ def measure(call: Callable[[], tuple], repeat: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (the median is printed)")
-    parser.add_argument("--no-save", action="store_true", help="print only (no benchmarks/results/*.json)")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/he_malformed_update.json")
     args = parser.parse_args()
     logging.getLogger().addHandler(MESSAGES)  # the refusals' lines are measured, not printed
     client_ctx, server_ctx = _contexts()
@@ -197,8 +228,12 @@ def main() -> None:
                 f"{case:34} {reader:7} {row['outcome']:22} {row['seconds']:9.5f} {row['peak_mib']:9.3f} "
                 f"{row['message_chars']:14d}"
             )
-    if not args.no_save:
-        print(f"saved {record.save('he_malformed_update', {'repeat': args.repeat, 'cases': results})}")
+    print(f"server before the fix ({BEFORE['provenance']}):")
+    for case, row in BEFORE["server"].items():
+        print(f"  {case:32} " + ", ".join(f"{k} {v}" for k, v in row.items() if v is not None))
+    if args.save:
+        saved = record.save("he_malformed_update", {"repeat": args.repeat, "cases": results, "before": BEFORE})
+        print(f"saved {saved}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Steps, in this order (each is a command of its own; BENCHMARKS.md names it besid
   he_size       he_update_size.py: bytes and seconds of one HE round per layout
   he_round      he_round_time.py: the local job and the HE job on POC, same settings
   segment       segment_full_size.py: spleen-segment on one 512 x 512 x 120 scan with the demo run's model bundle
+  he_malformed  he_malformed_update.py: what each malformed HE update of the security review costs its reader
+  nifti_bombs   nifti_bomb_check.py: peak memory and time of the data check on NIfTI bombs (about 1 min)
 then write_benchmarks_md.py. About 45 minutes on 2 cores; nothing else may run meanwhile (POC ports are fixed and
 the timings are the point). Usage: ``.venv/bin/python benchmarks/run_all.py [--only a,b] [--skip a,b]``.
 """
@@ -30,7 +32,18 @@ from spleen_tools.jobs import get_script_args, job_dir  # noqa: E402
 from spleen_tools.paths import BIN_DIR, BUNDLE_NAME, REPO_ROOT, RUNS_DIR  # noqa: E402
 from spleen_tools.run.settings import ExperimentSettings  # noqa: E402
 
-STEPS = ("validity", "round_cost", "throughput", "profile", "site_scaling", "he_size", "he_round", "segment")
+STEPS = (
+    "validity",
+    "round_cost",
+    "throughput",
+    "profile",
+    "site_scaling",
+    "he_size",
+    "he_round",
+    "segment",
+    "he_malformed",
+    "nifti_bombs",
+)
 PYTHON = str(BIN_DIR / "python")
 
 
@@ -98,6 +111,12 @@ class Benchmarks:
 
     def he_round(self) -> None:
         sh([PYTHON, str(HERE / "he_round_time.py"), "--runs-dir", str(self.work / "he_round"), "--save"])
+
+    def he_malformed(self) -> None:
+        sh([PYTHON, str(HERE / "he_malformed_update.py"), "--save"])
+
+    def nifti_bombs(self) -> None:
+        sh([PYTHON, str(HERE / "nifti_bomb_check.py"), "--save"])
 
 
 def _steps(text: str) -> list[str]:

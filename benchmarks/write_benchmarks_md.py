@@ -167,6 +167,89 @@ def segment_full_size(record: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{1000 * s:.2f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def _mib(m: float | None) -> str:
+    if m is None:
+        return "–"
+    return f"{1024 * m:.0f} KiB" if m < 1 else f"{m:.0f} MiB"
+
+
+def _chars(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else str(n)
+
+
+def _outcome(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    return f"{row['outcome']} ({row['note']})" if row.get("note") else row["outcome"]
+
+
+def he_malformed_update(record: dict) -> list[str]:
+    result = record["result"]
+    before = result.get("before", {"provenance": "not recorded", "server": {}})
+    lines = ["## Malformed HE updates", "", *provenance(record)]
+    lines += [
+        "The updates of the security review, handed to the real `PackedHEAggregator` as a round's first update"
+        " (server) and to `PackedHEDecryptor` as the global model (site): seconds = median of"
+        f" {result['repeat']} runs, peak = traced memory (tracemalloc, numpy included), message = length of the"
+        " refusal (the aggregator's log line, the decryptor's error). Before = the server on the code before the"
+        f" fix ({before['provenance']}; not re-run); – = not measured, or no refusal. An intact update is the"
+        " reference.",
+        "",
+    ]
+    header = ["case", "server before", "server now", "time before", "time now", "peak before", "peak now"]
+    header += ["message before (chars)", "message now (chars)", "site now"]
+    rows = []
+    for case, now in result["cases"].items():
+        old, server, site = before["server"].get(case), now["server"], now["site"]
+        old = old or {}
+        rows.append(
+            [case, _outcome(old or None), _outcome(server), _seconds(old.get("seconds")), _seconds(server["seconds"])]
+        )
+        rows[-1] += [_mib(old.get("peak_mib")), _mib(server["peak_mib"]), _chars(old.get("message_chars"))]
+        rows[-1] += [_chars(server["message_chars"] or None), f"{site['outcome']}, {_seconds(site['seconds'])}"]
+    lines += table(header, rows)
+    return [*lines, ""]
+
+
+def _check_reason(line: str) -> str:
+    """The check's error without its "error: <file>: " prefix and its advice after the first ';'."""
+    if line.startswith("error: "):
+        line = line.split(": ", 2)[-1]
+    return line.split(";")[0]
+
+
+def nifti_bomb_check(record: dict) -> list[str]:
+    result = record["result"]
+    before = result.get("before", {"provenance": "not recorded", "bombs": {}})
+    lines = ["## NIfTI bombs in the data check", "", *provenance(record)]
+    lines += [
+        "`spleen-check-data` on a one-case dataset whose image is the bomb, in a fresh process per file (the rules"
+        " every site runs when a job starts and `spleen-segment` runs before inference): peak resident memory of"
+        f" that process and its wall time. Before = the check before the fix ({before['provenance']}; not re-run).",
+        "",
+    ]
+    header = ["bomb", "file (bytes)", "its header declares", "peak before (MB)", "peak now (MB)", "time before (s)"]
+    header += ["time now (s)", "the check now refuses it for"]
+    rows = []
+    for name, now in result["bombs"].items():
+        old = before["bombs"].get(name, {})
+        old_peak = f"{old['peak_rss_mb']:,}" if "peak_rss_mb" in old else "–"
+        if old.get("note"):
+            old_peak += f" ({old['note']})"
+        rows.append([name, f"{now['file_bytes']:,}", now["declares"], old_peak, now["peak_rss_mb"]])
+        rows[-1] += [old.get("seconds", "–"), now["seconds"], _check_reason(now["line"])]
+    lines += table(header, rows)
+    return [*lines, ""]
+
+
 SECTIONS = {
     "validity": validity,
     "round_cost": round_cost,
@@ -176,6 +259,8 @@ SECTIONS = {
     "he_update_size": he_update_size,
     "he_round_time": he_round_time,
     "segment_full_size": segment_full_size,
+    "he_malformed_update": he_malformed_update,
+    "nifti_bomb_check": nifti_bomb_check,
 }
 
 
