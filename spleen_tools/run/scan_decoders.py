@@ -78,12 +78,12 @@ def inner_name(label: str) -> str:
 def decompressed(kind: str, source: BinaryIO) -> BinaryIO:
     """The stream that ``source`` (gzip, bzip2, xz or zstd) unpacks to, read as it goes."""
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=source, mode="rb")
     if kind == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
     if kind == "bzip2":
-        return _Streams(source, bz2.BZ2Decompressor)  # type: ignore[return-value]
-    return _Streams(source, lambda: lzma.LZMADecompressor(memlimit=_XZ_MEMORY))  # type: ignore[return-value]
+        return _Streams(source, bz2.BZ2Decompressor)
+    return _Streams(source, lambda: lzma.LZMADecompressor(memlimit=_XZ_MEMORY))
 
 
 class _Decompressor(Protocol):
@@ -122,12 +122,13 @@ class _Streams:
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile reads a GNU long name or a pax header whole, whatever size its header claims: cap it."""
+    """tarfile reads a GNU long name or a pax header whole, whatever size its header claims: cap it (tarfile names
+    _proc_member as the method a subclass may override)."""
 
     def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _TAR_HEADERS and self.size > _TAR_HEADER_CAP:
             raise tarfile.HeaderError(f"{self.name}: extended header of {self.size} bytes")
-        return super()._proc_member(tar)  # type: ignore[misc]
+        return super()._proc_member(tar)
 
 
 def tar_members(source: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
@@ -142,7 +143,7 @@ def tar_members(source: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
             if count > MAX_MEMBERS:
                 raise tarfile.TarError(f"more than {MAX_MEMBERS} members")
             if info.isreg():
-                yield info.name, tar.extractfile(info)  # type: ignore[misc]
+                yield info.name, tar.extractfile(info)
         end = counted.since(tar.offset)  # the header it stopped at, and what it read past it
     rest_is_padding = _only_padding(counted)  # read in full either way: the caller scans it as it is
     if end is None or end.strip(b"\0") or not rest_is_padding:

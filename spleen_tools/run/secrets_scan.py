@@ -141,7 +141,7 @@ class _Scanner:
             f.seek(0)
         else:
             head = _read_up_to(f, _HEAD)
-            f = dec.Replay(f, head)  # type: ignore[assignment]
+            f = dec.Replay(f, head)
         kind = dec.archive_kind(head)
         if looks_like_context(head) or (label.endswith(".tenseal") and kind is None):  # a leaf: loaded whole
             f = self.context(f, label)
@@ -165,19 +165,19 @@ class _Scanner:
         source = dec.Replay(f, sink=chunks.feed)
         try:
             if kind == "tar":
-                for name, member in dec.tar_members(source):  # type: ignore[arg-type]
+                for name, member in dec.tar_members(source):
                     self.member(member, f"{label}!{name}", depth, budget)
             else:
-                unpacked = dec.decompressed(kind, source)  # type: ignore[arg-type]
+                unpacked = dec.decompressed(kind, source)
                 self.member(unpacked, f"{label}!{dec.inner_name(label)}", depth, budget)
         except dec.UNPACK_ERRORS as e:
             self.unchecked(label, "not fully scanned", f"{kind}: {e}")
-        chunks.read_all(source)  # type: ignore[arg-type]  # what the unpacker left, if anything
+        chunks.read_all(source)  # what the unpacker left, if anything
 
     def member(self, stream: BinaryIO, label: str, depth: int, budget: dec.Budget) -> None:
         capped = dec.Capped(stream, self.member_cap, budget)
         try:
-            self.stream(capped, label, depth + 1, budget)  # type: ignore[arg-type]
+            self.stream(capped, label, depth + 1, budget)
             self.report.members += 1
         except dec.TooLarge as e:
             if e.owner is not capped:
@@ -194,7 +194,7 @@ class _Scanner:
         data = _read_up_to(f, cap + 1)
         if len(data) > cap:
             self.unchecked(label, "not fully scanned", f"zip inside an archive over {cap >> 20} MiB; {_UNPACK_IT}")
-            chunks.read_all(dec.Replay(f, data))  # type: ignore[arg-type]
+            chunks.read_all(dec.Replay(f, data))
             return
         self.held += len(data)
         try:
@@ -217,7 +217,7 @@ class _Scanner:
                     name = f"{label}!{info.filename}"
                     try:
                         with zf.open(info) as member:
-                            self.member(member, name, depth, budget)  # type: ignore[arg-type]
+                            self.member(member, name, depth, budget)
                     except dec.UNPACK_ERRORS as e:
                         self.unchecked(name, "zip member not checked", str(e))
         except zipfile.BadZipFile as e:
@@ -233,7 +233,7 @@ class _Scanner:
         if f.seekable():
             f.seek(0)
             return f
-        return dec.Replay(f, data)  # type: ignore[return-value]
+        return dec.Replay(f, data)
 
     def found(self, label: str, what: str, detail: str) -> None:
         self.report.findings.append(Finding(label, what, detail))
