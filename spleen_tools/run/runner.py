@@ -406,12 +406,15 @@ def check_no_secret_left(run: Run, result: dict) -> None:
         "secrets": len(secrets),
         "files": report.files,
         "bytes": report.bytes,
-        "findings": [f"{f.file}: {f.what} ({f.detail})" for f in report.findings + report.unchecked],
+        "findings": [f"{f.file}: {f.what} ({f.detail})" for f in report.findings],
+        "unchecked": [f"{f.file}: {f.what} ({f.detail})" for f in report.unchecked],
     }
     (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     if not secrets or not report.clean:
-        found = result["secrets_scan"]["findings"] or [f"{run.system.workspace}: no kit secrets to look for"]
-        raise ExperimentError("secret left behind: " + "\nsecret left behind: ".join(found))
+        scan_info = result["secrets_scan"]
+        found = [f"secret left behind: {f}" for f in scan_info["findings"]]
+        found += [f"could not check for secrets: {f}" for f in scan_info["unchecked"]]
+        raise ExperimentError("\n".join(found or [f"{run.system.workspace}: no kit secrets to look for"]))
     run.out(
         f"secrets: none of the kits' {len(secrets)} secrets in {report.files} files ({report.bytes / 1e6:.0f} MB) "
         "of the run directory and the participants' logs and job folders"
