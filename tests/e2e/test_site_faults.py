@@ -67,7 +67,9 @@ def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
     try:
         for line in proc.stdout:
             out.append(line)
-            if killed_at is None and "round 1/3 done" in line:
+            # site-1 done with round 2 means round 1 was aggregated with site-2's result in it ("round 1/3 done"
+            # comes from the sites' own lines, when site-2 may still be uploading: its drop would then be in round 1)
+            if killed_at is None and "round 2/3 site-1:" in line:
                 processes = json.loads((runs / "latest" / "pids.json").read_text())["poc"]["processes"]
                 assert kill_site(processes, "site-2")
                 killed_at = time.time()
