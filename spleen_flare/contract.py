@@ -33,6 +33,9 @@ GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it 
 FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
 # where each site keeps the update it sent last (weights, steps, round): its own, never encrypted on its disk
 LAST_LOCAL_UPDATE = "local_model/last_update.pt"
+# W&B (--tracking wandb): the server's runs under <job workspace>/WANDB_FOLDER/, and the warning of a failed login
+WANDB_FOLDER = "wandb_runs"
+WANDB_FAILED_LOGIN = "W&B login failed"
 
 # An NVFlare job id as a job may name an earlier one (``resume_from``): a folder name, never a path.
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -27,8 +27,10 @@ TRAIN_CONFIG = "configs/train.json"
 # Where the server's receiver writes the sites' metrics: an MLflow server (the job's MLflowReceiver with its
 # tracking_uri), an MLflow SQLite store in the job's result folder (no tracking_uri: NVFlare 2.9 writes
 # <result>/mlflow.db, downloaded with the job), or TensorBoard event files per site (NVFlare's TBAnalyticsReceiver,
-# <job workspace>/tb_events/<site>/).
-TRACKING_MODES = ("server", "workspace", "tensorboard")
+# <job workspace>/tb_events/<site>/), or W&B runs per site (spleen_flare.wandb_receiver, offline unless a
+# W&B project is given and the server has an API key: <job workspace>/wandb_runs/, downloaded with the job).
+TRACKING_MODES = ("server", "workspace", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online")
 MLFLOW_RECEIVER_ID = "mlflow_receiver"
 TB_FOLDER = "tb_events"
 TB_RECEIVER = {
@@ -36,6 +38,7 @@ TB_RECEIVER = {
     "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
     "args": {"tb_folder": TB_FOLDER, "events": ["fed.analytix_log_stats"]},
 }
+WANDB_RECEIVER_PATH = "spleen_flare.wandb_receiver.JobWandBReceiver"
 # Run-time outputs of a bundle that must never travel with a job (nor count when a participant compares bundles).
 _BUNDLE_IGNORE = shutil.ignore_patterns(*BUNDLE_IGNORED, *(f"*{s}" for s in BUNDLE_IGNORED_SUFFIXES))
 CUSTOM_DIR = "custom"  # NVFlare's folder of a job's own code: its presence makes the job bring-your-own-code
@@ -53,6 +56,8 @@ class JobSettings:
     tracking: str | None = None  # one of TRACKING_MODES
     tracking_uri: str | None = None
     experiment_name: str | None = None
+    wandb_project: str | None = None  # tracking "wandb": the W&B project (default: the MLflow experiment name)
+    wandb_mode: str = "offline"  # tracking "wandb": one of WANDB_MODES (online needs WANDB_API_KEY at the server)
     resume_from: str | None = None  # an earlier job of the same server to go on from (see spleen_flare.resume)
     ship_code: bool = False  # development only: spleen_flare in the job's app/custom (bring-your-own-code)
 
@@ -131,6 +136,9 @@ def set_tracking(components: list[dict], settings: JobSettings) -> None:
     if settings.tracking == "tensorboard":
         components[index] = json.loads(json.dumps(TB_RECEIVER))
         return
+    if settings.tracking == "wandb":
+        components[index] = wandb_receiver(receiver["args"].get("kw_args", {}), settings)
+        return
     if settings.tracking == "workspace":
         receiver["args"].pop("tracking_uri", None)
     elif settings.tracking_uri is not None:
@@ -139,6 +147,35 @@ def set_tracking(components: list[dict], settings: JobSettings) -> None:
         receiver["args"].setdefault("kw_args", {})["experiment_name"] = settings.experiment_name
     if settings.resume_from:  # the resumed job's runs name the job whose runs hold the earlier rounds
         receiver["args"].setdefault("kw_args", {}).setdefault("run_tags", {})["resumed_from"] = settings.resume_from
+
+
+def wandb_from_env(env: dict[str, str]) -> tuple[str | None, str]:
+    """The W&B project and mode the one command uses: online only where W&B's own ``WANDB_API_KEY`` and
+    ``WANDB_PROJECT`` are both set (the server inherits the key; the job carries only the project)."""
+    project = env.get("WANDB_PROJECT") or None
+    return project, "online" if project and env.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_receiver(mlflow_kw_args: dict, settings: JobSettings) -> dict:
+    """The W&B receiver in place of the MLflow one: its project, run name and tags are the MLflow receiver's."""
+    if settings.wandb_mode not in WANDB_MODES:
+        raise ValueError(f"W&B mode must be one of {', '.join(WANDB_MODES)}, got {settings.wandb_mode!r}")
+    project = settings.wandb_project or settings.experiment_name or mlflow_kw_args.get("experiment_name")
+    tags = {**mlflow_kw_args.get("experiment_tags", {}), **mlflow_kw_args.get("run_tags", {})}
+    if settings.resume_from:
+        tags["resumed_from"] = settings.resume_from
+    wandb_args = {
+        "project": project,
+        "name": mlflow_kw_args.get("run_name", "fedavg"),
+        "group": project,
+        "job_type": "train",
+        "config": tags,
+    }
+    return {
+        "id": "wandb_receiver",
+        "path": WANDB_RECEIVER_PATH,
+        "args": {"wandb_args": wandb_args, "mode": settings.wandb_mode, "events": ["fed.analytix_log_stats"]},
+    }
 
 
 # The server workflows' waits for sites: a site silent for longer is reported and the workflow goes on (or stops).

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spleen_tools.jobs import JOB_NAMES, JobSettings, prepare_job
+from spleen_tools.jobs import JOB_NAMES, TRACKING_MODES, WANDB_MODES, JobSettings, prepare_job
 from spleen_tools.paths import BUNDLE_SRC, JOBS_DIR
 
 
@@ -31,7 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the server waits for a site's answer (training, validation, its model) before it goes on",
     )
     parser.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None, help="CPU-quick override")
+    parser.add_argument(
+        "--tracking",
+        choices=TRACKING_MODES,
+        help="the server's metrics receiver: MLflow at --tracking-uri (server), MLflow SQLite in the job's result "
+        "(workspace), TensorBoard files (tensorboard) or W&B runs (wandb); default: the job's own (server)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for the server's receiver")
+    parser.add_argument("--wandb-project", help="--tracking wandb: the W&B project (default: the job's experiment)")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=WANDB_MODES,
+        default="offline",
+        help="--tracking wandb: offline (default; no account, the runs come back with the job) or online (needs "
+        "WANDB_API_KEY in the server's environment; a failed login keeps the runs offline)",
+    )
     parser.add_argument(
         "--resume-from",
         metavar="JOB_ID",
@@ -55,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         min_clients=args.sites,
         site_timeout=args.site_timeout,
         quick=args.quick,
+        tracking=args.tracking,
         tracking_uri=args.tracking_uri,
+        wandb_project=args.wandb_project,
+        wandb_mode=args.wandb_mode,
         resume_from=args.resume_from,
         ship_code=args.ship_code,
     )

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking",
         choices=TRACKING_MODES,
         default=d.tracking,
-        help="where the sites' metrics go: an MLflow server (default), the job's own MLflow SQLite store "
-        "(workspace), or TensorBoard event files (tensorboard); both come back with the downloaded job",
+        help="where the sites' metrics go: an MLflow server (default; MLflow installed), the job's own MLflow "
+        "SQLite store (workspace), TensorBoard event files (tensorboard), or W&B runs (wandb; offline, no account, "
+        "unless WANDB_API_KEY and WANDB_PROJECT are set); all but the first come back with the downloaded job",
     )
     p.add_argument("--stop", type=Path, metavar="RUN_DIR", help="stop what a --keep-running run left up, and exit")
     return p

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
 from spleen_tools.run.tracking import Curves, join_curves, mlflow_curves, tensorboard_curves
+from spleen_tools.run.wandb_files import wandb_curves
 
 TRAIN_LOSS = "train_loss_epoch"
 CURVE_METRICS = (TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC)
@@ -94,7 +95,7 @@ def plot_cross_site_heatmap(
 
 
 def read_curves(summary: dict) -> Curves:
-    """The sites' series from where the run tracked them (MLflow server or store, or TensorBoard files)."""
+    """The sites' series from where the run tracked them (MLflow server or store, TensorBoard or W&B files)."""
     mlflow_info = summary.get("mlflow") or {}
     if mlflow_info.get("run_ids"):
         curves = mlflow_curves(mlflow_info["tracking_uri"], mlflow_info["run_ids"], CURVE_METRICS)
@@ -104,6 +105,9 @@ def read_curves(summary: dict) -> Curves:
             )
             curves = join_curves(lost, curves)
         return curves
+    run_files = (summary.get("wandb") or {}).get("run_files")
+    if run_files:
+        return wandb_curves(run_files, CURVE_METRICS)
     site_dirs = (summary.get("tensorboard") or {}).get("site_dirs")
     return tensorboard_curves(site_dirs, CURVE_METRICS) if site_dirs else {}
 

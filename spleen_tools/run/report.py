@@ -121,6 +121,22 @@ def report_tracking(summary: dict, out: Callable[[str], None]) -> None:
         if dirs:
             out(f"TensorBoard event files: {', '.join(dirs)}")
             out(f"  view: .venv/bin/tensorboard --logdir {Path(dirs[0]).parent}")
+    if summary.get("wandb"):
+        report_wandb(summary["wandb"], out)
+
+
+def report_wandb(wandb: dict, out: Callable[[str], None]) -> None:
+    """The W&B runs, why they stayed offline if online was asked for, and the command that uploads them."""
+    if wandb.get("failed_login"):
+        out(f"W&B: {wandb['failed_login']}")
+    for problem in wandb.get("unreadable") or []:
+        out(f"W&B: {problem}")
+    files = sorted((wandb.get("run_files") or {}).values())
+    if files:
+        online = wandb.get("mode") == "online" and not wandb.get("failed_login")
+        out(f"W&B {'runs (also online)' if online else 'offline runs'}: {', '.join(files)}")
+        if not online:
+            out(f"  upload (after `.venv/bin/wandb login`): {wandb['sync']}")
 
 
 def report_still_running(run_dir, secure: bool, mlflow_pid: int | None, out: Callable[[str], None]) -> None:

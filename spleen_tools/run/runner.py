@@ -21,7 +21,7 @@ from pathlib import Path
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
 from spleen_tools.data.check import check_dataset
 from spleen_tools.flare import TERMINAL_OK, FlareError, JobAdmin, is_finished
-from spleen_tools.jobs import JobSettings, prepare_job
+from spleen_tools.jobs import JobSettings, prepare_job, wandb_from_env
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
@@ -36,6 +36,7 @@ from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerW
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
+from spleen_tools.run.wandb_files import wandb_info
 from spleen_tools.systems.base import FLSystem
 
 STATUS_EVERY = 10.0  # seconds between job status queries
@@ -167,6 +168,7 @@ def start_mlflow(run: Run) -> None:
 
 def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jobs") -> Path:
     s = run.settings
+    wandb_project, wandb_mode = wandb_from_env(dict(os.environ))
     job_settings = JobSettings(
         rounds=s.rounds,
         local_epochs=s.local_epochs,
@@ -176,6 +178,8 @@ def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jo
         tracking=s.tracking,
         tracking_uri=run.mlflow.url if run.mlflow else None,
         experiment_name=s.job_name,
+        wandb_project=wandb_project,
+        wandb_mode=wandb_mode,
         resume_from=resume_from,
         ship_code=s.ship_code,
     )
@@ -353,9 +357,11 @@ def resumes_info(run: Run, progress: Progress) -> list[dict]:
 
 
 def tracking_info(run: Run, download_dir: Path, job_id: str, sites: list[str]) -> dict:
-    """Where the sites' metrics are (summary.json's ``mlflow`` or ``tensorboard``), per ``--tracking``."""
+    """Where the sites' metrics are (summary.json's ``mlflow``, ``tensorboard`` or ``wandb``), per ``--tracking``."""
     if run.settings.tracking == "tensorboard":
         return {"mlflow": None, "tensorboard": {"site_dirs": tensorboard_dirs(download_dir, sites)}}
+    if run.settings.tracking == "wandb":
+        return {"mlflow": None, "wandb": wandb_info(download_dir, sites, wandb_from_env(dict(os.environ))[1])}
     uri = run.mlflow.url if run.mlflow else workspace_store(download_dir)
     return {"mlflow": mlflow_runs(uri, run.settings.job_name, job_id, sites) if uri else None}
 

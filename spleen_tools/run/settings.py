@@ -48,7 +48,7 @@ class ExperimentSettings:
     ship_code: bool = False  # development only, POC only: the code in the job (bring-your-own-code)
     timeout: float = 1800.0
     mlflow_port: int | None = None
-    tracking: str = "server"  # server | workspace | tensorboard (spleen_tools.jobs.TRACKING_MODES)
+    tracking: str = "server"  # server | workspace | tensorboard | wandb (spleen_tools.jobs.TRACKING_MODES)
     poll_interval: float = 2.0
 
     @property

@@ -220,9 +220,12 @@ def problems(summary: dict, sites: list[str], terminal_ok: tuple[str, ...]) -> l
 
 
 def tracked_sites(summary: dict) -> set[str] | None:
-    """Sites with a run (MLflow) or event files (TensorBoard); None where the summary says nothing of tracking."""
+    """Sites with a run (MLflow, W&B) or event files (TensorBoard); None where the summary says nothing of
+    tracking."""
     if summary.get("tensorboard") is not None:
         return set(summary["tensorboard"].get("site_dirs") or {})
+    if summary.get("wandb") is not None:
+        return set(summary["wandb"].get("run_files") or {})
     if "mlflow" in summary:
         return set((summary["mlflow"] or {}).get("run_ids") or {})
     return None

@@ -25,7 +25,7 @@ from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.entity import Project
 from nvflare.lighter.spec import Builder
 
-from spleen_tools.jobs import TB_RECEIVER
+from spleen_tools.jobs import TB_RECEIVER, WANDB_RECEIVER_PATH
 
 # NVFlare's site log streaming adds it to every job's config (the site's own SiteLogStreamer, not the job).
 JOB_LOG_STREAMER = "nvflare.app_common.logging.job_log_streamer.JobLogStreamer"
@@ -56,6 +56,7 @@ SERVER_CLASSES = (
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
     "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
     TB_RECEIVER["path"],
+    WANDB_RECEIVER_PATH,
     JOB_LOG_STREAMER,
 )
 RIGHTS = (

@@ -1,6 +1,6 @@
-"""--tracking workspace and --tracking tensorboard on a real POC run: no MLflow server, the metrics come back with
-the downloaded job, and each store read back (MLflow client / TensorBoard's event reader) holds every site's
-loss and Dice with one point per epoch, and the global model's Dice per round."""
+"""--tracking workspace, tensorboard and wandb on a real POC run: no MLflow server, the metrics come back with the
+downloaded job, and each store read back (MLflow client / TensorBoard's event reader / the W&B run files) holds
+every site's loss and Dice with one point per epoch, and the global model's Dice per round."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ from conftest import LOCAL_EPOCHS, REPO_ROOT, SITES, runner_cmd
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
 from spleen_tools.run.plots import CURVE_METRICS, TRAIN_LOSS
 from spleen_tools.run.tracking import mlflow_curves, tensorboard_curves
+from spleen_tools.run.wandb_files import wandb_curves
 
 
-def _run(tmp_path: Path, mode: str) -> tuple[dict, str]:
+def _run(tmp_path: Path, mode: str, **env: str) -> tuple[dict, str]:
     proc = subprocess.run(
         runner_cmd(tmp_path, "--rounds", "1", "--tracking", mode, "--timeout", "900"),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=1000,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     run_dir = (tmp_path / "latest").resolve()
@@ -56,3 +57,30 @@ def test_tensorboard_event_files_per_site(tmp_path):
     assert "tensorboard --logdir" in stdout
     _assert_complete(tensorboard_curves(dirs, CURVE_METRICS))
     assert "learning_curves" in summary["plots"]
+
+
+def test_wandb_online_with_a_bad_key_is_one_line_and_the_runs_come_back_offline(tmp_path):
+    """Online asked for (key and project set), no way to log in here: one line, the job completes, and the runs
+    are the offline files that came back with the job, with the command that uploads them."""
+    key = "0123456789abcdef0123456789abcdef01234567"  # W&B's key format, valid nowhere
+    summary, stdout = _run(tmp_path, "wandb", WANDB_API_KEY=key, WANDB_PROJECT="spleen-e2e", WANDB_BASE_URL=_CLOSED)
+    assert summary["status"] == "FINISHED:COMPLETED"
+    wandb = summary["wandb"]
+    assert wandb["mode"] == "online" and wandb["failed_login"].startswith("W&B login failed"), wandb
+    assert [line for line in stdout.splitlines() if "W&B login failed" in line] == [f"W&B: {wandb['failed_login']}"]
+    assert all(Path(summary["paths"]["job_result"]) in Path(f).parents for f in wandb["run_files"].values())
+    assert "wandb sync " in stdout and key not in stdout
+    _assert_complete(wandb_curves(wandb["run_files"], CURVE_METRICS))
+    assert "learning_curves" in summary["plots"]
+
+
+def _closed_port() -> str:
+    """A loopback URL nothing listens on: the login fails at once, and nothing is sent off this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+_CLOSED = _closed_port()

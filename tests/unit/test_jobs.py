@@ -14,6 +14,7 @@ from spleen_tools.jobs import (
     MLFLOW_RECEIVER_ID,
     TB_FOLDER,
     TB_RECEIVER,
+    WANDB_RECEIVER_PATH,
     JobSettings,
     check_job_version,
     get_script_args,
@@ -219,4 +220,23 @@ def test_tracking_tensorboard_swaps_in_nvflares_tb_receiver():
     (tb,) = [c for c in components if c["id"] == TB_RECEIVER["id"]]
     assert callable(_import_class(tb["path"])) and tb["args"]["tb_folder"] == TB_FOLDER
     with pytest.raises(ValueError, match="tracking must be one of"):
-        set_tracking(_receiver_components(), JobSettings(tracking="wandb"))
+        set_tracking(_receiver_components(), JobSettings(tracking="comet"))
+
+
+def test_tracking_wandb_takes_project_run_name_and_tags_from_the_mlflow_receiver():
+    components = _receiver_components()
+    mlflow_args = next(c for c in components if c["id"] == MLFLOW_RECEIVER_ID)["args"]["kw_args"]
+    set_tracking(components, JobSettings(tracking="wandb", resume_from="job-1"))
+    assert not any(c["id"] == MLFLOW_RECEIVER_ID for c in components)
+    (wandb,) = [c for c in components if c["path"] == WANDB_RECEIVER_PATH]
+    assert callable(_import_class(wandb["path"])) and wandb["args"]["mode"] == "offline"
+    args = wandb["args"]["wandb_args"]
+    assert args["project"] == mlflow_args["experiment_name"] and args["name"] == mlflow_args["run_name"]
+    assert args["config"] == {**mlflow_args["experiment_tags"], **mlflow_args["run_tags"], "resumed_from": "job-1"}
+    online = _receiver_components()
+    set_tracking(online, JobSettings(tracking="wandb", wandb_project="lab", wandb_mode="online"))
+    (wandb,) = [c for c in online if c["path"] == WANDB_RECEIVER_PATH]
+    assert wandb["args"]["mode"] == "online" and wandb["args"]["wandb_args"]["project"] == "lab"
+    assert "api_key" not in json.dumps(online).lower()  # the key stays in the server's environment
+    with pytest.raises(ValueError, match="W&B mode must be one of"):
+        set_tracking(_receiver_components(), JobSettings(tracking="wandb", wandb_mode="cloud"))

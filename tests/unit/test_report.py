@@ -64,3 +64,16 @@ def test_tracking_lines_per_mode():
     assert lines[-1] == "  view: .venv/bin/mlflow ui --backend-store-uri sqlite:////r/mlflow.db"
     report_tracking({"mlflow": None, "tensorboard": {"site_dirs": {"site-1": "/r/tb_events/site-1"}}}, lines.append)
     assert lines[-1] == "  view: .venv/bin/tensorboard --logdir /r/tb_events"
+    offline = {"mode": "offline", "run_files": {"site-1": "/r/w/a/run-a.wandb"}, "sync": "wandb sync /r/w/a"}
+    report_tracking({"mlflow": None, "wandb": offline}, lines.append)
+    assert lines[-2:] == [
+        "W&B offline runs: /r/w/a/run-a.wandb",
+        "  upload (after `.venv/bin/wandb login`): wandb sync /r/w/a",
+    ]
+    lines.clear()
+    failed = {**offline, "mode": "online", "failed_login": "W&B login failed (UsageError: bad key); runs kept offline"}
+    report_tracking({"mlflow": None, "wandb": failed}, lines.append)
+    assert lines[0] == "W&B: W&B login failed (UsageError: bad key); runs kept offline" and "upload" in lines[-1]
+    lines.clear()
+    report_tracking({"mlflow": None, "wandb": {**offline, "mode": "online"}}, lines.append)
+    assert lines == ["W&B runs (also online): /r/w/a/run-a.wandb"]

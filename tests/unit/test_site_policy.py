@@ -12,7 +12,7 @@ from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAu
 from nvflare.fuel.sec.authz import AuthzContext, Person
 from nvflare.security.security import FLAuthorizer
 
-from spleen_tools.jobs import TB_RECEIVER, JobSettings, prepare_job
+from spleen_tools.jobs import TRACKING_MODES, JobSettings, prepare_job
 from spleen_tools.paths import JOBS_DIR
 from spleen_tools.systems.site_policy import (
     HE_FILTERS,
@@ -54,11 +54,12 @@ class Workspace:
         return str(self.resources)
 
 
+@pytest.mark.parametrize("tracking", TRACKING_MODES)
 @pytest.mark.parametrize("job", JOBS)
-def test_the_allow_lists_cover_every_class_the_jobs_name(job):
-    config = JOBS_DIR / job / "app" / "config"
+def test_the_allow_lists_cover_every_class_the_jobs_name(job, tracking, tmp_path):
+    config = prepare_job(job, tmp_path, JobSettings(tracking=tracking)) / "app" / "config"
     client = paths(json.loads((config / "config_fed_client.json").read_text()))
-    server = paths(json.loads((config / "config_fed_server.json").read_text())) | {TB_RECEIVER["path"]}
+    server = paths(json.loads((config / "config_fed_server.json").read_text()))
     assert client <= set(SITE_CLASSES), client - set(SITE_CLASSES)
     assert server <= set(SERVER_CLASSES), server - set(SERVER_CLASSES)
 

@@ -138,6 +138,8 @@ def test_a_site_missing_from_the_tracking_store_is_a_problem():
     ]
     tb = {"mlflow": None, "tensorboard": {"site_dirs": {s: f"/tb/{s}" for s in SITES}}}
     assert problems({**base, **tb}, SITES, ("FINISHED:COMPLETED",)) == []
+    wandb = {"mlflow": None, "wandb": {"run_files": {"site-2": "/w/run-b.wandb"}}}
+    assert problems({**base, **wandb}, SITES, ("FINISHED:COMPLETED",)) == ["no metrics of site-1 in the tracking store"]
 
 
 def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
