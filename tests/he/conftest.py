@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import pytest
 import tenseal as ts
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.lighter.impl.he import HEBuilder
 
+from spleen_flare.he.aggregator import PackedHEAggregator
 from spleen_flare.he.keys import key_fingerprint
 
 
@@ -37,3 +40,13 @@ def foreign() -> tuple[ts.Context, ts.Context, str]:
     """Another provisioning with the same CKKS parameters: (site context, server context, key fingerprint)."""
     client, server = provisioned()
     return client, server, key_fingerprint(server)
+
+
+def server_aggregator(server_ctx: ts.Context) -> tuple[PackedHEAggregator, FLContext]:
+    """A fresh server aggregator at round 0 over ``server_ctx``, with its FL context."""
+    agg = PackedHEAggregator()
+    agg.tenseal_context = server_ctx  # what START_RUN loads from the server's kit
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    agg.reset(fl_ctx)
+    return agg, fl_ctx

@@ -40,8 +40,9 @@ from nvflare.app_common.abstract.model import ModelLearnableKey  # noqa: E402
 from nvflare.app_common.app_constant import AppConstants  # noqa: E402
 from nvflare.fuel.utils import fobs  # noqa: E402
 
+from he.conftest import server_aggregator
 from spleen_flare.contract import HE_TAG, read_tagged_line  # noqa: E402
-from spleen_flare.he.aggregator import PackedHEAggregator, PackedHEShareableGenerator  # noqa: E402
+from spleen_flare.he.aggregator import PackedHEShareableGenerator  # noqa: E402
 from spleen_flare.he.filters import PackedHEDecryptor, PackedHEEncryptor  # noqa: E402
 from spleen_flare.he.packing import (  # noqa: E402
     HE_META_KEY,
@@ -104,15 +105,6 @@ def _encrypted_update(
     return sh
 
 
-def _server(server_ctx: ts.Context) -> tuple[PackedHEAggregator, FLContext]:
-    agg = PackedHEAggregator()
-    agg.tenseal_context = server_ctx  # what START_RUN loads from the server's kit
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
-    agg.reset(fl_ctx)
-    return agg, fl_ctx
-
-
 def _decryptor(client_ctx: ts.Context, key: str) -> PackedHEDecryptor:
     dec = PackedHEDecryptor()
     dec.tenseal_context, dec.key_fingerprint = client_ctx, key
@@ -122,7 +114,7 @@ def _decryptor(client_ctx: ts.Context, key: str) -> PackedHEDecryptor:
 def _he_round(contexts, key: str, updates: dict[str, dict]) -> Shareable:
     """Encrypt each site's update, aggregate on the server, return the global model's task data."""
     client_ctx, server_ctx = contexts
-    agg, server_fl_ctx = _server(server_ctx)
+    agg, server_fl_ctx = server_aggregator(server_ctx)
     for site, weights in updates.items():
         assert agg.accept(_encrypted_update(client_ctx, key, site, weights, STEPS[site]), server_fl_ctx), site
     gen = PackedHEShareableGenerator()
@@ -362,7 +354,7 @@ def test_an_update_or_model_under_another_key_is_refused(contexts, key, foreign,
         total.add(*encrypt_model(updates["site-2"], foreign_client, 1.0, key=foreign_key), sender="site-2")
     _assert_same(total.result(), before)
     # the aggregator, with a re-provisioned site's encryptor
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     assert agg.accept(_encrypted_update(client_ctx, key, "site-1", updates["site-1"], 3), fl_ctx)
     caplog.set_level(logging.ERROR)
     assert not agg.accept(_encrypted_update(foreign_client, foreign_key, "site-2", updates["site-2"], 5), fl_ctx)
@@ -386,7 +378,7 @@ def _assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 
 def test_server_refuses_plaintext_and_mismatched_updates(contexts, key, updates, caplog) -> None:
     client_ctx, server_ctx = contexts
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     plain = DXO(DataKind.WEIGHTS, dict(updates["site-1"]), {MetaKey.NUM_STEPS_CURRENT_ROUND: 3}).to_shareable()
     plain.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
     plain.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
@@ -474,7 +466,7 @@ def test_full_size_update_at_most_10x_plaintext(contexts, key) -> None:
     assert ratio <= 2.1, ratio  # the target is <= 10x; the packed layout gives 2x
 
     # the global model the server sends back (the c0 sum and one seed per contribution) stays at 2x too
-    agg, server_fl_ctx = _server(contexts[1])
+    agg, server_fl_ctx = server_aggregator(contexts[1])
     sh.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
     sh.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
     assert agg.accept(sh, server_fl_ctx)

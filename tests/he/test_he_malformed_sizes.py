@@ -27,6 +27,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
+from he.conftest import server_aggregator
 from spleen_flare.he.aggregator import PackedHEAggregator, model_values
 from spleen_flare.he.cross_site_eval import SerializingHECrossSiteModelEval
 from spleen_flare.he.filters import PackedHEDecryptor
@@ -73,15 +74,6 @@ def _arrived(data: dict, meta: dict, site: str, rnd: int = 0) -> Shareable:
     sh.set_peer_props({ReservedKey.IDENTITY_NAME: site})
     sh.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
     return sh
-
-
-def _server(server_ctx) -> tuple[PackedHEAggregator, FLContext]:
-    agg = PackedHEAggregator()
-    agg.tenseal_context = server_ctx  # what START_RUN loads from the server's kit
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
-    agg.reset(fl_ctx)
-    return agg, fl_ctx
 
 
 def _site_gets(contexts, key, data: dict, meta: dict) -> Any:
@@ -135,7 +127,7 @@ def test_a_four_million_ciphertext_layout_is_refused_before_anything_is_built(co
 
 def test_four_hundred_thousand_empty_blobs_are_refused_and_the_round_goes_on(contexts, key, caplog) -> None:
     client_ctx, server_ctx = contexts
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     data, meta = encrypt_model(MODEL, client_ctx, 5.0, key=key)
     empty = {ct_key(k): b"" for k in range(400_000)} | {NBT: data[NBT]}
     malformed = _arrived(empty, _declaring(meta, 400_000), "site-2")  # numpy was asked for 24 GiB before the fix
@@ -168,7 +160,7 @@ def test_a_million_entry_shape_is_refused_with_a_short_message(contexts, key, up
 
 def test_weights_whose_sum_would_not_be_finite_are_refused(contexts, key, caplog) -> None:
     client_ctx, server_ctx = contexts
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     caplog.set_level(logging.ERROR)
     for site in ("site-1", "site-2"):  # each finite; their sum was inf, which every site then refused
         data, meta = encrypt_model(MODEL, client_ctx, 1.0, key=key)
@@ -197,7 +189,7 @@ def test_any_exception_inside_accept_refuses_that_update_only(contexts, key, cap
             raise error("no check foresees this")
 
     client_ctx, server_ctx = contexts
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     assert agg.accept(_arrived(*encrypt_model(MODEL, client_ctx, 3.0, key=key), "site-1"), fl_ctx)
     data, meta = encrypt_model(MODEL, client_ctx, 5.0, key=key)
     data[ct_key(1)] = Unforeseen(data[ct_key(1)])
@@ -210,7 +202,7 @@ def test_any_exception_inside_accept_refuses_that_update_only(contexts, key, cap
 
 def test_an_update_larger_than_the_global_model_is_refused(contexts, key, caplog) -> None:
     client_ctx, server_ctx = contexts
-    agg, fl_ctx = _server(server_ctx)
+    agg, fl_ctx = server_aggregator(server_ctx)
     # the round's global model, as ScatterAndGather sets it: here the plaintext initial model
     fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(dict(MODEL), {}), private=True, sticky=False)
     assert model_values(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)) == MODEL["conv.weight"].size
