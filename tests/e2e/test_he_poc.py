@@ -145,7 +145,7 @@ def test_sites_decrypt_the_fedavg_of_their_last_updates(he_run: dict) -> None:
     updates = {}
     for site in SITES:
         path = next(run_dir.glob(f"poc/**/prod_00/{site}/{job_id}/app_{site}/{LAST_LOCAL_UPDATE}"))
-        updates[site] = torch.load(path, map_location="cpu")
+        updates[site] = torch.load(path, map_location="cpu", weights_only=True)
         assert updates[site]["round"] == ROUNDS - 1 and updates[site]["steps"] > 0, site
     total = sum(u["steps"] for u in updates.values())
     expected = {
@@ -181,7 +181,7 @@ def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -
     run_dir = he_run["_run_dir"]
     bundle = Path(he_run["model_bundle"]["path"])
     assert verify_bundle(bundle)["torchscript_max_abs_diff"] <= 1e-4
-    exported = torch.load(bundle / "models" / "model.pt", map_location="cpu")
+    exported = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     decrypted = _site_decrypts(run_dir, "site-2", _stored_global_model(run_dir))
     assert exported.keys() == decrypted.keys()
     for name, value in decrypted.items():

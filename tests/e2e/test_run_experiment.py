@@ -129,7 +129,7 @@ def test_run_directory_holds_the_verified_model_bundle(experiment_run):
 
     (server_model,) = Path(experiment_run.summary["paths"]["job_result"]).rglob("app_server/FL_global_model.pt")
     final = torch.load(server_model, map_location="cpu", weights_only=True)["model"]
-    exported_weights = torch.load(bundle / "models" / "model.pt", map_location="cpu")
+    exported_weights = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(final[k], exported_weights[k]) for k in final)
 
 

@@ -75,7 +75,7 @@ def test_metadata_has_new_version_changelog_dice_and_provenance(exported: Path) 
 
 
 def test_model_pt_is_the_plain_state_dict_of_the_global_model(exported: Path, downloaded_job: Path) -> None:
-    saved = torch.load(exported / "models" / "model.pt", map_location="cpu")
+    saved = torch.load(exported / "models" / "model.pt", map_location="cpu", weights_only=True)
     original = read_state_dict(downloaded_job / "workspace" / "app_server" / "FL_global_model.pt")
     assert saved.keys() == original.keys()
     assert all(torch.equal(saved[k], original[k]) for k in saved)
@@ -100,7 +100,7 @@ def test_a_tampered_torchscript_model_fails_verification(exported: Path, tmp_pat
 
     copy = tmp_path / "bundle"
     shutil.copytree(exported, copy)
-    weights = torch.load(copy / "models" / "model.pt", map_location="cpu")
+    weights = torch.load(copy / "models" / "model.pt", map_location="cpu", weights_only=True)
     weights = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}
     torch.save(weights, copy / "models" / "model.pt")
     with pytest.raises(ExportError, match="model.ts differs from model.pt"):
