@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import os
 import re
@@ -44,12 +45,21 @@ class NetnsError(RuntimeError):
     """An ``ip`` command failed while setting the network up, or its settings or records are unusable."""
 
 
+@functools.cache
 def unavailable() -> str | None:
-    """Why namespaced hosts cannot be made here (not root, no ``ip``), or None."""
+    """Why namespaced hosts cannot be made here (not root, no ``ip``, or the kernel or a container refuses a
+    namespace: one is made and removed to find out), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "network namespaces need iproute2 (`ip`)"
+    probe = f"splprobe-{new_token()}"
+    try:
+        _ip("netns", "add", probe)
+    except (NetnsError, OSError, subprocess.TimeoutExpired) as e:
+        return f"no network namespace can be made here: {e}"
+    with contextlib.suppress(NetnsError, OSError, subprocess.TimeoutExpired):
+        _ip("netns", "del", probe)
     return None
 
 
