@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from spleen_tools.bench.settings import DATA_SETTINGS, StudySettingsError, ValiditySettings, check_out_dir
-from spleen_tools.cli import OneLineParser
+from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.paths import RUNS_DIR
 
 DEFAULTS = ValiditySettings()
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train centralized, local-only and FedAvg models on the same synthetic data for the same "
         "number of epochs (rounds x local epochs), score each on every site's validation data and held-out cases, "
         "and check that FedAvg is close to centralized and better than local-only on the other sites' data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("--rounds", type=int, default=None, help=f"FL rounds (default {DEFAULTS.rounds}, tiny 1)")
     p.add_argument(

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spleen_tools.cli import OneLineParser
+from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.jobs import TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
 from spleen_tools.run.runner import run_experiment
@@ -39,7 +39,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = OneLineParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=DefaultsOnceFormatter)
     p.add_argument("--job", choices=sorted(JOB_VARIANTS), default=d.job, help="local = FedAvg, he = FedAvg + HE")
     p.add_argument("--sites", type=int, default=d.sites, help="number of sites (site-1..N)")
     p.add_argument(

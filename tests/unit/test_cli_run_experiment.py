@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from spleen_tools.cli import bench as bench_cli
 from spleen_tools.cli import run_experiment as cli
 
 
@@ -69,3 +71,16 @@ def test_given_data_is_checked_before_any_run_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {label}: shape") and "differs from its image" in err[0]
     assert not runs.exists()  # nothing made, nothing started
+
+
+@pytest.mark.parametrize("command", ["run_experiment", "bench"])
+def test_help_says_each_default_once_and_never_none(command, capsys):
+    module = {"run_experiment": cli, "bench": bench_cli}[command]
+    argv = ["--help"] if command == "run_experiment" else ["validity", "--help"]
+    with pytest.raises(SystemExit):
+        module.build_parser().parse_args(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+    options = re.split(r" (?=--[a-z])", text)
+    assert [o for o in options if len(re.findall(r"\(default", o)) > 1] == [], text
+    assert "(default: 10)" in text or "(default 10" in text  # a real default is still said
