@@ -81,7 +81,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     try:
         with sigterm_raises():
             run.enter("checking that the FL system can start")
-            preflight(settings)
+            preflight(settings, out)
             run.enter("preparing data")
             dataset, datalists = prepare_data(settings, run.run_dir, out)
             if settings.tracking == "server":
@@ -141,13 +141,16 @@ def check_given_data(settings: ExperimentSettings) -> None:
         raise SettingsError("\n".join(problems))
 
 
-def preflight(settings: ExperimentSettings) -> None:
-    """Fail fast, before data and MLflow, when the FL system cannot start."""
+def preflight(settings: ExperimentSettings, out: Callable[[str], None] = print) -> None:
+    """Fail fast, before data and MLflow, when the FL system cannot start (a fresh clone's secure workspace is
+    provisioned here first)."""
     if settings.secure:
         from spleen_tools.systems.secure import NotProvisionedError, SecureError
         from spleen_tools.systems.secure import preflight as secure_preflight
+        from spleen_tools.systems.secure_workspace import provision_if_missing
 
         try:
+            provision_if_missing(out)
             secure_preflight(settings.sites)
         except NotProvisionedError as err:
             raise SettingsError(str(err)) from None

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def default_workspace() -> Path:
 
 
 # -- provisioning ---------------------------------------------------------------------------------------------
+def provision_if_missing(say: Callable[[str], None]) -> bool:
+    """Provision the repo's own workspace when there is none yet (a fresh clone): True if it did. A workspace
+    named by ``$SPLEEN_SECURE_WORKSPACE`` is someone's kits: never made here."""
+    target = default_workspace()
+    if os.environ.get(WORKSPACE_ENV) or target.exists():
+        return False
+    say(f"no secure workspace yet: provisioning one ({FIX_PROVISION}, from {SECURE_PROJECT_YML.name}) into {target}")
+    provision(target.parent, name=target.name)
+    return True
+
+
 def _prod_number(path: Path) -> int:
     match = re.fullmatch(r"prod_(\d+)", path.name)
     return int(match.group(1)) if match else -1

@@ -48,3 +48,19 @@ def test_server_storage_moves_out_of_the_shared_tmp(tmp_path):
     written.write_text("{}")  # a file without the shared paths is left alone
     isolate_server_storage(kits.server)
     assert written.read_text() == "{}"
+
+
+def test_a_fresh_clone_gets_its_workspace_once_and_never_one_named_by_the_user(tmp_path, monkeypatch):
+    from spleen_tools.systems import secure_workspace
+    from spleen_tools.systems.secure import check_policies
+
+    monkeypatch.delenv(secure_workspace.WORKSPACE_ENV, raising=False)
+    monkeypatch.setattr(secure_workspace, "WORKSPACES_DIR", tmp_path / "workspaces")
+    said: list[str] = []
+    assert secure_workspace.provision_if_missing(said.append)
+    kits = read_kits(tmp_path / "workspaces" / "secure_workspace")
+    check_policies(kits, 2)  # the kits carry the site policies (allow-list, no BYOC)
+    assert len(said) == 1 and "./start_fl_secure.sh provision" in said[0]
+    assert not secure_workspace.provision_if_missing(said.append) and len(said) == 1  # there now: kept as it is
+    monkeypatch.setenv(secure_workspace.WORKSPACE_ENV, str(tmp_path / "theirs"))
+    assert not secure_workspace.provision_if_missing(said.append) and not (tmp_path / "theirs").exists()
