@@ -36,6 +36,7 @@ LAST_LOCAL_UPDATE = "local_model/last_update.pt"
 # W&B (--tracking wandb): the server's runs under <job workspace>/WANDB_FOLDER/, and the warning of a failed login
 WANDB_FOLDER = "wandb_runs"
 WANDB_FAILED_LOGIN = "W&B login failed"
+WANDB_STEP_SUFFIX = "_step"  # a metric's own x-axis field in every W&B row (<metric>_step)
 
 # An NVFlare job id as a job may name an earlier one (``resume_from``): a folder name, never a path.
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -18,8 +18,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver, WandBTask
 
 from spleen_flare.contract import WANDB_FAILED_LOGIN, WANDB_FOLDER
-
-STEP_SUFFIX = "_step"  # a metric's own x-axis field in every W&B row
+from spleen_flare.contract import WANDB_STEP_SUFFIX as STEP_SUFFIX
 
 
 class JobWandBReceiver(WandBReceiver):

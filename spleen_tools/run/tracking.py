@@ -10,6 +10,7 @@ from spleen_tools.jobs import TB_FOLDER
 
 WORKSPACE_STORE = "mlflow.db"  # NVFlare 2.9's MLflowReceiver without tracking_uri: <job result>/mlflow.db
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # {site: {metric: [(step, value), ...]}}
+SITE_IN_RUN_NAME = re.compile(r"(site-\d+)")  # NVFlare names a site's run "<site>-<job id>-<run name>"
 
 
 def mlflow_runs(url: str, experiment_name: str, job_id: str | None, sites: list[str]) -> dict:
@@ -24,7 +25,7 @@ def mlflow_runs(url: str, experiment_name: str, job_id: str | None, sites: list[
     for run in client.search_runs([experiment.experiment_id]):
         if job_id and run.data.tags.get("job_id") not in (None, job_id):
             continue
-        match = re.search(r"(site-\d+)", run.info.run_name or "")
+        match = SITE_IN_RUN_NAME.search(run.info.run_name or "")
         if match and match.group(1) in sites:
             run_ids[match.group(1)] = run.info.run_id
     return {

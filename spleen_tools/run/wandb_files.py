@@ -10,13 +10,14 @@ its block and the whole file by a cap, and a bad checksum ends the read with the
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import struct
 import zlib
 from pathlib import Path
 
 from spleen_flare.contract import WANDB_FAILED_LOGIN, WANDB_FOLDER
+from spleen_flare.contract import WANDB_STEP_SUFFIX as STEP_SUFFIX
+from spleen_tools.run.tracking import SITE_IN_RUN_NAME, Curves
 
 HEADER = struct.Struct("<4sHB")
 HEADER_VALUES = (b":W&B", 0xBEE1, 0)
@@ -25,9 +26,6 @@ BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 MAX_RUN_FILE = 256 * 1024 * 1024  # a short FL run's file is a few hundred KB
 MAX_RECORD = 16 * 1024 * 1024
-STEP_SUFFIX = "_step"  # spleen_flare.wandb_receiver: each metric's own x-axis field
-SITE = re.compile(r"(site-\d+)")
-Curves = dict[str, dict[str, list[tuple[int, float]]]]
 
 
 class WandbFileError(ValueError):
@@ -97,7 +95,7 @@ def run_files(download_dir: Path, sites: list[str], unreadable: list[str] | None
         if WANDB_FOLDER not in path.relative_to(download_dir).parts:
             continue
         try:
-            match = SITE.match(read_run(path)[0])
+            match = SITE_IN_RUN_NAME.match(read_run(path)[0])
         except WandbFileError as e:
             if unreadable is not None:
                 unreadable.append(str(e))
