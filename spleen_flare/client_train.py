@@ -93,6 +93,7 @@ def open_site(args: argparse.Namespace) -> Site:
         training=training,
         validation=validation,
     )
+    progress(kind="info", site=site, device=device_name(runner.device))
     sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
     sender.init()
     train_stats = NVFlareStatsHandler(sender)
@@ -100,6 +101,19 @@ def open_site(args: argparse.Namespace) -> Site:
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
     return Site(site, app_root, runner, sender, train_stats, val_stats)
+
+
+def device_name(device: torch.device) -> str:
+    """What the site trains on, as its log says it: "cpu" or "cuda:0 (NVIDIA H200, 140 GB)"."""
+    if device.type != "cuda":
+        return str(device)
+    props = torch.cuda.get_device_properties(device)
+    return f"{device} ({props.name}, {props.total_memory / 1e9:.0f} GB)"
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Peak GPU memory this site's process allocated so far (each site trains in its own process)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
 
 
 class SiteInstallError(RuntimeError):
@@ -149,6 +163,7 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
         metrics_sent=site.train_stats.sent + site.val_stats.sent,
         metrics_failed=site.train_stats.failed + site.val_stats.failed,
         work_s=round(time.perf_counter() - work_start, 1),
+        gpu_peak_mb=gpu_peak_mb(runner.device),
     )
     weights = runner.get_weights()
     keep_last_update(site, weights, steps, model.current_round)

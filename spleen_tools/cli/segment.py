@@ -24,13 +24,16 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--input", type=Path, required=True, help="a CT NIfTI file (.nii.gz) or a folder of them")
     parser.add_argument("--output", type=Path, required=True, help="folder for masks, overlays, segmentation.json")
     parser.add_argument("--labels", type=Path, default=None, help="folder of labels named like the scans: Dice")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to segment on: cpu (default), cuda, cuda:1 (AMP on CUDA)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        segment(args.bundle.resolve(), args.input.resolve(), args.output.resolve(), args.labels)
+        segment(args.bundle.resolve(), args.input.resolve(), args.output.resolve(), args.labels, device=args.device)
     except InputError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)

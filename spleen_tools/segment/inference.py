@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from monai.bundle import ConfigWorkflow
 
 from spleen_tools.segment.inputs import InputError, case_name
@@ -29,9 +30,23 @@ def check_bundle(bundle: Path) -> None:
         )
 
 
-def run_inference(bundle: Path, scans: list[Path], output_dir: Path) -> dict[Path, Path]:
-    """Segment ``scans`` with the bundle on the CPU; returns scan -> mask path."""
+def check_device(device: str) -> None:
+    """A device name torch knows and this machine has, else one line naming the fix."""
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device name; use cpu, cuda or cuda:N") from None
+    if wanted.type == "cuda" and (wanted.index or 0) >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu"
+        )
+
+
+def run_inference(bundle: Path, scans: list[Path], output_dir: Path, device: str = "cpu") -> dict[Path, Path]:
+    """Segment ``scans`` with the bundle on ``device`` (a torch device name: "cpu", "cuda", "cuda:1");
+    returns scan -> mask path. The bundle's AMP follows the device (its default follows CUDA's presence)."""
     check_bundle(bundle)
+    check_device(device)
     output_dir.mkdir(parents=True, exist_ok=True)
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "inference.json"),
@@ -44,8 +59,8 @@ def run_inference(bundle: Path, scans: list[Path], output_dir: Path) -> dict[Pat
         output_postfix=MASK_POSTFIX,
         output_dtype="$numpy.uint8",
         separate_folder=False,
-        device="$torch.device('cpu')",
-        **{"dataloader#num_workers": 0},
+        device=f"$torch.device({device!r})",
+        **{"dataloader#num_workers": 0, "evaluator#amp": device.startswith("cuda")},
     )
     workflow.initialize()
     workflow.run()

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from spleen_tools.segment.inference import check_bundle, run_inference
+from spleen_tools.segment.inference import check_bundle, check_device, run_inference
 from spleen_tools.segment.inputs import case_name, check_labels, check_scans, find_labels, list_scans
 from spleen_tools.segment.measures import dice, geometry_problem, spleen_volume_ml
 from spleen_tools.segment.overlay import write_overlay
@@ -40,6 +40,7 @@ def segment(
     output_dir: Path,
     labels_dir: Path | None = None,
     out: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> list[dict]:
     """Masks (NIfTI, the scan's shape and affine), volumes, overlays and Dice where labels are given."""
     scans = list_scans(source)
@@ -47,8 +48,9 @@ def segment(
     labels = find_labels(scans, labels_dir) if labels_dir else {}
     check_labels(labels)
     check_bundle(bundle)
+    check_device(device)
     out(f"segmenting {len(scans)} scan(s) with {bundle} ...")
-    masks = run_inference(bundle, scans, output_dir)
+    masks = run_inference(bundle, scans, output_dir, device)
     rows = []
     for scan in scans:
         row = measure(scan, masks[scan], labels.get(scan), output_dir)
