@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,41 @@ class Plan:
 
 FULL = Plan((320, 320, 64), (1.2, 1.2, 5.0), 10, 6, 3, 2, False, (512, 512, 120))
 DRY = Plan((64, 64, 24), (0.8, 0.8, 5.0), 3, 2, 1, 1, True, (96, 96, 24))
+
+
+class GpuBusy:
+    """Mean and peak SM utilization of GPU 0 while a phase runs (NVML, sampled every 0.5 s): how busy the check
+    keeps the GPU. None without NVML (no NVIDIA driver, or nvidia-ml-py missing)."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:
+            self._read = None
+
+    def __enter__(self) -> GpuBusy:
+        if self._read:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.samples.append(int(self._read()))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def figures(self) -> dict | None:
+        if not self.samples:
+            return None
+        return {"sm_percent_mean": round(statistics.mean(self.samples), 1), "sm_percent_max": max(self.samples)}
 
 
 def bundle_configs(plan: Plan) -> list[str]:
@@ -189,7 +225,7 @@ def in_fl(work: Path, plan: Plan, data: Path) -> dict:
     rounds = [e for e in events if e.get("kind") == "round"]
     for site in SITES:
         own = [e for e in rounds if e.get("site") == site]
-        devices = [e["device"] for e in events if e.get("kind") == "info" and e.get("site") == site and "device" in e]
+        devices = [e["device"] for e in events if e.get("kind") == "device" and e.get("site") == site]
         site_log = "\n".join(p.read_text(errors="replace") for p in (sim.workspace / site).rglob("log.txt"))
         result[site] = {
             "device": devices[0] if devices else None,
@@ -272,6 +308,7 @@ def report(result: dict) -> None:
             f"(standalone / FL = {ratio}); trains on {fl[site]['device']}; peak GPU memory standalone "
             f"{alone[site]['gpu_peak_mb']} MB, in FL {fl[site]['gpu_peak_mb']} MB"
         )
+    print(f"GPU busy (SM %, mean/max): standalone {alone.get('gpu_busy')}, in FL {fl.get('gpu_busy')}")
     print(
         f"server round times {fl['server_round_s']} s; round overhead (round - slowest site's work) "
         f"{fl['round_overhead_s']} s"
@@ -312,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result: dict = {"dry_run": args.dry_run, "plan": asdict(plan), "machine": gpu_info()}
             data, lists = make_data(work, plan)
-            result["standalone"] = standalone(work, plan, lists)
+            with GpuBusy() as busy:
+                result["standalone"] = standalone(work, plan, lists)
+            result["standalone"]["gpu_busy"] = busy.figures()
             print(f"standalone: {json.dumps(result['standalone'])}", flush=True)
-            result["in_fl"] = in_fl(work, plan, data)
+            with GpuBusy() as busy:
+                result["in_fl"] = in_fl(work, plan, data)
+            result["in_fl"]["gpu_busy"] = busy.figures()
             print(f"in FL: {json.dumps(result['in_fl'])}", flush=True)
             result["segment"] = segment_full_size(work, plan, Path(result["in_fl"]["global_model"]), device)
             result["he_round"] = he_round()

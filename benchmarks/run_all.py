@@ -11,6 +11,8 @@ Steps, in this order (each is a command of its own; BENCHMARKS.md names it besid
   segment       segment_full_size.py: spleen-segment on one 512 x 512 x 120 scan with the demo run's model bundle
   he_malformed  he_malformed_update.py: what each malformed HE update of the security review costs its reader
   nifti_bombs   nifti_bomb_check.py: peak memory and time of the data check on NIfTI bombs (about 1 min)
+  gpu           gpu_check.py: the full bundle on CUDA, standalone and in FL, segmentation, an HE round (a GPU
+                machine only: skipped, saying so, without CUDA; the figures recorded on a GPU stay)
 then write_benchmarks_md.py. About 45 minutes on 2 cores; nothing else may run meanwhile (POC ports are fixed and
 the timings are the point). Usage: ``.venv/bin/python benchmarks/run_all.py [--only a,b] [--skip a,b]``.
 """
@@ -43,6 +45,7 @@ STEPS = (
     "segment",
     "he_malformed",
     "nifti_bombs",
+    "gpu",
 )
 PYTHON = str(BIN_DIR / "python")
 
@@ -117,6 +120,14 @@ class Benchmarks:
 
     def nifti_bombs(self) -> None:
         sh([PYTHON, str(HERE / "nifti_bomb_check.py"), "--save"])
+
+    def gpu(self) -> None:
+        from spleen_tools.systems.base import cuda_device_count
+
+        if not cuda_device_count():
+            print("no CUDA device here: the GPU check is left out (its recorded figures stay in BENCHMARKS.md)")
+            return
+        sh([PYTHON, str(HERE / "gpu_check.py"), "--save"])
 
 
 def _steps(text: str) -> list[str]:

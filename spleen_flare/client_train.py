@@ -93,7 +93,7 @@ def open_site(args: argparse.Namespace) -> Site:
         training=training,
         validation=validation,
     )
-    progress(kind="info", site=site, device=device_name(runner.device))
+    progress(kind="device", site=site, device=device_name(runner.device))
     sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
     sender.init()
     train_stats = NVFlareStatsHandler(sender)
@@ -108,7 +108,9 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return str(device)
     props = torch.cuda.get_device_properties(device)
-    return f"{device} ({props.name}, {props.total_memory / 1e9:.0f} GB)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    given = f"; CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+    return f"{device} ({props.name}, {props.total_memory / 1e9:.0f} GB{given})"
 
 
 def gpu_peak_mb(device: torch.device) -> float | None:

@@ -49,8 +49,10 @@ TAGS = (PROGRESS_TAG, HE_TAG)
 # dropped: the server closed a round without a site's result (logged by the server's workflow);
 # resumed / resume_error: the server's persistor went on from an earlier job's last global model, or could not;
 # install_error: a participant refused the job because it asks for another version or bundle than it has installed
+# device: what a site trains on (its torch device, and the GPU its host gave it)
 PROGRESS_KINDS = (
     "round",
+    "device",
     "final",
     "cross_site",
     "info",

@@ -23,6 +23,7 @@ from spleen_tools.run.settings import (
     Terminated,
 )
 from spleen_tools.run.stop import stop_run
+from spleen_tools.systems.base import cuda_device_count
 
 DEFAULTS = ExperimentSettings()
 
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU-quick bundle override (default: on when CUDA is unavailable)",
     )
+    p.add_argument(
+        "--gpus",
+        type=gpu_ids,
+        default=(),
+        metavar="IDS",
+        help="GPU per site, comma-separated: 0 puts every site on GPU 0, 0,1 gives site-1 GPU 0 and site-2 GPU 1 "
+        "(several sites may share one); sites then train the full bundle with AMP unless --quick (default: each "
+        "site's CUDA default, GPU 0 where there is one)",
+    )
     p.add_argument("--data", type=Path, help="a real MSD Task09_Spleen folder (default: synthetic data)")
     p.add_argument(
         "--skip-data-check",
@@ -101,13 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cuda_available() -> bool:
+def gpu_ids(text: str) -> tuple[int, ...]:
+    """``--gpus 0,1`` -> (0, 1)."""
     try:
-        import torch
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU ids as integers, comma-separated (e.g. 0 or 0,1)") from None
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+
+def check_gpus(gpus: tuple[int, ...]) -> None:
+    """Every GPU named is on this machine (the sites of the one command run here)."""
+    count = cuda_device_count()
+    if gpus and max(gpus) >= count:
+        raise SettingsError(
+            f"--gpus {','.join(map(str, gpus))}: this machine has {count} CUDA GPU(s)"
+            + (f" (ids 0-{count - 1})" if count else "; leave --gpus out to train on the CPU")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stop is not None:
             return stop_run(args.stop)
-        quick = args.quick if args.quick is not None else not _cuda_available()
+        quick = args.quick if args.quick is not None else cuda_device_count() == 0
         settings = ExperimentSettings(
             job=args.job,
             sites=args.sites,
@@ -136,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             mlflow_port=args.mlflow_port,
             tracking=args.tracking,
+            gpus=args.gpus,
         )
         settings.validate()
+        check_gpus(settings.gpus)
         return run_experiment(settings, out=lambda msg: print(msg, flush=True))
     except RunTimeout as err:
         print(f"error: {err}", file=sys.stderr)

@@ -112,6 +112,8 @@ class Progress:
     dropped: list[dict] = field(default_factory=list)  # the server's "dropped" events: site, round, waited_s, at
     resumed: list[dict] = field(default_factory=list)  # the server's "resumed" events: job, round (the next one)
     job_errors: list[str] = field(default_factory=list)  # "resume_error" reasons, participants' "install_error"s
+    devices: dict[str, str] = field(default_factory=dict)  # site -> what it trains on ("cpu", "cuda:0 (...)")
+    gpu_peak_mb: dict[str, float] = field(default_factory=dict)  # site -> peak GPU memory of its training process
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -149,6 +151,9 @@ class Progress:
         if kind == "data_error":
             self.data_errors.append(f"{event['site']}: {event.get('problem')}")
             return [f"{self._clock(now)} {self.data_errors[-1]}"]
+        if kind == "device":
+            self.devices[event["site"]] = str(event.get("device"))
+            return [f"{self._clock(now)} {event['site']} trains on {self.devices[event['site']]}"]
         if kind == "cross_site":
             dice = event.get(KEY_METRIC)
             if isinstance(dice, float | int):
@@ -163,6 +168,8 @@ class Progress:
             return []
         rnd, site = event["round"], event["site"]
         self.per_round.setdefault(rnd, {})[site] = event
+        if isinstance(event.get("gpu_peak_mb"), int | float):
+            self.gpu_peak_mb[site] = max(self.gpu_peak_mb.get(site, 0.0), float(event["gpu_peak_mb"]))
         out = [
             f"{self._clock(now)} round {rnd + 1}/{self.rounds} {site}: loss {fmt(event.get('loss'))}, "
             f"local Dice {fmt(event.get('local_dice'))} (global model before training: "

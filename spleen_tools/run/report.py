@@ -75,6 +75,8 @@ def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
             f"server round times (s): {summary['fl_round_s']}; slowest site's own work per round (validation + "
             f"training, s): {summary.get('site_work_s')}"
         )
+    if summary.get("gpu_peak_mb"):
+        out("peak GPU memory per site: " + ", ".join(f"{s} {mb:.0f} MB" for s, mb in summary["gpu_peak_mb"].items()))
     if summary.get("server_peak_memory_mb"):
         out(f"server peak memory (server + job process, resident): {summary['server_peak_memory_mb']:.0f} MB")
     if summary.get("update_bytes_encrypted"):

@@ -197,14 +197,20 @@ def start_system(run: Run, env: dict[str, str]) -> None:
         from spleen_tools.systems.secure import SecureSystem
 
         # The provisioned kits already hold the TLS certificates and the CKKS context (HE needs no extra flag).
-        run.system = SecureSystem(n_sites=s.sites, env=env, pid_file=run.pid_file.path)
+        run.system = SecureSystem(n_sites=s.sites, env=env, pid_file=run.pid_file.path, gpus=s.gpus)
     else:
         from spleen_tools.systems.poc import PocSystem
         from spleen_tools.systems.site_policy import SitePolicy
 
         policy = SitePolicy(allow_byoc=s.ship_code)
         run.system = PocSystem(
-            run.run_dir / "poc", s.sites, he=s.job == "he", env=env, pid_file=run.pid_file.path, policy=policy
+            run.run_dir / "poc",
+            s.sites,
+            he=s.job == "he",
+            env=env,
+            pid_file=run.pid_file.path,
+            policy=policy,
+            gpus=s.gpus,
         )
     run.out(f"starting the FL system ({'secure' if s.secure else 'POC'}, {s.sites} sites) ...")
     run.system.start()

@@ -48,6 +48,7 @@ class ExperimentSettings:
     ship_code: bool = False  # development only, POC only: the code in the job (bring-your-own-code)
     timeout: float = 1800.0
     mlflow_port: int | None = None
+    gpus: tuple[int, ...] = ()  # GPU per site (spleen_tools.systems.base.gpu_assignment); empty: CUDA's default
     tracking: str = "server"  # server | workspace | tensorboard | wandb (spleen_tools.jobs.TRACKING_MODES)
     poll_interval: float = 2.0
 
@@ -74,6 +75,12 @@ class ExperimentSettings:
                 "--ship-code is for development on POC only: a provisioned site refuses jobs that carry code; "
                 "drop --ship-code (the sites run the spleen_flare they installed)"
             )
+        if self.gpus and len(self.gpus) not in (1, self.sites):
+            raise SettingsError(
+                f"--gpus {','.join(map(str, self.gpus))}: give one GPU id for all sites or one per site ({self.sites})"
+            )
+        if any(g < 0 for g in self.gpus):
+            raise SettingsError(f"--gpus {','.join(map(str, self.gpus))}: GPU ids are 0 or more")
         if self.timeout <= 0:
             raise SettingsError(f"--timeout must be positive, got {self.timeout}")
         if self.data is not None and not (Path(self.data) / "dataset.json").is_file():

@@ -99,6 +99,8 @@ def build_summary(
         "fl_round_s": progress.fl_round_times(),
         "site_work_s": progress.site_work_times(),
         "untrained_dice": progress.untrained_dice(),
+        "devices": dict(sorted(progress.devices.items())),  # what each site trained on
+        "gpu_peak_mb": dict(sorted(progress.gpu_peak_mb.items())),  # per site; empty when no site used a GPU
         "data_errors": progress.data_errors,
         "job_errors": progress.job_errors,  # the server's own: a job that could not resume
         "dropped": progress.dropped,  # rounds the server closed without a site's result

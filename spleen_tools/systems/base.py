@@ -14,6 +14,24 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op pool fo
 OUTCOME_WAIT = ("NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT", "60")
 
 
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def gpu_assignment(site_names: list[str], gpus: tuple[int, ...]) -> dict[str, str]:
+    """Site -> its ``CUDA_VISIBLE_DEVICES``: the i-th site gets ``gpus[i % len(gpus)]`` (NVFlare POC's own rule for
+    ``poc start -gpu``), so ``(0,)`` puts every site on GPU 0 and ``(0, 1)`` alternates. Empty: no assignment."""
+    return {site: str(gpus[i % len(gpus)]) for i, site in enumerate(site_names)} if gpus else {}
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or its CUDA broken: no GPU to give
+        return 0
+
+
 def thread_share(sites: int, cores: int | None = None) -> int:
     """Threads per site when ``sites`` train side by side on this machine: its cores divided among them."""
     return max(1, (cores or os.cpu_count() or 1) // max(1, sites))

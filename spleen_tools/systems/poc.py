@@ -14,6 +14,7 @@ Why the care:
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from spleen_tools.procs import (
     terminate,
     wait_for,
 )
-from spleen_tools.systems.base import participant_env
+from spleen_tools.systems.base import GPU_ENV, gpu_assignment, participant_env
 from spleen_tools.systems.he_kits import fingerprint_kits, sign_kits_again
 from spleen_tools.systems.site_policy import SitePolicy, write_poc_policies
 
@@ -76,6 +77,16 @@ def check_ports() -> None:
             f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 are in use: another NVFlare POC or server is "
             "running; stop it first"
         )
+
+
+def write_site_gpus(prod_dir: Path, assignment: dict[str, str]) -> None:
+    """Each site's GPU, set where its host would set it: in the environment its ``startup/sub_start.sh`` runs with
+    (so ``restart_site`` keeps it). ``poc start -gpu`` cannot say which site gets which: it shuffles the clients."""
+    for site, gpu in assignment.items():
+        script = prod_dir / site / "startup" / "sub_start.sh"
+        shebang, _, rest = script.read_text().partition("\n")
+        rest = "\n".join(line for line in rest.splitlines() if not line.startswith(f"export {GPU_ENV}="))
+        script.write_text(f"{shebang}\nexport {GPU_ENV}={shlex.quote(gpu)}  # spleen: this site's GPU\n{rest}\n")
 
 
 def preflight(owner: str = "preflight") -> None:
@@ -131,6 +142,7 @@ class PocSystem:
         start_timeout: float = 180.0,
         pid_file: Path | None = None,
         policy: SitePolicy | None = None,
+        gpus: tuple[int, ...] = (),
     ) -> None:
         if n_sites < 1:
             raise ValueError(f"n_sites must be at least 1, got {n_sites}")
@@ -142,6 +154,7 @@ class PocSystem:
         self.start_timeout = start_timeout
         self.pid_file = PidFile(pid_file) if pid_file is not None else None
         self.site_names = [f"site-{i}" for i in range(1, n_sites + 1)]
+        self.gpu_of = gpu_assignment(self.site_names, tuple(gpus))
         self._lock = poc_lock(owner=f"workspace {self.workspace}")
         self._starter: subprocess.Popen | None = None
         self._restarts: list[subprocess.Popen] = []  # sites started again (restart_site)
@@ -200,6 +213,7 @@ class PocSystem:
                 fingerprint_kits(self.prod_dir)
             write_poc_policies(self.prod_dir, self.site_names, self.policy)
             bind_server_to_loopback(self.prod_dir / "server")
+            write_site_gpus(self.prod_dir, self.gpu_of)
             sign_kits_again(self.prod_dir)
             cmd = nvflare_command("poc", "start", "-ex", ADMIN, "--timeout", str(int(self.start_timeout)))
             # Own session: server, clients and job processes all land in this process group.

@@ -27,7 +27,7 @@ from pathlib import Path
 from spleen_tools.flare import connected_sites
 from spleen_tools.paths import LOCK_DIR, SECURE_PROJECT_YML
 from spleen_tools.procs import HostLock, PidFile, ProcessRef, busy_ports, start_group, terminate, write_json
-from spleen_tools.systems.base import participant_env
+from spleen_tools.systems.base import GPU_ENV, gpu_assignment, participant_env
 from spleen_tools.systems.secure_workspace import (
     FIX_PROVISION,
     FIX_STOP,
@@ -119,6 +119,7 @@ class SecureSystem:
         start_timeout: float = 300.0,
         pid_file: Path | None = None,
         out: Callable[[str], None] | None = None,
+        gpus: tuple[int, ...] = (),
     ) -> None:
         if n_sites < 1:
             raise ValueError(f"n_sites must be at least 1, got {n_sites}")
@@ -129,6 +130,7 @@ class SecureSystem:
         self.pid_file = PidFile(pid_file) if pid_file is not None else None
         self.out = out or (lambda msg: None)
         self.site_names = [f"site-{i}" for i in range(1, n_sites + 1)]
+        self.gpu_of = gpu_assignment(self.site_names, tuple(gpus))
         self._kits: Kits | None = None
         self._lock: HostLock | None = None
         self._procs: dict[str, subprocess.Popen] = {}
@@ -191,7 +193,10 @@ class SecureSystem:
                 for flag in _RUNTIME_FLAGS:  # left by an earlier, killed run; sub_start.sh would trip on them
                     (kit / flag).unlink(missing_ok=True)
                 # Own session: the kit's restart loop and its python3 share this process group.
-                proc = start_group(["bash", str(kit / "startup" / "sub_start.sh")], self.console_logs[name], env=env)
+                own_env = {**env, **({GPU_ENV: self.gpu_of[name]} if name in self.gpu_of else {})}
+                proc = start_group(
+                    ["bash", str(kit / "startup" / "sub_start.sh")], self.console_logs[name], env=own_env
+                )
                 self._procs[name] = proc
                 self._started = True
                 state["participants"][name] = {

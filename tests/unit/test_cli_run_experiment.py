@@ -28,6 +28,10 @@ from spleen_tools.cli import run_experiment as cli
         (["--data", "/nonexistent/Task09_Spleen"], "no dataset.json"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--stop", "/nonexistent/run"], "no pids.json"),
+        (["--gpus", "zero"], "GPU ids as integers, comma-separated"),
+        (["--gpus", "0,0,0"], "give one GPU id for all sites or one per site (2)"),
+        (["--gpus", "-1"], "GPU ids are 0 or more"),
+        (["--gpus", "99"], "this machine has"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys, tmp_path):

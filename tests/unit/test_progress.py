@@ -156,3 +156,15 @@ def test_a_job_that_cannot_resume_says_why():
     line = tagged_line(PROGRESS_TAG, kind="resume_error", site="server", reason="cannot resume from job x: gone")
     assert p.add(parse_event(line), now=1.0) == ["[0:01] server: cannot resume from job x: gone"]
     assert p.job_errors == ["server: cannot resume from job x: gone"]
+
+
+def test_each_site_says_what_it_trains_on_and_its_peak_gpu_memory_is_kept():
+    progress = Progress(SITES, rounds=2, start=0.0)
+    line = PREFIX + tagged_line(PROGRESS_TAG, kind="device", site="site-1", device="cuda:0 (NVIDIA H200, 150 GB)")
+    assert progress.add(parse_event(line), now=5.0) == ["[0:05] site-1 trains on cuda:0 (NVIDIA H200, 150 GB)"]
+    for rnd, peak in ((0, 1100.0), (1, 1050.0)):
+        event = parse_event(round_line("site-1", rnd, 0.5))
+        progress.add({**event, "gpu_peak_mb": peak}, now=10.0)
+    progress.add(parse_event(round_line("site-2", 0, 0.5)), now=10.0)  # a CPU site sends none
+    assert progress.devices == {"site-1": "cuda:0 (NVIDIA H200, 150 GB)"}
+    assert progress.gpu_peak_mb == {"site-1": 1100.0}

@@ -124,3 +124,16 @@ def test_not_a_nifti_a_missing_label_and_not_a_bundle(bundle, dataset, tmp_path,
     assert segment_main(["--bundle", str(tmp_path), "--input", images, "--output", out]) == 2
     err = capsys.readouterr().err
     assert "not a model bundle" in err and "spleen-export" in err
+
+
+@pytest.mark.parametrize(
+    "device, needle",
+    [("cuda:7", "--device cuda:7: this machine has"), ("gpu0", "--device gpu0: not a torch device name")],
+)
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(bundle, dataset, tmp_path, capsys, device, needle):
+    out = tmp_path / "out"
+    images = str(dataset / "imagesTr")
+    assert segment_main(["--bundle", str(bundle), "--input", images, "--output", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
