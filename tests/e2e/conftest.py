@@ -70,7 +70,8 @@ def experiment_run(tmp_path_factory) -> RunResult:
     runs_dir = tmp_path_factory.mktemp("runs")
     t0 = time.monotonic()
     proc = subprocess.run(
-        runner_cmd(runs_dir, "--timeout", "900"),
+        # 9 cases: site-1 trains on 4, site-2 on 3, so step-weighted and plain FedAvg differ
+        runner_cmd(runs_dir, "--synthetic-cases", "9", "--timeout", "900"),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -95,6 +96,84 @@ def run_mlflow(experiment_run):
 def alive_recorded(run_dir: Path) -> list[int]:
     """Processes recorded in a run's pids.json (the runner left out) that are still alive."""
     return [ref.pid for ref in PidFile(run_dir / "pids.json").refs() if ref.alive()]
+
+
+def processes_of(*folders: Path, settle_s: float = 10.0) -> list[str]:
+    """Live processes of this machine whose command line, working directory or environment names one of
+    ``folders`` ("pid name: cmdline" each), after up to ``settle_s`` for exits under way. The process table, not
+    pids.json: NVFlare starts its job processes in sessions of their own, and no record names them. This test
+    process, its ancestors and its own children are left out (a run's leftovers are orphans by then)."""
+    import psutil
+
+    needles = [str(Path(f).resolve()) for f in folders]
+    me = psutil.Process()
+    # the test process, its ancestors and what it runs itself (a fixture's MLflow server serving the run's store)
+    own = {me.pid, *(p.pid for p in me.parents()), *(p.pid for p in me.children(recursive=True))}
+
+    def names_a_folder(proc: psutil.Process) -> bool:
+        with proc.oneshot():
+            texts = [*proc.cmdline(), proc.cwd(), *proc.environ().values()]
+        return any(needle in text for needle in needles for text in texts)
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid in own or proc.status() == psutil.STATUS_ZOMBIE or not names_a_folder(proc):
+                    continue
+                found.append(f"{proc.pid} {proc.name()}: {' '.join(proc.cmdline())[:300]}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(1.0)
+
+
+def assert_nothing_left(run_dir: Path, *more: Path) -> None:
+    """Neither a recorded process nor any other process of the run (its folders, ``more`` too) is alive."""
+    assert alive_recorded(run_dir) == [], "recorded processes still alive"
+    left = processes_of(run_dir, *more)
+    assert left == [], "processes of the run still alive:\n" + "\n".join(left)
+
+
+def last_updates(run_dir: Path, job_id: str) -> dict[str, dict]:
+    """What each POC site sent in the job's last round, before any filter: ``{"model", "steps", "round"}``
+    (``spleen_flare.client_train.keep_last_update``)."""
+    import torch
+
+    from spleen_flare.contract import LAST_LOCAL_UPDATE
+
+    found = {}
+    for site in SITES:
+        path = next(run_dir.glob(f"poc/**/prod_00/{site}/{job_id}/app_{site}/{LAST_LOCAL_UPDATE}"))
+        found[site] = torch.load(path, map_location="cpu", weights_only=True)
+    return found
+
+
+def assert_steps_weighted_fedavg(updates: dict[str, dict], got: dict, label: str = "") -> None:
+    """``got`` (name -> array) is the mean of the sites' last updates weighted by their local steps (1e-5), and
+    the plain mean is not: the sites trained different numbers of steps on different weights, so the check can
+    tell the two apart."""
+    import numpy as np
+
+    steps = {site: u["steps"] for site, u in updates.items()}
+    assert len(set(steps.values())) > 1, f"equal steps {steps}: weighted and plain means would agree"
+    total = sum(steps.values())
+    names = list(next(iter(updates.values()))["model"])
+    assert sorted(got) == sorted(names), label
+    plain_off = 0.0
+    for name in names:
+        values = [u["model"][name].double().numpy() for u in updates.values()]
+        weighted = sum(v * u["steps"] for v, u in zip(values, updates.values(), strict=True)) / total
+        value = np.asarray(got[name], dtype=np.float64).reshape(weighted.shape)
+        if not next(iter(updates.values()))["model"][name].is_floating_point():
+            # BatchNorm's batch counter: NVFlare keeps the weighted mean (plain) or rounds it (ours, under HE)
+            assert np.abs(value - weighted).max() < 1.0, f"{label}{name}: {value} vs {weighted}"
+            continue
+        np.testing.assert_allclose(value, weighted, rtol=1e-5, atol=1e-5, err_msg=f"{label}{name}")
+        plain_off = max(plain_off, float(np.abs(value - sum(values) / len(values)).max()))
+    assert plain_off > 1e-4, f"{label}the plain mean matches too (max difference {plain_off}): the check is blind"
 
 
 def assert_best_model_is_the_best_scored(summary: dict, rounds: int = ROUNDS) -> None:

@@ -11,7 +11,15 @@ import subprocess
 import numpy as np
 import pytest
 import tenseal as ts  # a broken TenSEAL install fails, never skips
-from conftest import REPO_ROOT, ROUNDS, SITES, assert_best_model_is_the_best_scored, runner_cmd
+from conftest import (
+    REPO_ROOT,
+    ROUNDS,
+    SITES,
+    assert_best_model_is_the_best_scored,
+    assert_steps_weighted_fedavg,
+    last_updates,
+    runner_cmd,
+)
 
 pytestmark = pytest.mark.he
 
@@ -19,7 +27,8 @@ pytestmark = pytest.mark.he
 @pytest.fixture(scope="module")
 def he_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs = tmp_path_factory.mktemp("he_runs")
-    cmd = runner_cmd(runs, "--job", "he", "--synthetic-cases", "4", "--timeout", "1200")
+    # 5 cases: site-1 trains on 2, site-2 on 1, so step-weighted and plain FedAvg differ
+    cmd = runner_cmd(runs, "--job", "he", "--synthetic-cases", "5", "--timeout", "1200")
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1320, env=dict(os.environ, PYTHONUNBUFFERED="1")
     )
@@ -137,36 +146,11 @@ def test_server_global_model_is_ciphertext_and_client_key_decrypts_it(he_run: di
 def test_sites_decrypt_the_fedavg_of_their_last_updates(he_run: dict) -> None:
     """The last aggregate, decrypted with a site's key, is the steps-weighted mean of what the sites sent in the
     last round (each site keeps its own last update, before encryption): FedAvg under HE, on the real job."""
-    import torch
-
-    from spleen_flare.contract import LAST_LOCAL_UPDATE
-
-    run_dir, job_id = he_run["_run_dir"], he_run["job_id"]
-    updates = {}
-    for site in SITES:
-        path = next(run_dir.glob(f"poc/**/prod_00/{site}/{job_id}/app_{site}/{LAST_LOCAL_UPDATE}"))
-        updates[site] = torch.load(path, map_location="cpu", weights_only=True)
-        assert updates[site]["round"] == ROUNDS - 1 and updates[site]["steps"] > 0, site
-    total = sum(u["steps"] for u in updates.values())
-    expected = {
-        name: sum(u["model"][name].double().numpy() * u["steps"] for u in updates.values()) / total
-        for name in updates["site-1"]["model"]
-    }
-    stored = _stored_global_model(run_dir)
+    updates = last_updates(he_run["_run_dir"], he_run["job_id"])
+    assert all(u["round"] == ROUNDS - 1 for u in updates.values()), {s: u["round"] for s, u in updates.items()}
+    stored = _stored_global_model(he_run["_run_dir"])
     for site in SITES:  # each site's key gives the same model
-        got = _site_decrypts(run_dir, site, stored)
-        assert got.keys() == expected.keys()
-        for name, value in expected.items():
-            if updates["site-1"]["model"][name].is_floating_point():
-                np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=f"{site}: {name}")
-            else:  # BatchNorm's batch counter: the weighted mean, rounded
-                assert got[name] == np.rint(value), (site, name)
-    spread = max(
-        float(np.abs(updates["site-1"]["model"][n].numpy() - updates["site-2"]["model"][n].numpy()).max())
-        for n in expected
-        if updates["site-1"]["model"][n].is_floating_point()
-    )
-    assert spread > 1e-3, "the sites sent the same weights: the comparison would prove nothing"
+        assert_steps_weighted_fedavg(updates, _site_decrypts(he_run["_run_dir"], site, stored), label=f"{site}: ")
 
 
 def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -> None:
@@ -188,3 +172,39 @@ def test_model_bundle_is_a_sites_decryption_of_the_servers_model(he_run: dict) -
         np.testing.assert_allclose(exported[name].numpy(), np.asarray(value).reshape(exported[name].shape), atol=1e-5)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["federated_training"]["job_id"] == he_run["job_id"]
+
+
+def test_cross_site_models_the_server_holds_are_ciphertext_of_what_the_sites_submitted(he_run: dict) -> None:
+    """Cross-site evaluation (spleen_flare.he.cross_site_eval): every model the server saved and broadcast while
+    the sites scored each other's models is ciphertext under the provisioned key, which the server's context cannot
+    decrypt; a site's model, as the server holds it, decrypts with another site's key to that site's best local
+    model."""
+    import torch
+    from nvflare.apis.dxo import from_file
+
+    from spleen_flare.bundle_runner import BEST_LOCAL_MODEL, build_network
+    from spleen_flare.he.packing import HE_META_KEY, as_ckks_vector, key_fingerprint
+    from spleen_tools.paths import BUNDLE_SRC
+
+    run_dir, job_id = he_run["_run_dir"], he_run["job_id"]
+    saved = sorted(p for p in run_dir.glob(f"poc/**/prod_00/server/{job_id}/cross_site_val/model_shareables/*"))
+    assert set(SITES) <= {p.name for p in saved}, saved  # each site's own model went through the server
+    server_ctx = ts.context_from((_kit(run_dir, "server") / "server_context.tenseal").read_bytes())
+    state = build_network(BUNDLE_SRC).state_dict()
+    float_names = {k for k, v in state.items() if v.dtype.is_floating_point}
+    for path in saved:
+        dxo = from_file(str(path))
+        assert not float_names & set(dxo.data), f"{path.name}: a float tensor stored under its own name"
+        blobs = [v for k, v in dxo.data.items() if k not in state]
+        assert blobs and all(isinstance(b, bytes) for b in blobs), path.name
+        assert dxo.meta[HE_META_KEY]["key"] == key_fingerprint(server_ctx), path.name
+        with pytest.raises(ValueError, match="secret"):
+            as_ckks_vector(blobs[0], dxo.meta[HE_META_KEY], server_ctx).decrypt()
+    site_1 = from_file(str(next(p for p in saved if p.name == "site-1")))
+    decrypted = _site_decrypts(run_dir, "site-2", site_1)  # another site's key
+    (best_path,) = run_dir.glob(f"poc/**/prod_00/site-1/{job_id}/**/{BEST_LOCAL_MODEL}")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)["model"]
+    for name in float_names:
+        np.testing.assert_allclose(
+            np.asarray(decrypted[name]).reshape(best[name].shape), best[name].numpy(), atol=1e-5, err_msg=name
+        )

@@ -15,7 +15,7 @@ import time
 
 import mlflow
 import pytest
-from conftest import REPO_ROOT, SITES, alive_recorded, runner_cmd
+from conftest import REPO_ROOT, SITES, assert_nothing_left, runner_cmd
 
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import ProcessRef
@@ -59,7 +59,7 @@ def test_no_metric_point_is_lost_when_mlflow_is_down_for_30_s(tmp_path):
             global_dice = sorted(m.step for m in client.get_metric_history(run_id, "global_val_mean_dice"))
             assert global_dice == list(range(ROUNDS + 1)), (site, global_dice)
             assert len(client.get_metric_history(run_id, "train_loss")) >= epochs
-        assert alive_recorded(run_dir) == []
+        assert_nothing_left(run_dir)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, SITES, alive_recorded, runner_cmd, wait_finished
+from conftest import REPO_ROOT, SITES, assert_nothing_left, runner_cmd, wait_finished
 
 from spleen_tools import flare
 from spleen_tools.flare import JobAdmin
@@ -303,7 +303,8 @@ def test_local_job_runs_over_tls_end_to_end(workspaces, tmp_path):
     assert (ws / "localhost" / "storage" / "jobs" / s["job_id"]).is_dir(), "the job store is the workspace's own"
     assert (run_dir / "job_result" / s["job_id"]).is_dir()
     # The run stopped everything it started: its process groups, MLflow, and the secure system's state file.
-    assert alive_recorded(run_dir) == [] and running_pids(ws) == [] and not state_path(ws).exists()
+    assert running_pids(ws) == [] and not state_path(ws).exists()
+    assert_nothing_left(run_dir, ws)
     assert json.loads((run_dir / "pids.json").read_text())["secure"]["workspace"] == str(ws)
 
 
@@ -349,4 +350,5 @@ def test_he_job_over_tls_leaves_no_secret_behind(workspaces, tmp_path):
     shutil.copy(ws / "site-1" / "startup" / "client_context.tenseal", leaked)
     found = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert found.returncode == 1 and f"error: {leaked}:" in found.stderr, found.stdout + found.stderr
-    assert alive_recorded(run_dir) == [] and running_pids(ws) == []
+    assert running_pids(ws) == []
+    assert_nothing_left(run_dir, ws)

@@ -16,8 +16,10 @@ from conftest import (
     REPO_ROOT,
     ROUNDS,
     SITES,
-    alive_recorded,
     assert_best_model_is_the_best_scored,
+    assert_nothing_left,
+    assert_steps_weighted_fedavg,
+    last_updates,
     runner_cmd,
 )
 from PIL import Image
@@ -39,6 +41,20 @@ def test_exits_zero_and_prints_results(experiment_run):
     assert "cross-site validation (Dice, rows: models, columns: sites)" in out
     assert "untrained" in out and f"after {ROUNDS} rounds" in out
     assert "MLflow: http://127.0.0.1:" in out and "experiment 'spleen_ct_segmentation_local'" in out
+
+
+def test_the_global_model_is_the_steps_weighted_mean_of_the_last_updates(experiment_run):
+    """Plain FedAvg (NVFlare's InTimeAccumulateWeightedAggregator, weights = NUM_STEPS_CURRENT_ROUND): the last
+    global model the server persisted is the sites' last updates weighted by their local steps (4 and 3)."""
+    import torch
+
+    s = experiment_run.summary
+    updates = last_updates(experiment_run.run_dir, s["job_id"])
+    assert {site: u["round"] for site, u in updates.items()} == dict.fromkeys(SITES, ROUNDS - 1)
+    assert {site: u["steps"] for site, u in updates.items()} == {"site-1": 4 * LOCAL_EPOCHS, "site-2": 3 * LOCAL_EPOCHS}
+    (path,) = Path(s["paths"]["job_result"]).rglob("app_server/FL_global_model.pt")
+    stored = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert_steps_weighted_fedavg(updates, {k: v.double().numpy() for k, v in stored.items()})
 
 
 def test_summary_fields_present_and_consistent(experiment_run):
@@ -137,10 +153,7 @@ def test_no_process_of_the_run_is_left(experiment_run):
     recorded = experiment_run.pid_file.read()
     assert "mlflow" in recorded and {"server", *SITES} <= set(recorded["poc"]["processes"]), recorded
     assert len(experiment_run.pid_file.refs()) >= 8  # MLflow, poc start, server and sites with their daemons
-    alive = alive_recorded(experiment_run.run_dir)
-    assert alive == [], f"still alive: {alive} ({recorded})"
-    for group in (recorded["poc"]["processes"]["poc_group"]["pid"], recorded["mlflow"]["pid"]):
-        assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 1
+    assert_nothing_left(experiment_run.run_dir)
 
 
 def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
@@ -151,11 +164,11 @@ def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
         )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: another POC run is active (pid ")
-    run_dir = (tmp_path / "latest").resolve()
-    assert alive_recorded(run_dir) == []
+    assert_nothing_left((tmp_path / "latest").resolve(), tmp_path)
 
 
-def _default_sigint() -> None:
+def _own_foreground_group() -> None:
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -181,27 +194,43 @@ def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
             stop_run(tmp_path / "latest", out=lambda _line: None)
 
 
-def test_ctrl_c_stops_everything(experiment_run, tmp_path):
-    """SIGINT once the job is submitted: exit 130 and no process of the run left."""
-    # A terminal's Ctrl-C: the default SIGINT action, even when pytest itself runs in the background
-    # (a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
-    proc = _start_run(tmp_path, preexec_fn=_default_sigint)
+# Ctrl-C at each phase, as a terminal sends it: SIGINT to the whole foreground process group (the runner and any
+# `nvflare` CLI call it is waiting on), triggered by the run's own output line for that phase.
+CTRL_C_PHASES = {
+    "mlflow": ("MLflow: http", ("starting MLflow", "starting the FL system")),
+    "poc": ("starting the FL system", ("starting the FL system",)),
+    "mid_round": (f"round 1/{ROUNDS} site-", ("running job ",)),
+    "download": ("job ", ("running job ", "collecting results")),  # "job <id> finished: ...", then the download
+}
+
+
+@pytest.mark.parametrize("phase", list(CTRL_C_PHASES))
+def test_ctrl_c_to_the_foreground_group_stops_everything(experiment_run, tmp_path, phase):
+    """Exit 130, no process of the run left (the process table, NVFlare's job processes included), stopped.json
+    names the phase. Runs after experiment_run, so no other POC is up."""
+    trigger, phases = CTRL_C_PHASES[phase]
+    # The runner leads its own group, as a shell's foreground job; SIGINT gets its default action in it (a shell
+    # starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
+    proc = _start_run(tmp_path, preexec_fn=_own_foreground_group)
     try:
         for line in proc.stdout:
-            if line.startswith("submitted "):
+            # progress lines start with the run's clock ("[1:10] round 1/2 site-1: ...")
+            if trigger in line and (phase != "download" or (line.startswith("job ") and " finished: " in line)):
                 break
         else:
-            pytest.fail(f"never submitted: {proc.stderr.read()}")
-        time.sleep(3)
-        proc.send_signal(signal.SIGINT)
+            pytest.fail(f"never printed {trigger!r}: {proc.stderr.read()}")
+        os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:
         _kill_and_clean_up(proc, tmp_path)
-    assert rc == 130, proc.stderr.read()
+    err = proc.stderr.read()
+    assert rc == 130, err
     run_dir = (tmp_path / "latest").resolve()
-    assert len(PidFile(run_dir / "pids.json").refs()) >= 4 and alive_recorded(run_dir) == []
+    assert_nothing_left(run_dir, tmp_path)
     stopped = json.loads((run_dir / "stopped.json").read_text())  # where the run was when it stopped
-    assert stopped["phase"].startswith("running job ") and stopped["reason"] == "interrupted (Ctrl-C / SIGINT)"
+    assert stopped["reason"] == "interrupted (Ctrl-C / SIGINT)" and stopped["phase"].startswith(phases), stopped
+    with poc_lock(f"after Ctrl-C in {phase}"):  # the lock is free again
+        pass
 
 
 def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
@@ -221,7 +250,8 @@ def test_sigterm_while_the_poc_starts_stops_everything(tmp_path):
     finally:
         _kill_and_clean_up(proc, tmp_path)
     assert rc == 143, proc.stderr.read()
-    assert PidFile(run_dir / "pids.json").refs() and alive_recorded(run_dir) == []
+    assert PidFile(run_dir / "pids.json").refs()
+    assert_nothing_left(run_dir, tmp_path)
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert stopped == {**stopped, "phase": "starting the FL system", "reason": "terminated (SIGTERM)"}
     with poc_lock("after the terminated run"):
@@ -242,6 +272,7 @@ def test_sigterm_once_mlflow_runs_stops_it_and_says_where(tmp_path):
         _kill_and_clean_up(proc, tmp_path)
     assert rc == 143, proc.stderr.read()
     run_dir = (tmp_path / "latest").resolve()
-    assert "mlflow" in json.loads((run_dir / "pids.json").read_text()) and alive_recorded(run_dir) == []
+    assert "mlflow" in json.loads((run_dir / "pids.json").read_text())
+    assert_nothing_left(run_dir, tmp_path)
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert stopped["phase"] in ("starting MLflow", "starting the FL system"), stopped

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from conftest import REPO_ROOT, alive_recorded, assert_best_model_is_the_best_scored, runner_cmd
+from conftest import REPO_ROOT, assert_best_model_is_the_best_scored, assert_nothing_left, runner_cmd
 
 from spleen_flare.resume import HISTORY_FILE
 from spleen_tools.mlflow_server import MLflowServer
@@ -119,7 +119,7 @@ def test_a_killed_server_comes_back_and_the_job_resumes_from_its_last_global_mod
     assert epochs == [2, 3], epochs  # rounds 2 and 3 of one local epoch each: the epoch count goes on
     took = resumed["noticed_at"] - killed_at
     print(f"server killed in round 2: restart noticed after {took:.0f} s, sites back after {resumed['sites_back_s']} s")
-    assert alive_recorded(run_dir) == []
+    assert_nothing_left(run_dir)
 
 
 def test_a_server_restart_it_may_not_resume_stops_the_run_saying_what_to_do(tmp_path):
@@ -131,4 +131,4 @@ def test_a_server_restart_it_may_not_resume_stops_the_run_saying_what_to_do(tmp_
     assert "run the command again" in stderr
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert stopped["phase"].startswith("running job"), stopped
-    assert alive_recorded(run_dir) == []
+    assert_nothing_left(run_dir)

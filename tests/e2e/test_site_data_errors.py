@@ -11,7 +11,7 @@ import time
 
 import nibabel as nib
 import numpy as np
-from conftest import REPO_ROOT, alive_recorded, runner_cmd
+from conftest import REPO_ROOT, assert_nothing_left, runner_cmd
 
 from spleen_tools.data.synthetic import make_synthetic_dataset
 
@@ -47,4 +47,4 @@ def test_a_sites_bad_label_is_named_by_the_one_command(tmp_path):
     assert f"{owner}: {label}: shape" in proc.stdout  # printed as it arrived, too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_errors"] == [errors[0].removeprefix("error: ")]
-    assert alive_recorded(run_dir) == []
+    assert_nothing_left(run_dir)

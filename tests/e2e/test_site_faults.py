@@ -18,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, alive_recorded, runner_cmd, wait_finished
+from conftest import REPO_ROOT, assert_nothing_left, runner_cmd, wait_finished
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
 from spleen_tools.data.datalists import make_site_datalists
@@ -90,7 +90,7 @@ def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
     assert sorted(s["cross_site"]["SRV_FL_global_model.pt"]) == ["site-1"]
     finished = time.time() - killed_at
     print(f"site-2 killed: noticed after {noticed:.0f} s; run finished {finished:.0f} s later; {s['status']}")
-    assert alive_recorded(run_dir) == []
+    assert_nothing_left(run_dir)
 
 
 def _round_seen(follower: LogFollower, site: str) -> bool:
