@@ -187,7 +187,8 @@ def test_cross_site_models_the_server_holds_are_ciphertext_of_what_the_sites_sub
     from spleen_tools.paths import BUNDLE_SRC
 
     run_dir, job_id = he_run["_run_dir"], he_run["job_id"]
-    saved = sorted(p for p in run_dir.glob(f"poc/**/prod_00/server/{job_id}/cross_site_val/model_shareables/*"))
+    # what the server's job stored (its workspace, as the download gives it; the server cleans its own copy)
+    saved = sorted(run_dir.glob(f"job_result/{job_id}/workspace/cross_site_val/model_shareables/*"))
     assert set(SITES) <= {p.name for p in saved}, saved  # each site's own model went through the server
     server_ctx = ts.context_from((_kit(run_dir, "server") / "server_context.tenseal").read_bytes())
     state = build_network(BUNDLE_SRC).state_dict()
