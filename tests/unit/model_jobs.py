@@ -23,15 +23,18 @@ def bundle_network():
 
 def make_downloaded_job(root: Path, weights: dict | None = None, with_job_definition: bool = True) -> Path:
     """``root/<job id>/``: meta.json, the job definition (bundle + CPU-quick override), the server's final and
-    best model, the model history of 3 rounds and cross-site results (final model 0.9 / 0.8 on two sites)."""
+    best model (different weights), the model history of 3 rounds and cross-site results (final model 0.9 / 0.8
+    on two sites)."""
     job = root / JOB_ID
     server = job / "workspace" / "app_server"
     server.mkdir(parents=True)
     if weights is None:
         torch.manual_seed(0)
         weights = bundle_network().state_dict()
+    # the best model differs from the final one, so that exporting the wrong one shows
+    best = {k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}
     torch.save({"model": weights, "train_conf": {"train": {"model": "UNet"}}}, server / "FL_global_model.pt")
-    torch.save({"model": weights, "train_conf": {}}, server / "best_FL_global_model.pt")
+    torch.save({"model": best, "train_conf": {}}, server / "best_FL_global_model.pt")
     (job / "meta.json").write_text(json.dumps({"job_id": JOB_ID, "name": "spleen_ct_segmentation_local"}))
     history = [{"round": "initial", "sha256": "a"}] + [{"round": r, "sha256": f"r{r}"} for r in range(3)]
     history.append({"round": 1, "sha256": "r1", "best": True, "val_mean_dice": 0.5})

@@ -75,9 +75,15 @@ def test_evaluating_foreign_weights_restores_local_ones(runner):
     assert runner.best_local_metric == best_before
 
 
-def test_best_local_weights_load(runner):
-    weights = runner.best_local_weights()
-    assert set(weights) == set(runner.get_weights())
+def test_best_local_weights_are_those_of_the_best_validation_not_the_current_ones(runner):
+    runner.best_local_metric = -1.0  # sets its own state: the next local validation is the best so far
+    runner.evaluate()  # local validation: the bundle's handler keeps these weights as the best local model
+    kept = runner.get_weights()
+    runner.set_weights({k: v + 1.0 if v.is_floating_point() else v for k, v in kept.items()})
+    got = runner.best_local_weights()
+    assert got.keys() == kept.keys() and all(torch.equal(got[k], kept[k]) for k in kept)
+    current = runner.get_weights()
+    assert not all(torch.equal(got[k], current[k]) for k in current)
 
 
 def test_datalist_lookup(tmp_path, monkeypatch):

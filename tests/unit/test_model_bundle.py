@@ -19,7 +19,6 @@ from spleen_tools.model_bundle import (
     ExportError,
     export_bundle,
     find_job,
-    read_state_dict,
     source_from_job,
     verify_bundle,
 )
@@ -74,11 +73,25 @@ def test_metadata_has_new_version_changelog_dice_and_provenance(exported: Path) 
     assert provenance["cross_site_dice"] == {"site-1": 0.9, "site-2": 0.8}
 
 
+def _job_weights(job: Path, name: str) -> dict[str, torch.Tensor]:
+    """The server's checkpoint as NVFlare's PT persistor wrote it, read with torch alone (not the exporter's reader)."""
+    return torch.load(job / "workspace" / "app_server" / name, map_location="cpu", weights_only=True)["model"]
+
+
 def test_model_pt_is_the_plain_state_dict_of_the_global_model(exported: Path, downloaded_job: Path) -> None:
     saved = torch.load(exported / "models" / "model.pt", map_location="cpu", weights_only=True)
-    original = read_state_dict(downloaded_job / "workspace" / "app_server" / "FL_global_model.pt")
+    original = _job_weights(downloaded_job, "FL_global_model.pt")
     assert saved.keys() == original.keys()
     assert all(torch.equal(saved[k], original[k]) for k in saved)
+
+
+def test_exporting_the_best_model_exports_its_weights_not_the_final_ones(downloaded_job: Path, tmp_path: Path) -> None:
+    bundle = export_bundle(source_from_job(downloaded_job, "best"), tmp_path)
+    saved = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    best, final = (_job_weights(downloaded_job, n) for n in ("best_FL_global_model.pt", "FL_global_model.pt"))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+    assert not all(torch.equal(saved[k], final[k]) for k in final)
+    assert verify_bundle(bundle)["torchscript_max_abs_diff"] <= 1e-4
 
 
 def test_the_bundles_own_inference_config_loads_the_exported_model(exported: Path, tmp_path: Path) -> None:
