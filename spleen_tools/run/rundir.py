@@ -12,7 +12,9 @@ from pathlib import Path
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings
 
 
-def make_run_dir(runs_dir: Path) -> Path:
+def make_run_dir(runs_dir: Path, latest: bool = True) -> Path:
+    """A new ``runs_dir/<timestamp>/``; ``runs_dir/latest`` points at it unless ``latest`` is False (the one
+    command points it there once the run passed its preflight: a refused run leaves it where it was)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for i in range(100):
@@ -21,14 +23,20 @@ def make_run_dir(runs_dir: Path) -> Path:
             path.mkdir()
         except FileExistsError:
             continue
-        latest = runs_dir / "latest"
-        tmp = runs_dir / f".latest-{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(path.name)
-        tmp.replace(latest)  # atomic: runs/latest always points at a whole run directory
+        if latest:
+            point_latest(path)
         return path
     raise ExperimentError(f"could not make a run directory under {runs_dir}")
+
+
+def point_latest(run_dir: Path) -> None:
+    """``<runs_dir>/latest`` -> ``run_dir``, atomically: it always points at a whole run directory."""
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(latest)
 
 
 def prepare_data(settings: ExperimentSettings, run_dir: Path, log: Callable[[str], None]) -> tuple[Path, Path]:

@@ -30,7 +30,7 @@ from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.refusals import policy_refusals
-from spleen_tools.run.rundir import make_run_dir, prepare_data
+from spleen_tools.run.rundir import make_run_dir, point_latest, prepare_data
 from spleen_tools.run.secrets_scan import scan
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
@@ -73,7 +73,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
     """The whole run; returns 0 on success. Raises ExperimentError (user-facing), RunTimeout, KeyboardInterrupt."""
     settings.validate()
     check_given_data(settings)
-    run = Run(settings, make_run_dir(Path(settings.runs_dir).resolve()), time.monotonic(), out)
+    run = Run(settings, make_run_dir(Path(settings.runs_dir).resolve(), latest=False), time.monotonic(), out)
     run.pid_file.update(runner=ProcessRef.of(os.getpid()))
     (run.run_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str) + "\n")
     out(f"run directory: {run.run_dir}")
@@ -82,6 +82,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
         with sigterm_raises():
             run.enter("checking that the FL system can start")
             preflight(settings, out)
+            point_latest(run.run_dir)  # a run refused by its preflight leaves runs/latest on the last real run
             run.enter("preparing data")
             dataset, datalists = prepare_data(settings, run.run_dir, out)
             if settings.tracking == "server":

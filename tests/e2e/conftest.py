@@ -93,6 +93,24 @@ def run_mlflow(experiment_run):
         yield server
 
 
+class FollowedRun(subprocess.Popen):
+    """The one command with its stdout piped, to follow line by line, and its stderr in a file: a second pipe
+    that nobody reads while the test follows stdout would stall the run once it filled (64 KiB)."""
+
+    def __init__(self, cmd: list[str], stderr_path: Path, **popen_args) -> None:
+        self.stderr_path = Path(stderr_path)
+        self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
+        self._stderr_file = self.stderr_path.open("w")
+        env = popen_args.pop("env", None) or dict(os.environ, PYTHONUNBUFFERED="1")
+        super().__init__(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=self._stderr_file, text=True, env=env, **popen_args
+        )
+
+    def stderr_text(self) -> str:
+        self._stderr_file.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+
 def alive_recorded(run_dir: Path) -> list[int]:
     """Processes recorded in a run's pids.json (the runner left out) that are still alive."""
     return [ref.pid for ref in PidFile(run_dir / "pids.json").refs() if ref.alive()]

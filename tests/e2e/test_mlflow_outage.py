@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import mlflow
 import pytest
-from conftest import REPO_ROOT, SITES, assert_nothing_left, runner_cmd
+from conftest import SITES, FollowedRun, assert_nothing_left, runner_cmd
 
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import ProcessRef
@@ -27,10 +26,7 @@ ROUNDS, LOCAL_EPOCHS, OUTAGE_S = 3, 2, 30
 def test_no_metric_point_is_lost_when_mlflow_is_down_for_30_s(tmp_path):
     runs = tmp_path / "runs"
     cmd = runner_cmd(runs, "--rounds", str(ROUNDS), "--local-epochs", str(LOCAL_EPOCHS), "--timeout", "900")
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
+    proc = FollowedRun(cmd, tmp_path / "stderr.txt")
     replacement, out = None, []
     try:
         for line in proc.stdout:
@@ -47,7 +43,7 @@ def test_no_metric_point_is_lost_when_mlflow_is_down_for_30_s(tmp_path):
                 print(f"MLflow down {time.monotonic() - down_at:.0f} s (port {port}); job {settings['job']}")
         rc = proc.wait(timeout=120)
         stdout = "".join(out)
-        assert replacement is not None and rc == 0, stdout[-3000:] + proc.stderr.read()
+        assert replacement is not None and rc == 0, stdout[-3000:] + proc.stderr_text()
         summary = json.loads((run_dir / "summary.json").read_text())
         client = mlflow.MlflowClient(replacement.url)
         epochs = ROUNDS * LOCAL_EPOCHS

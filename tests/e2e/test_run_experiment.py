@@ -15,6 +15,7 @@ from conftest import (
     REPO_ROOT,
     ROUNDS,
     SITES,
+    FollowedRun,
     assert_best_model_is_the_best_scored,
     assert_nothing_left,
     assert_steps_weighted_fedavg,
@@ -162,7 +163,9 @@ def test_second_run_while_one_is_active_fails_clearly(experiment_run, tmp_path):
         )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: another POC run is active (pid ")
-    assert_nothing_left((tmp_path / "latest").resolve(), tmp_path)
+    assert not (tmp_path / "latest").exists(), "a refused run must not take runs/latest"
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir() and p.name[0].isdigit()]
+    assert_nothing_left(run_dir, tmp_path)
 
 
 def _own_foreground_group() -> None:
@@ -170,17 +173,9 @@ def _own_foreground_group() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start_run(tmp_path, **popen_args) -> subprocess.Popen:
+def _start_run(tmp_path, **popen_args) -> FollowedRun:
     """The one command on the test settings, its output piped, unbuffered."""
-    return subprocess.Popen(
-        runner_cmd(tmp_path, "--timeout", "600"),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        **popen_args,
-    )
+    return FollowedRun(runner_cmd(tmp_path, "--timeout", "600"), tmp_path / "stderr.txt", **popen_args)
 
 
 def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
@@ -216,12 +211,12 @@ def test_ctrl_c_to_the_foreground_group_stops_everything(experiment_run, tmp_pat
             if trigger in line and (phase != "download" or (line.startswith("job ") and " finished: " in line)):
                 break
         else:
-            pytest.fail(f"never printed {trigger!r}: {proc.stderr.read()}")
+            pytest.fail(f"never printed {trigger!r}: {proc.stderr_text()}")
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:
         _kill_and_clean_up(proc, tmp_path)
-    err = proc.stderr.read()
+    err = proc.stderr_text()
     assert rc == 130, err
     run_dir = (tmp_path / "latest").resolve()
     assert_nothing_left(run_dir, tmp_path)
@@ -243,7 +238,7 @@ def test_sigterm_once_mlflow_runs_stops_it_and_says_where(tmp_path):
         rc = proc.wait(timeout=180)
     finally:
         _kill_and_clean_up(proc, tmp_path)
-    assert rc == 143, proc.stderr.read()
+    assert rc == 143, proc.stderr_text()
     run_dir = (tmp_path / "latest").resolve()
     assert "mlflow" in json.loads((run_dir / "pids.json").read_text())
     assert_nothing_left(run_dir, tmp_path)

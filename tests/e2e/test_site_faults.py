@@ -12,13 +12,12 @@ ScatterAndGather names the silent site and stops the job when fewer than ``min_c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, assert_nothing_left, runner_cmd, wait_finished
+from conftest import FollowedRun, assert_nothing_left, runner_cmd, wait_finished
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
 from spleen_tools.data.datalists import make_site_datalists
@@ -52,24 +51,32 @@ def kill_site(processes: dict, site: str) -> list[int]:
     return [v.pid for v in victims]
 
 
+def wait_until_accepted(run_dir: Path, job_id: str, site: str, rnd: int, timeout: float = 60.0) -> None:
+    """Until the server's job log says the aggregator accepted ``site``'s result of round ``rnd`` (0-based): the
+    site is then past its upload, and a kill cannot cut one off."""
+    line = f"Contribution from {site} ACCEPTED by the aggregator at round {rnd}."
+
+    def accepted() -> bool:
+        logs = list(run_dir.glob(f"poc/*/prod_00/server/{job_id}/log.txt"))
+        return bool(logs) and line in logs[0].read_text(errors="replace")
+
+    wait_for(accepted, timeout, f"{line!r} in the server's job log", interval=0.2)
+
+
 def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
     runs = tmp_path / "runs"
     cmd = runner_cmd(runs, "--rounds", "3", "--min-clients", "1", "--site-timeout", "30", "--tracking", "workspace")
-    proc = subprocess.Popen(
-        [*cmd, "--timeout", "600"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    out, killed_at = [], None
+    proc = FollowedRun([*cmd, "--timeout", "600"], tmp_path / "stderr.txt")
+    out, killed_at, job_id = [], None, None
     try:
         for line in proc.stdout:
             out.append(line)
-            # site-1 done with round 2 means round 1 was aggregated with site-2's result in it ("round 1/3 done"
-            # comes from the sites' own lines, when site-2 may still be uploading: its drop would then be in round 1)
-            if killed_at is None and "round 2/3 site-1:" in line:
+            if line.startswith("submitted "):
+                job_id = line.split("job_id ", 1)[1].split()[0]
+            # killed in round 2 (1-based) once the server took its round-2 result: no upload is cut off, so the
+            # job must complete with site-2 dropped from round 3
+            if killed_at is None and "round 2/3 site-2:" in line:
+                wait_until_accepted((runs / "latest").resolve(), job_id, "site-2", 1)
                 processes = json.loads((runs / "latest" / "pids.json").read_text())["poc"]["processes"]
                 assert kill_site(processes, "site-2")
                 killed_at = time.time()
@@ -77,14 +84,13 @@ def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    stdout, stderr = "".join(out), proc.stderr.read()
+    stdout, stderr = "".join(out), proc.stderr_text()
     run_dir = (runs / "latest").resolve()
     assert killed_at is not None, stdout[-3000:] + stderr
     assert rc == 0, stdout[-3000:] + stderr
     s = json.loads((run_dir / "summary.json").read_text())
-    # COMPLETED, or (site-2 killed while uploading) NVFlare failing the finished job on the cut-off stream
-    assert s["status"] == "FINISHED:COMPLETED" or "on site-2's upload" in s["status_note"], s["status"]
-    assert {d["site"] for d in s["dropped"]} == {"site-2"} and s["dropped"][0]["round"] >= 1, s["dropped"]
+    assert s["status"] == "FINISHED:COMPLETED", (s["status"], s.get("status_note"))
+    assert {d["site"] for d in s["dropped"]} == {"site-2"} and s["dropped"][0]["round"] == 2, s["dropped"]
     noticed = s["dropped"][0]["at"] - killed_at
     assert "site-2 dropped: no train result in round" in stdout and "  dropped: site-2 sent no training" in stdout
     assert sorted(s["cross_site"]["SRV_FL_global_model.pt"]) == ["site-1"]

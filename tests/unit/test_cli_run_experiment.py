@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -54,8 +53,10 @@ def test_secure_not_provisioned_is_exit_2_before_mlflow(tmp_path, monkeypatch, c
     assert cli.main(["--secure", "--quick", "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "provision it first (./start_fl_secure.sh provision)" in err, err
-    assert not (Path(tmp_path / "runs" / "latest") / "mlflow").exists(), "no MLflow started before the check"
-    stopped = (tmp_path / "runs" / "latest" / "stopped.json").read_text()  # the run says where it stopped
+    assert not (tmp_path / "runs" / "latest").exists(), "a refused run must not take runs/latest"
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert not (run_dir / "mlflow").exists(), "no MLflow started before the check"
+    stopped = (run_dir / "stopped.json").read_text()  # the run says where it stopped
     assert json.loads(stopped)["phase"] == "checking that the FL system can start", stopped
     assert json.loads(stopped)["reason"].startswith("SettingsError: no secure workspace at "), stopped
 
