@@ -21,7 +21,9 @@ from spleen_flare.contract import JOB_ID_PATTERN, JOB_VERSION_KEY
 from spleen_flare.site_install import BUNDLE_IGNORED, BUNDLE_IGNORED_SUFFIXES
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
 
-JOB_NAMES = ("spleen_ct_segmentation_local", "spleen_ct_segmentation_he")
+# The job folders under jobs/, by the short name the one command takes (--job local|he): the one registry.
+JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
+JOB_NAMES = tuple(JOB_VARIANTS.values())
 QUICK_OVERRIDE = "../overrides/cpu_quick.json"
 TRAIN_CONFIG = "configs/train.json"
 # Where the server's receiver writes the sites' metrics: an MLflow server (the job's MLflowReceiver with its

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
-from spleen_tools.jobs import TRACKING_MODES
+from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
 from spleen_tools.run.runner import run_experiment
 from spleen_tools.run.settings import (
-    JOB_VARIANTS,
     ExperimentError,
     ExperimentSettings,
     RunTimeout,

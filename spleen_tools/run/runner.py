@@ -21,7 +21,7 @@ from pathlib import Path
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
 from spleen_tools.data.check import check_dataset
 from spleen_tools.flare import TERMINAL_OK, FlareError, JobAdmin, is_finished
-from spleen_tools.jobs import JobSettings, prepare_job, wandb_from_env
+from spleen_tools.jobs import prepare_job, wandb_from_env
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
@@ -172,21 +172,7 @@ def start_mlflow(run: Run) -> None:
 
 def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jobs") -> Path:
     s = run.settings
-    wandb_project, wandb_mode = wandb_from_env(dict(os.environ))
-    job_settings = JobSettings(
-        rounds=s.rounds,
-        local_epochs=s.local_epochs,
-        min_clients=s.min_clients or s.sites,
-        site_timeout=s.site_timeout,
-        quick=s.quick,
-        tracking=s.tracking,
-        tracking_uri=run.mlflow.url if run.mlflow else None,
-        experiment_name=s.job_name,
-        wandb_project=wandb_project,
-        wandb_mode=wandb_mode,
-        resume_from=resume_from,
-        ship_code=s.ship_code,
-    )
+    job_settings = s.job_settings(tracking_uri=run.mlflow.url if run.mlflow else None, resume_from=resume_from)
     job_folder = prepare_job(s.job_name, run.run_dir / folder, job_settings)
     run.out(f"job: {job_folder} ({s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick})")
     return job_folder

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from spleen_tools.jobs import TRACKING_MODES
+from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, JobSettings, wandb_from_env
 from spleen_tools.paths import JOBS_DIR, RUNS_DIR
-
-JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
 
 
 class ExperimentError(RuntimeError):
@@ -55,6 +54,28 @@ class ExperimentSettings:
     @property
     def job_name(self) -> str:
         return JOB_VARIANTS[self.job]
+
+    def job_settings(
+        self, tracking_uri: str | None = None, resume_from: str | None = None, env: dict[str, str] | None = None
+    ) -> JobSettings:
+        """What of these settings goes into the job copy (the one conversion): the MLflow server's URI once it
+        runs, the job a resumed run goes on from, and the W&B project and mode from ``env`` (W&B's own
+        variables, default: this process's environment)."""
+        wandb_project, wandb_mode = wandb_from_env(dict(os.environ if env is None else env))
+        return JobSettings(
+            rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            min_clients=self.min_clients or self.sites,
+            site_timeout=self.site_timeout,
+            quick=self.quick,
+            tracking=self.tracking,
+            tracking_uri=tracking_uri,
+            experiment_name=self.job_name,
+            wandb_project=wandb_project,
+            wandb_mode=wandb_mode,
+            resume_from=resume_from,
+            ship_code=self.ship_code,
+        )
 
     def validate(self) -> None:
         if self.job not in JOB_VARIANTS:
