@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
-from spleen_tools.jobs import get_script_args
-from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, BUNDLES_DIR
-from spleen_tools.run.summary import (
+from spleen_tools.job_result import (
     CheckpointError,
     cross_site_by_model,
     model_choice,
     read_checkpoint,
     read_model_history,
 )
+from spleen_tools.jobs import get_script_args
+from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, BUNDLES_DIR
 
 EXPORT_DIR = "model_bundle"  # in a run directory: model_bundle/spleen_ct_segmentation/
 SCHEMA = BUNDLES_DIR / "metadata_schema.json"

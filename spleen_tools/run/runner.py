@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV, FINAL_GLOBAL_MODEL
+from spleen_tools import job_result
 from spleen_tools.data.check import check_dataset
 from spleen_tools.flare import TERMINAL_OK, FlareError, JobAdmin, is_finished
 from spleen_tools.jobs import prepare_job, wandb_from_env
@@ -321,8 +322,8 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         cross_site_results=cross_site_results,
         mlflow_info=None,
         paths=paths,
-        param_count=summary.count_weights(download_dir, out=run.out) if progress.he_events else None,
-        model_history=summary.read_model_history(download_dir),
+        param_count=job_result.count_weights(download_dir, out=run.out) if progress.he_events else None,
+        model_history=job_result.read_model_history(download_dir),
     )
     # a participant's policy refused the job (no tagged line then): NVFlare's own reason, first among the problems
     result["job_errors"] = [*result["job_errors"], *policy_refusals(log_roots(run.system), job_id)]
@@ -330,7 +331,7 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
     result["resumed"] = resumes_info(run, progress)
     result.update(tracking_info(run, download_dir, job_id, sites))
     if result["dropped"] and status not in TERMINAL_OK:
-        result["status_note"] = summary.abandoned_upload(download_dir, progress.dropped_sites())
+        result["status_note"] = job_result.abandoned_upload(download_dir, progress.dropped_sites())
     # Read back from the MLflow server while it still runs (or the store or event files that came back with the
     # job): the curves show what the tracking holds.
     result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}

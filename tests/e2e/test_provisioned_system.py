@@ -25,10 +25,10 @@ from conftest import REPO_ROOT, SITES, assert_nothing_left, runner_cmd, wait_fin
 
 from spleen_tools import flare
 from spleen_tools.flare import JobAdmin
+from spleen_tools.job_result import GLOBAL_MODEL
 from spleen_tools.jobs import JobSettings, prepare_job
 from spleen_tools.paths import NVFLARE, SECURE_PROJECT_YML
 from spleen_tools.procs import ProcessRef, start_group, terminate, wait_for
-from spleen_tools.run.summary import GLOBAL_MODEL
 from spleen_tools.systems.base import participant_env
 from spleen_tools.systems.secure import stop_system
 from spleen_tools.systems.secure_workspace import provision, read_kits, running_pids, state_path

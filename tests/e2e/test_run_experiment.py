@@ -24,8 +24,8 @@ from conftest import (
 )
 from PIL import Image
 
+from spleen_tools.job_result import GLOBAL_MODEL
 from spleen_tools.run.stop import stop_run
-from spleen_tools.run.summary import GLOBAL_MODEL
 from spleen_tools.systems.poc import poc_lock
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
+from spleen_tools.job_result import GLOBAL_MODEL
 from spleen_tools.run.plots import (
     TRAIN_LOSS,
     plot_cross_site_heatmap,
@@ -18,7 +19,6 @@ from spleen_tools.run.plots import (
     row_order,
     write_run_plots,
 )
-from spleen_tools.run.summary import GLOBAL_MODEL
 
 SITES = ["site-1", "site-2"]
 CROSS_SITE = {

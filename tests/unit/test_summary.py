@@ -16,17 +16,10 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
+from spleen_tools.job_result import GLOBAL_MODEL, count_weights, cross_site_by_model, read_checkpoint
 from spleen_tools.run.progress import Progress, parse_event
 from spleen_tools.run.settings import ExperimentSettings
-from spleen_tools.run.summary import (
-    GLOBAL_MODEL,
-    build_summary,
-    count_weights,
-    cross_site_by_model,
-    he_summary,
-    problems,
-    read_checkpoint,
-)
+from spleen_tools.run.summary import build_summary, he_summary, problems
 
 SITES = ["site-1", "site-2"]
 CROSS = {
@@ -143,7 +136,7 @@ def test_a_site_missing_from_the_tracking_store_is_a_problem():
 
 
 def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
-    from spleen_tools.run.summary import abandoned_upload
+    from spleen_tools.job_result import abandoned_upload
 
     log = tmp_path / "job-1" / "workspace" / "log.txt"
     log.parent.mkdir(parents=True)
