@@ -8,9 +8,7 @@ drops in unchanged: ``bundle_root``, ``dataset_dir``, ``network_def``, ``network
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from spleen_flare.contract import DATALIST_ENV, KEY_METRIC
+from spleen_flare.contract import KEY_METRIC
 from spleen_flare.site_install import confined_path
 
 logger = logging.getLogger(__name__)
@@ -38,31 +36,6 @@ def resolve_config_files(bundle_root: Path, config_files: Sequence[str]) -> list
             raise FileNotFoundError(f"bundle config {path} not found: run `spleen-prepare-jobs` to place the bundle")
         resolved.append(str(path))
     return resolved
-
-
-def load_site_datalist(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """Read a ``{"training": [...], "validation": [...]}`` datalist written by ``spleen-datalists``."""
-    with open(path) as f:
-        datalist = json.load(f)
-    training, validation = datalist.get("training"), datalist.get("validation")
-    if not training or not validation:
-        raise ValueError(f"datalist {path} needs non-empty 'training' and 'validation' lists")
-    return training, validation
-
-
-def find_site_datalist(site_name: str, data_dir: str | None, explicit: str | None = None) -> Path | None:
-    """Explicit path, else ``$SPLEEN_DATALIST``, else ``<data_dir>/datalists/<site>.json`` if present."""
-    candidate = explicit or os.environ.get(DATALIST_ENV)
-    if candidate:
-        candidate = candidate.replace("{site}", site_name)
-        if not Path(candidate).is_file():
-            raise FileNotFoundError(f"datalist {candidate} not found: run `spleen-datalists --data DIR --sites N`")
-        return Path(candidate)
-    if data_dir:
-        default = Path(data_dir) / "datalists" / f"{site_name}.json"
-        if default.is_file():
-            return default
-    return None
 
 
 def build_network(bundle_root: str | Path, config_files: Sequence[str] = ("configs/train.json",), seed: int = 0):

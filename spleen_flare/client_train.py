@@ -22,10 +22,9 @@ from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTRAP_FILE, MetricsSender
 
-from spleen_flare.bundle_runner import BundleRunner, find_site_datalist, load_site_datalist, to_tensor_dict
+from spleen_flare.bundle_runner import BundleRunner, to_tensor_dict
 from spleen_flare.contract import (
     BUNDLE_NAME,
-    DATA_DIR_ENV,
     FINAL_GLOBAL_MODEL,
     GLOBAL_METRIC,
     KEY_METRIC,
@@ -34,6 +33,7 @@ from spleen_flare.contract import (
     tagged_line,
 )
 from spleen_flare.data_check import case_problems
+from spleen_flare.site_data import site_data
 from spleen_flare.site_install import job_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
@@ -74,22 +74,22 @@ def open_site(args: argparse.Namespace) -> Site:
     app_root = Path(args.app_root).resolve()
     site = flare.get_site_name()
     check_install(site, app_root)
-    # where the data is, is the site's to say (its environment), never the job's
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    datalist_path = find_site_datalist(site, data_dir)
+    # where the data is, is the site's to say (its environment, read here once), never the job's
+    data = site_data(site)
     training = validation = None
-    if datalist_path:
-        training, validation = load_site_datalist(datalist_path)
+    if data.datalist:
+        training, validation = data.lists()
         check_site_cases(site, training + validation)
         progress(
-            kind="info", site=site, training=len(training), validation=len(validation), datalist=str(datalist_path)
+            kind="info", site=site, training=len(training), validation=len(validation), datalist=str(data.datalist)
         )
     else:
-        progress(kind="info", site=site, datalist=None, note=f"no site datalist: the bundle's own split of {data_dir}")
+        note = f"no site datalist: the bundle's own split of {data.data_dir}"
+        progress(kind="info", site=site, datalist=None, note=note)
     runner = BundleRunner(
         app_root / "config" / BUNDLE_NAME,  # the job's copy, checked to be the installed one
         config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
-        dataset_dir=data_dir,
+        dataset_dir=data.data_dir,
         training=training,
         validation=validation,
     )

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from spleen_flare.data_check import case_problems
-from spleen_tools.data.datalists import _load_cases, split_cases
+from spleen_tools.data.datalists import load_cases, split_cases
 
 
 def listing_problems(meta_path: Path) -> list[str]:
@@ -40,7 +40,7 @@ def check_dataset(dataset_dir: Path, num_sites: int | None = None) -> list[str]:
     if listing:
         return listing
     try:
-        cases = _load_cases(Path(dataset_dir).resolve())
+        cases = load_cases(Path(dataset_dir).resolve())
     except ValueError as err:
         return [str(err)]
     problems = case_problems(cases)

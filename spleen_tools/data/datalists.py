@@ -27,7 +27,7 @@ BUNDLE_TOTAL = 41
 SITE_VAL_FRACTION = 0.2
 
 
-def _load_cases(dataset_dir: Path) -> list[dict[str, str]]:
+def load_cases(dataset_dir: Path) -> list[dict[str, str]]:
     """Training cases of dataset.json with absolute paths, sorted by image path; files must exist."""
     meta_path = dataset_dir / "dataset.json"
     if not meta_path.is_file():
@@ -102,7 +102,7 @@ def make_site_datalists(
     if num_sites < 1:
         raise ValueError(f"num_sites must be at least 1, got {num_sites}")
     dataset_dir = Path(dataset_dir).resolve()
-    cases = _load_cases(dataset_dir)
+    cases = load_cases(dataset_dir)
     if shared:
         splits = [_shared_split(cases, num_val)] * num_sites
     else:

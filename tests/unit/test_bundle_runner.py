@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spleen_flare.bundle_runner import (
-    BEST_LOCAL_MODEL,
-    BundleRunner,
-    build_network,
-    find_site_datalist,
-    load_site_datalist,
-)
+from spleen_flare.bundle_runner import BEST_LOCAL_MODEL, BundleRunner, build_network
 from spleen_flare.persistor import weights_digest
+from spleen_flare.site_data import load_site_datalist
 from spleen_tools.data import make_site_datalists, make_synthetic_dataset
 from spleen_tools.paths import BUNDLE_SRC
 
@@ -84,16 +79,3 @@ def test_best_local_weights_are_those_of_the_best_validation_not_the_current_one
     assert got.keys() == kept.keys() and all(torch.equal(got[k], kept[k]) for k in kept)
     current = runner.get_weights()
     assert not all(torch.equal(got[k], current[k]) for k in current)
-
-
-def test_datalist_lookup(tmp_path, monkeypatch):
-    monkeypatch.delenv("SPLEEN_DATALIST", raising=False)
-    assert find_site_datalist("site-1", str(tmp_path)) is None
-    (tmp_path / "datalists").mkdir()
-    (tmp_path / "datalists" / "site-1.json").write_text("{}")
-    assert find_site_datalist("site-1", str(tmp_path)) == tmp_path / "datalists" / "site-1.json"
-    monkeypatch.setenv("SPLEEN_DATALIST", str(tmp_path / "lists" / "{site}.json"))
-    with pytest.raises(FileNotFoundError, match="spleen-datalists"):
-        find_site_datalist("site-1", str(tmp_path))
-    with pytest.raises(ValueError, match="training"):
-        load_site_datalist(tmp_path / "datalists" / "site-1.json")
