@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-exec .venv/bin/python -m spleen_tools.cli.secure "$@"
+exec .venv/bin/python -m spleen_tools.cli.secure_system "$@"

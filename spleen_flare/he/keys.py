@@ -1,4 +1,4 @@
-"""The HE key fingerprint and the checks on it: refuse a packed model encrypted under another key pair.
+"""Computing and checking a key fingerprint without NVFlare: refuse a packed model encrypted under another key pair.
 
 Why a fingerprint, and how it reaches the site kits: ``spleen_flare.he.fingerprint`` (provisioning, NVFlare). It
 is computed and checked here, without NVFlare, so that the packed format (``packing``) can check keys without

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from spleen_tools.bench.arms import FEDAVG, ArmResult, StudyError, run_centralized, run_fedavg, run_local
-from spleen_tools.bench.plots import plot_arm_curves
-from spleen_tools.bench.report import check_expectations, markdown_section, score_table
 from spleen_tools.bench.score import eval_sets, score_models
-from spleen_tools.bench.settings import CENTRALIZED_TOLERANCE, ValiditySettings
 from spleen_tools.bench.study_data import make_study_data
+from spleen_tools.bench.study_plots import plot_arm_curves
+from spleen_tools.bench.study_report import check_expectations, markdown_section, score_table
+from spleen_tools.bench.study_settings import CENTRALIZED_TOLERANCE, ValiditySettings
 from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG
 from spleen_tools.mlflow_server import MLflowServer
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spleen_tools.bench.settings import DATA_SETTINGS, StudySettingsError, ValiditySettings, check_out_dir
+from spleen_tools.bench.study_settings import DATA_SETTINGS, StudySettingsError, ValiditySettings, check_out_dir
 from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.paths import RUNS_DIR
 

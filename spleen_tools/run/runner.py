@@ -35,7 +35,7 @@ from spleen_tools.run.rundir import make_run_dir, point_latest, prepare_data
 from spleen_tools.run.secrets_scan import scan
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
-from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_recorded
+from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_all_recorded
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
 from spleen_tools.run.wandb_files import wandb_info
 from spleen_tools.systems.base import FLSystem
@@ -433,7 +433,7 @@ def stop_everything(run: Run) -> None:
             run.system.stop()
         if run.mlflow is not None:
             run.mlflow.stop()
-        stop_recorded(run.pid_file)  # a signal may have landed between starting something and keeping its handle
+        stop_all_recorded(run.pid_file)  # a signal may have landed between starting something and keeping its handle
     left = alive_pids(run.pid_file)
     if left:
         run.out(f"warning: processes still alive after stopping: {left}")

@@ -51,7 +51,7 @@ def alive_pids(pid_file: PidFile) -> list[int]:
     return [ref.pid for ref in pid_file.refs() if ref.alive()]
 
 
-def stop_recorded(pid_file: PidFile) -> list[int]:
+def stop_all_recorded(pid_file: PidFile) -> list[int]:
     """Stop every system and server recorded in ``pid_file``; returns the PIDs still alive (none on success)."""
     data = pid_file.read()
     left = []
@@ -68,7 +68,7 @@ def stop_run(run_dir: Path, out: Callable[[str], None] = print) -> int:
     pid_file = PidFile(Path(run_dir).resolve() / PIDS_FILE)
     if not pid_file.path.is_file():
         raise SettingsError(f"{pid_file.path.parent} has no {PIDS_FILE}: not a run directory")
-    left = stop_recorded(pid_file)
+    left = stop_all_recorded(pid_file)
     if left:
         out(f"still alive: {left}")
         return 1

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_tools.bench.report import check_expectations, markdown_section, markdown_table, score_table
-from spleen_tools.bench.settings import ValiditySettings
 from spleen_tools.bench.study_data import STYLE_FIRST, STYLE_LAST, make_iid_data, make_noniid_data, site_styles
+from spleen_tools.bench.study_report import check_expectations, markdown_section, markdown_table, score_table
+from spleen_tools.bench.study_settings import ValiditySettings
 from spleen_tools.cli import bench as cli
 
 SITES = ["site-1", "site-2"]
@@ -167,7 +167,7 @@ def test_fedavg_curves_read_back(tmp_path):
 
 
 def test_curve_png(tmp_path):
-    from spleen_tools.bench.plots import plot_arm_curves
+    from spleen_tools.bench.study_plots import plot_arm_curves
 
     curves = {"local site-1": [{"epoch": 1, "dice": 0.2}, {"epoch": 2, "dice": 0.6}], "empty": []}
     path = plot_arm_curves(curves, tmp_path / "c.png", "iid: local-only")

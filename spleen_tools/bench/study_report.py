@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from spleen_tools.bench.settings import CENTRALIZED_TOLERANCE
+from spleen_tools.bench.study_settings import CENTRALIZED_TOLERANCE
 
 CENTRALIZED, FEDAVG, HELD_OUT, MEAN = "centralized", "FedAvg", "held_out", "mean"
 LOCAL_PREFIX = "local "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 DATA_SETTINGS = ("iid", "noniid")
 MAX_SITES = 8
-# What the study expects of FedAvg (see spleen_tools.bench.report.check_expectations).
+# What the study expects of FedAvg (see spleen_tools.bench.study_report.check_expectations).
 CENTRALIZED_TOLERANCE = 0.02
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from secure_kits import fake_kits
 
-from spleen_tools.cli import secure as cli
+from spleen_tools.cli import secure_system as cli
 
 
 @pytest.mark.parametrize(
