@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_KINDS, PROGRESS_TAG, read_tagged_line
-from spleen_tools.run.report import clock_time, fmt, mmss
+from spleen_tools.run import progress_lines as lines
+from spleen_tools.run.formatting import clock_time, mmss
 
 # NVFlare's ScatterAndGather on the server: "<asctime> - ... - Round 3 started." / "... Round 3 finished."
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -117,7 +118,7 @@ class Progress:
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
-        """Record one parsed event; return the lines to print about it (maybe none)."""
+        """Record one parsed event; return the lines to print about it (maybe none), each after the run's clock."""
         now = time.time() if now is None else now
         kind = event["kind"]
         key = (
@@ -132,57 +133,55 @@ class Progress:
         if key in self._seen:  # the same line can show up in the site log and the job log
             return []
         self._seen.add(key)
-        if kind == "he":
-            self.he_events.append(event)
-            return []
-        if kind == "fl_round":
-            self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
-            return []
-        if kind == "dropped":
-            return self._dropped(event, now)
-        if kind == "resumed":
-            return self._resumed(event, now)
-        if kind == "resume_error":
-            self.job_errors.append(f"server: {event.get('reason')}")
-            return [f"{self._clock(now)} {self.job_errors[-1]}"]
-        if kind == "install_error":  # the problem names the participant
-            self.job_errors.append(str(event.get("problem")))
-            return [f"{self._clock(now)} {self.job_errors[-1]}"]
-        if kind == "data_error":
-            self.data_errors.append(f"{event['site']}: {event.get('problem')}")
-            return [f"{self._clock(now)} {self.data_errors[-1]}"]
-        if kind == "device":
-            self.devices[event["site"]] = str(event.get("device"))
-            return [f"{self._clock(now)} {event['site']} trains on {self.devices[event['site']]}"]
-        if kind == "cross_site":
-            dice = event.get(KEY_METRIC)
-            if isinstance(dice, float | int):
-                self.cross_site_local[event["site"]] = float(dice)
-            return [f"{self._clock(now)} cross-site validation: {event['site']} scored a model, Dice {fmt(dice)}"]
-        if kind == "final":
-            if isinstance(event.get("global_dice"), float | int):
-                self.final_dice[event["site"]] = float(event["global_dice"])
-            dice = fmt(event.get("global_dice"))
-            return [f"{self._clock(now)} final validation: {event['site']} scored the last global model, Dice {dice}"]
-        if kind != "round":
-            return []
+        handler = self._HANDLERS.get(kind)
+        return [f"{self._clock(now)} {text}" for text in handler(self, event, now)] if handler else []
+
+    # -- one handler per kind: records the event, returns what to say about it ------------------------------
+    def _he(self, event: dict, now: float) -> list[str]:
+        self.he_events.append(event)
+        return []
+
+    def _fl_round(self, event: dict, now: float) -> list[str]:
+        self.fl_round_marks.setdefault(event["round"], {})[event["stage"]] = float(event["at"])
+        return []
+
+    def _resume_error(self, event: dict, now: float) -> list[str]:
+        self.job_errors.append(f"server: {event.get('reason')}")
+        return [self.job_errors[-1]]
+
+    def _install_error(self, event: dict, now: float) -> list[str]:
+        self.job_errors.append(str(event.get("problem")))  # the problem names the participant
+        return [self.job_errors[-1]]
+
+    def _data_error(self, event: dict, now: float) -> list[str]:
+        self.data_errors.append(f"{event['site']}: {event.get('problem')}")
+        return [self.data_errors[-1]]
+
+    def _device(self, event: dict, now: float) -> list[str]:
+        self.devices[event["site"]] = str(event.get("device"))
+        return [lines.device(event["site"], self.devices[event["site"]])]
+
+    def _cross_site(self, event: dict, now: float) -> list[str]:
+        if isinstance(event.get(KEY_METRIC), float | int):
+            self.cross_site_local[event["site"]] = float(event[KEY_METRIC])
+        return [lines.cross_site(event["site"], event.get(KEY_METRIC))]
+
+    def _final(self, event: dict, now: float) -> list[str]:
+        if isinstance(event.get("global_dice"), float | int):
+            self.final_dice[event["site"]] = float(event["global_dice"])
+        return [lines.final(event["site"], event.get("global_dice"))]
+
+    def _round(self, event: dict, now: float) -> list[str]:
         rnd, site = event["round"], event["site"]
         self.per_round.setdefault(rnd, {})[site] = event
         if isinstance(event.get("gpu_peak_mb"), int | float):
             self.gpu_peak_mb[site] = max(self.gpu_peak_mb.get(site, 0.0), float(event["gpu_peak_mb"]))
-        out = [
-            f"{self._clock(now)} round {rnd + 1}/{self.rounds} {site}: loss {fmt(event.get('loss'))}, "
-            f"local Dice {fmt(event.get('local_dice'))} (global model before training: "
-            f"{fmt(event.get('global_dice'))})"
-        ]
+        out = [lines.site_round(event, self.rounds)]
         if set(self.per_round[rnd]) >= self._expected(rnd) and rnd not in self.round_done_at:
             # the log line's own time: several rounds can finish between two polls of the logs
             self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
-            times = self.round_times()
-            left = self.estimate_left(now)
             out.append(
-                f"{self._clock(now)} round {rnd + 1}/{self.rounds} done in {times[-1]:.0f} s; "
-                f"elapsed {mmss(now - self.start)}, about {mmss(left)} left"
+                lines.round_done(rnd, self.rounds, self.round_times()[-1], now - self.start, self.estimate_left(now))
             )
         return out
 
@@ -197,13 +196,13 @@ class Progress:
         number = rnd + 1 if isinstance(rnd, int) else "?"
         waited = event.get("waited_s") or 0
         out = [
-            f"{self._clock(now)} {event['site']} dropped: no {event.get('task', 'train')} result in round {number} "
+            f"{event['site']} dropped: no {event.get('task', 'train')} result in round {number} "
             f"(the server waited {waited:.0f} s; {when})"
         ]
         reported = self.per_round.get(rnd, {})
         if isinstance(rnd, int) and reported and set(reported) >= self._expected(rnd) and rnd not in self.round_done_at:
             self.round_done_at[rnd] = max(float(event.get("at", now)), self.start)
-            out.append(f"{self._clock(now)} round {rnd + 1}/{self.rounds} done without {event['site']}")
+            out.append(f"round {rnd + 1}/{self.rounds} done without {event['site']}")
         return out
 
     def _resumed(self, event: dict, now: float) -> list[str]:
@@ -215,9 +214,9 @@ class Progress:
                 del rounds[r]
         self._seen = {k for k in self._seen if not (isinstance(k[2], int) and k[2] >= rnd) or k[0] == "resumed"}
         if not rnd:
-            return [f"{self._clock(now)} the server restarted job {event.get('job')} from its initial model"]
+            return [f"the server restarted job {event.get('job')} from its initial model"]
         left = f"rounds {rnd + 1}..{self.rounds} to go" if rnd < self.rounds else "only the final validations left"
-        return [f"{self._clock(now)} the server resumed job {event.get('job')} from its model of round {rnd} ({left})"]
+        return [f"the server resumed job {event.get('job')} from its model of round {rnd} ({left})"]
 
     def dropped_sites(self) -> list[str]:
         return sorted({d["site"] for d in self.dropped})
@@ -259,6 +258,20 @@ class Progress:
 
     def _clock(self, now: float) -> str:
         return f"[{mmss(now - self.start)}]"
+
+    _HANDLERS = {
+        "he": _he,
+        "fl_round": _fl_round,
+        "dropped": _dropped,
+        "resumed": _resumed,
+        "resume_error": _resume_error,
+        "install_error": _install_error,
+        "data_error": _data_error,
+        "device": _device,
+        "cross_site": _cross_site,
+        "final": _final,
+        "round": _round,
+    }
 
 
 def follow(follower: LogFollower, progress: Progress, out) -> None:

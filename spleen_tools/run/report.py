@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from spleen_flare.contract import KEY_METRIC
+from spleen_tools.run.formatting import clock_time, fmt, mmss
 from spleen_tools.run.tracking import charts_url
 
 SEGMENTS_AT = 0.8  # Dice at which we call the model's masks a segmentation of the spleen
-
-
-def fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float | int) else "?"
-
-
-def clock_time(at) -> str:
-    """A log line's epoch time as the local HH:MM:SS, or "?"."""
-    return time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, float) else "?"
-
-
-def mmss(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "?:??"
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def segments_note(dice: float | None) -> str:

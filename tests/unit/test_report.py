@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from spleen_tools.job_result import GLOBAL_MODEL
-from spleen_tools.run.report import fmt, format_cross_site_table, mmss, report, report_tracking, segments_note
+from spleen_tools.run.formatting import fmt, mmss
+from spleen_tools.run.report import format_cross_site_table, report, report_tracking, segments_note
 
 SITES = ["site-1", "site-2"]
 
