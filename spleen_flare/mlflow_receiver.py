@@ -1,16 +1,6 @@
 """NVFlare's MLflowReceiver, with its experiment marked as model training and no metric lost when MLflow is down.
 
-MLflow 3 opens an experiment without a kind as a GenAI experiment ("Traces 0", "No data available"): a new user
-concludes the metrics are missing. MLflow keeps the kind in the experiment tag ``mlflow.experimentKind``; a job
-config cannot carry that key (``nvflare job submit`` parses configs with pyhocon, which splits dotted keys), so the
-receiver sets it on the experiment it created or found.
-
-NVFlare 2.9's receiver sends a site's buffer from the thread that delivers every incoming federated event: while
-MLflow is down that thread waits out the MLflow client's retries (minutes), events pile up behind it, the job's
-end comes first, and the receiver drops whatever arrives after it; a buffer it could not send is gone, and one
-that grew past MLflow's batch limit (1000 metrics) is refused every time. Here the event thread only buffers; a
-thread of the receiver's own sends the buffers in batches within the limits and removes a batch only once MLflow
-took it, so an outage only delays the points. The job's end waits up to ``final_flush_timeout`` for the rest.
+The design and the reasons for it: docs/design.md, "spleen_flare/mlflow_receiver.py".
 """
 
 from __future__ import annotations

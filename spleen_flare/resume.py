@@ -1,16 +1,6 @@
 """Resuming a federated job from the global model its server persisted last, after the server died.
 
-NVFlare 2.9 keeps no job snapshot (``ServerEngine.persist_components`` is a no-op): a server that is killed and
-restarted forgets the job it ran, which then stays ``RUNNING`` in the job store with nothing behind it. What
-survives is the job's server folder, ``<server workspace>/<job id>/app_server/``, where our persistor writes the
-global model after every round and records its digest in ``global_model_history.json`` *before* it replaces the
-checkpoint (NVFlare writes checkpoints atomically).
-
-A new job with ``resume_from: <old job id>`` (top level of ``config_fed_server.json``) starts from there:
-the persistor loads the old checkpoint and finds its round by its digest in the old history (so a kill between
-the two writes costs one round, never a wrong round), the new history continues the old one, the model selector
-gets the old best metric back, and ScatterAndGather starts at the next round. The points below are computed on
-the server from its own files: the admin only names the old job.
+The design and the reasons for it: docs/design.md, "spleen_flare/resume.py".
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Server-side pieces of the HE job: add packed CKKS updates, carry the sum as the global model.
 
-``PackedHEAggregator`` replaces NVFlare's ``HEInTimeAccumulateWeightedAggregator``: the sites have already
-weighted their values before encrypting, so the server only adds ciphertexts (first polynomials modulo the
-ciphertext prime, seeds of the second kept; see ``packing``) and sums the plaintext weights. Its kit's public
-context gives the prime, the parameter id and the key fingerprint; a context that holds a secret key is refused.
-Since the server cannot decrypt, it refuses up front what would only show as garbage at the sites: an update
-under another key, a malformed field, or anything but exactly one contribution from a site. The sizes an update
-declares are bounded by the round's global model (its float values) before anything is built from them, and
-whatever goes wrong inside ``accept`` (a MemoryError, an OverflowError, anything) refuses that one site's update
-with one log line: the round goes on with the others. The aggregate is ``sum_i w_i * x_i`` plus
-``W = sum_i w_i`` in the metadata; the sites divide after decrypting.
-``PackedHEShareableGenerator`` keeps that aggregate, total weight included, as the global model (DXO meta ->
-ModelLearnable meta and back), so the persistor and cross-site evaluation carry the weight with the model.
+The design and the reasons for it: docs/design.md, "spleen_flare/he/aggregator.py".
 """
 
 from __future__ import annotations

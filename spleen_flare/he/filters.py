@@ -1,17 +1,6 @@
 """Client-side filters of the HE job: pack + encrypt what a site sends, decrypt + unpack what it receives.
 
-``PackedHEEncryptor`` (task results: train, submit_model) replaces NVFlare's ``HEModelEncryptor``: all float
-tensors, multiplied by the site's aggregation weight (local steps x ``weight_scale`` for train, 1 for
-submit_model), go into as few CKKS ciphertexts as the slots allow, at the lowest modulus level, each sent as
-its first polynomial plus the seed of the second, without a context (see ``packing``); the weight travels as
-plaintext metadata.
-``PackedHEDecryptor`` (task data: train, validate) decrypts with the site's secret key and divides by the total
-weight; plaintext models (the initial global model) pass through.
-Both read the kit's key fingerprint (``he_key_fingerprint.txt``, next to ``client_context.tenseal``; see
-``fingerprint``) at START_RUN: the encryptor sends it with each update so that the server can refuse updates under
-another key, and the decryptor refuses models under another key, which would decrypt to garbage.
-Both log one ``[spleen-he]`` line per model (``side``, ``stage``, ``round``, ``seconds``, ``bytes``) that the
-one command collects into ``summary.json``.
+The design and the reasons for it: docs/design.md, "spleen_flare/he/filters.py".
 """
 
 from __future__ import annotations

@@ -1,50 +1,6 @@
 """Packed CKKS model updates: all float tensors of a model in as few CKKS ciphertexts as the slots allow.
 
-What travels (and what the server keeps) for one packed model:
-- ``data``: ``{"he/ct/00000": blob, ...}``, one blob per ciphertext (see below), plus BatchNorm's integer
-  ``num_batches_tracked`` buffers in plaintext under their own names, as float64 (nothing else may travel in clear);
-- ``meta[HE_META_KEY]``: the plaintext layout (names, shapes, dtypes, offsets into the flat vector), the slot
-  count, the total aggregation weight ``W``, the number of contributions ``K``, the ``max_clients`` the sites'
-  range check allowed for, the key fingerprint (``key``) and the ciphertexts' SEAL parameters (parms_id, scale).
-Values are ``w * x`` for one client update and ``sum_i w_i * x_i`` for an aggregate; a site decrypts and divides
-by ``W``, which is FedAvg. The server only adds (no multiplication, no key, no decryption).
-
-How a site encrypts (:func:`encrypt_model`): it multiplies its values by its weight in plaintext and packs 8192
-of them into one ciphertext: CKKS slots are complex, so 4096 values go in the real parts and the next 4096 in the
-imaginary parts (sums stay slot-wise, so FedAvg is unchanged). It encodes them directly at the LOWEST modulus
-level (one 60-bit prime instead of the two a fresh TenSEAL vector carries) and encrypts them with its secret key
-(the provisioned context is symmetric). A symmetric CKKS ciphertext is a pair ``(c0, c1)`` where ``c1`` is
-uniformly random: SEAL draws it from a public 64-byte seed, so a ciphertext is fully given by ``c0`` and that
-seed. A blob is ``c0`` (N x L little-endian uint64: 64 KiB at the lowest level) followed by ``K`` SEAL PRNG
-records (81 bytes each, the seed of each contribution): 2x the fp32 bytes, against 16x for a
-fresh TenSEAL vector of real values.
-
-How the server adds (:class:`PackedSum`): a sum of ciphertexts is ``(sum c0 mod q, sum c1)``, and ``sum c1`` is
-the sum of the contributions' seed expansions, so the server adds the ``c0`` polynomials modulo the ciphertext
-prime (numpy, no SEAL) and keeps the seeds; the aggregate stays at 2x. A site rebuilds each ciphertext with SEAL
-(``(c0, expand(seed_1)) + (0, expand(seed_2)) + ...``) and decrypts it. The seeds are public by design; the
-server learns from them exactly what it would learn from ``c1``.
-
-Why the server validates every field before it adds anything (the checks: ``spleen_flare.he.validation``): it
-cannot decrypt, so a malformed or replayed update (a duplicate seed, a zero-contribution c0, a buffer that numpy
-would broadcast, more contributions than the range check allowed for) would only surface as garbage at every site,
-one round later. The sizes an update declares (ciphertexts, tensors, dimensions, contributions, weight) are
-checked against the reader's bounds before anything is built from them, at the server and at a site alike: one
-malformed update must cost its reader no more than its own bytes. Why a key fingerprint
-(``spleen_flare.he.keys``): an update encrypted under another key with the same CKKS parameters (a re-provisioned
-site) has the same parms_id and adds up fine, and then no site can decrypt the sum. The fingerprint
-(:func:`key_fingerprint`) hashes the relinearization keys stored in the server's public context; a site's context
-regenerates those at load, so provisioning writes the fingerprint into every site kit
-(``spleen_flare.he.fingerprint``).
-
-TenSEAL's Python API cannot encrypt at a chosen level or expose the seed, so this uses TenSEAL's bundled SEAL API
-(``tenseal.sealapi``) and SEAL 4's documented serialization layout (header, ciphertext members, DynArray, PRNG
-info: ``spleen_flare.he.seal_format``); :func:`as_ckks_vector` turns a blob back into a TenSEAL CKKSVector.
-
-Range: at the lowest level a slot's magnitude times the scale must stay below half the remaining prime, i.e.
-``|sum| < 2^19`` for scale 2^40 and a 60-bit prime (for a complex slot, ``|re + i im|``); :func:`encrypt_model`
-refuses updates that could exceed half of that once ``max_clients`` of them are added, and the server refuses
-more than ``max_clients`` contributions.
+The design and the reasons for it: docs/design.md, "spleen_flare/he/packing.py".
 """
 
 from __future__ import annotations

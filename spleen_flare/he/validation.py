@@ -1,17 +1,6 @@
 """Checks on a packed HE model's metadata, blobs' parameters and plaintext buffers, before anything uses them.
 
-Why every field: the server cannot decrypt, so a malformed or replayed update (a zero-contribution c0, a buffer
-that numpy would broadcast, a layout that does not add up, more contributions than the sites' range check allowed
-for) would only surface as garbage at every site, one round later; a site slices and reshapes the decrypted
-values by the layout. :class:`~spleen_flare.he.packing.PackedSum` and :func:`~spleen_flare.he.packing.decrypt_model`
-run these checks against their own context. The metadata schema (version, fields, the one name that may travel in
-clear) is defined here, where it is enforced; ``packing`` writes it.
-
-Why sizes first: the metadata comes from another party (a site's update at the server, the server's model at a
-site), and what it declares (chunks, tensors, dimensions, contributions) sizes what the reader builds from it. Every
-count is checked against the reader's own bound (the server's global model, the context's slots) and the absolute
-caps below before anything is allocated or iterated by it, the weight is bounded so that a sum stays finite, and a
-refusal names the field without echoing it (:func:`brief`).
+The design and the reasons for it: docs/design.md, "spleen_flare/he/validation.py".
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The provisioned secure system (TLS with mutual certificates, signed kits, HE context) on this machine.
 
-``SecureSystem`` starts the server and N sites from their startup kits (see ``secure_workspace``), waits until the
-admin API (with the admin kit) shows every site connected, and stops exactly what it started.
-
-Why the care:
-- Each participant runs its kit's own ``startup/sub_start.sh`` (what ``start.sh`` backgrounds) in a new session, so
-  the kit's restart loop and its ``python3`` share one process group that we record; ``python3`` comes from this
-  interpreter's folder (first on ``PATH``), as in POC.
-- NVFlare starts each job in a process of its own session: stopping also reaches every descendant of our groups.
-- The group leaders go into ``<workspace>/system.json`` (PID and creation time, against PID reuse) so that a
-  separate ``start_fl_secure.sh --stop`` stops them; a start while that file names live processes is refused.
-- The server ports are fixed by provisioning (8102/8103), so start and stop take an exclusive lock on
-  ``/tmp/spleen-secure-<port>.lock``; an in-process system (``run_experiment --secure``) holds it until ``stop()``.
+The design and the reasons for it: docs/design.md, "spleen_tools/systems/secure.py".
 """
 
 from __future__ import annotations
