@@ -5,9 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import torch
 
-from spleen_flare.client_train import device_name, gpu_peak_mb
 from spleen_tools.cli.run_experiment import check_gpus
 from spleen_tools.run.settings import SettingsError
 from spleen_tools.systems.base import GPU_ENV, gpu_assignment
@@ -50,8 +48,3 @@ def test_naming_a_gpu_this_machine_lacks_is_one_line(monkeypatch):
     monkeypatch.setattr("spleen_tools.cli.run_experiment.cuda_device_count", lambda: 0)
     with pytest.raises(SettingsError, match="leave --gpus out to train on the CPU"):
         check_gpus((0,))
-
-
-def test_a_site_on_the_cpu_says_so_and_reports_no_gpu_memory():
-    assert device_name(torch.device("cpu")) == "cpu"
-    assert gpu_peak_mb(torch.device("cpu")) is None
