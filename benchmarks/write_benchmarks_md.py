@@ -224,6 +224,30 @@ def gpu_check(record: dict) -> list[str]:
     return [*lines, ""]
 
 
+def soak(record: dict) -> list[str]:
+    r = record["result"]
+    lines = ["## A soak: what grows per round", "", *provenance(record)]
+    lines += [
+        f"{r['rounds']} rounds of the one command on POC (tiny data, one local epoch, MLflow server), {r['wall_s']} s."
+        " After each round: resident memory, open descriptors and threads of the server and of each site (the"
+        " participant and all its descendants: the job process, the site's training process), and the disk of the"
+        " run directory and its MLflow store. Growth = least-squares slope over rounds"
+        f" {r['warmup'] + 1}-{r['rounds']}.",
+        "",
+    ]
+    first, last = r["first"], r["last"]
+    rows = []
+    for name, fit in r["growth"].items():
+        who, _, key = name.partition(".")
+        start = first[who][key] if key else first[who]
+        end = last[who][key] if key else last[who]
+        rows.append([name, start, end, fit["per_round"], fit["r2"]])
+    lines += table(
+        ["series", f"after round {first['round']}", f"after round {last['round']}", "growth per round", "R^2"], rows
+    )
+    return [*lines, ""]
+
+
 def _seconds(s: float | None) -> str:
     if s is None:
         return "–"
@@ -319,6 +343,7 @@ SECTIONS = {
     "he_malformed_update": he_malformed_update,
     "nifti_bomb_check": nifti_bomb_check,
     "gpu_check": gpu_check,
+    "soak": soak,
 }
 
 
