@@ -77,7 +77,7 @@ def fit(rounds: list[int], values: list[float]) -> dict:
     residual = y - (slope * x + intercept)
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
-    return {"per_round": round(float(slope), 4), "r2": round(r2, 3)}
+    return {"per_round": round(float(slope), 4) + 0.0, "r2": round(r2, 3)}  # + 0.0: no "-0.0"
 
 
 def growth(samples: list[dict], warmup: int) -> dict:
