@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import io
 import json
 import logging
@@ -43,16 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import record  # noqa: E402
 from throughput import epoch_times  # noqa: E402
 
-from spleen_flare.contract import PROGRESS_TAG, read_tagged_line  # noqa: E402
 from spleen_tools.data import make_site_datalists, make_synthetic_dataset  # noqa: E402
 from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG, JobSettings, prepare_job  # noqa: E402
 from spleen_tools.paths import BUNDLE_SRC  # noqa: E402
+from spleen_tools.run.progress import Progress, parse_event  # noqa: E402
 from spleen_tools.systems.base import participant_env  # noqa: E402
 from spleen_tools.systems.simulator import run_simulator  # noqa: E402
 
 SITES = ("site-1", "site-2")
 SKIP_EPOCHS = 1  # each side's first epoch (caching, CUDA start-up) is left out of the median
-_ROUND_MARK = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*Round (\d+) (started|finished)")
 
 
 @dataclass(frozen=True)
@@ -182,21 +180,8 @@ def median(times: list[float]) -> float | None:
     return round(statistics.median(kept), 2) if kept else None
 
 
-def progress_lines(text: str) -> list[dict]:
-    """The sites' progress events (``[spleen-progress] {...}`` lines of spleen_flare.client_train)."""
-    found = (read_tagged_line(line) for line in text.splitlines())
-    return [fields for tag, fields in filter(None, found) if tag == PROGRESS_TAG]
-
-
-def server_round_times(log: str) -> list[float]:
-    """Seconds per round from NVFlare's "Round N started/finished" lines of the server's log."""
-    marks: dict[int, dict[str, float]] = {}
-    for line in log.splitlines():
-        found = _ROUND_MARK.match(line)
-        if found:
-            at = dt.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            marks.setdefault(int(found.group(2)), {})[found.group(3)] = at
-    return [round(m["finished"] - m["started"], 2) for _, m in sorted(marks.items()) if len(m) == 2]
+def read_logs(folder: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.rglob("log.txt")))
 
 
 def in_fl(work: Path, plan: Plan, data: Path) -> dict:
@@ -216,25 +201,23 @@ def in_fl(work: Path, plan: Plan, data: Path) -> dict:
     log = sim.log_path.read_text(errors="replace")
     if sim.returncode != 0:
         raise SystemExit(f"the simulator failed (exit {sim.returncode}):\n{log[-3000:]}")
-    logs = [log, *(p.read_text(errors="replace") for p in sorted(sim.workspace.rglob("log.txt")))]
-    unique = {
-        (e.get("kind"), e.get("site"), e.get("round"), str(e.get("device"))): e for e in progress_lines("\n".join(logs))
-    }
-    events = list(unique.values())
-    result: dict = {"wall_s": wall, "server_round_s": server_round_times(log)}
-    rounds = [e for e in events if e.get("kind") == "round"]
+    # what the one command would follow: the sites' progress lines and the server's round marks (Progress dedupes)
+    site_logs = {site: read_logs(sim.workspace / site) for site in SITES}
+    progress = Progress(list(SITES), plan.rounds)
+    for line in "\n".join([log, *site_logs.values()]).splitlines():
+        if event := parse_event(line):
+            progress.add(event)
+    result: dict = {"wall_s": wall, "server_round_s": progress.fl_round_times()}
     for site in SITES:
-        own = [e for e in rounds if e.get("site") == site]
-        devices = [e["device"] for e in events if e.get("kind") == "device" and e.get("site") == site]
-        site_log = "\n".join(p.read_text(errors="replace") for p in (sim.workspace / site).rglob("log.txt"))
         result[site] = {
-            "device": devices[0] if devices else None,
-            "epoch_s": median(epoch_times(site_log)),
-            "work_s": [e.get("work_s") for e in own],
-            "gpu_peak_mb": max((e["gpu_peak_mb"] for e in own if e.get("gpu_peak_mb") is not None), default=None),
+            "device": progress.devices.get(site),
+            "epoch_s": median(epoch_times(site_logs[site])),
+            "work_s": [progress.per_round[r][site].get("work_s") for r in sorted(progress.per_round)],
+            "gpu_peak_mb": progress.gpu_peak_mb.get(site),
         }
-    slowest = [max(e.get("work_s", 0) for e in rounds if e.get("round") == r) for r in range(plan.rounds)]
-    result["round_overhead_s"] = [round(t - w, 2) for t, w in zip(result["server_round_s"], slowest, strict=False)]
+    result["round_overhead_s"] = [
+        round(t - w, 2) for t, w in zip(result["server_round_s"], progress.site_work_times(), strict=False)
+    ]
     result["global_model"] = str(sim.global_model_path)
     return result
 
