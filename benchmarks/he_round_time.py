@@ -14,19 +14,21 @@ Usage: .venv/bin/python benchmarks/he_round_time.py [--rounds 3 --local-epochs 2
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import record
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import record  # noqa: E402
+
+from spleen_tools.run.summary import HeCosts, RunSummary  # noqa: E402
+
 JOBS = ("local", "he")
 
 
-def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) -> RunSummary:
     cmd = [
         sys.executable,
         "-m",
@@ -50,7 +52,7 @@ def run(job: str, runs_dir: Path, args: argparse.Namespace, extra: list[str]) ->
     summaries = sorted((runs_dir / job).glob("*/summary.json"))
     if proc.returncode != 0 or not summaries:
         sys.exit(f"{job} run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(summaries[-1].read_text())
+    return RunSummary.load(summaries[-1])
 
 
 def _mean(values: list[float]) -> float:
@@ -62,16 +64,22 @@ def _cell(values: list, r: int) -> str:
     return f"{value:.1f}" if isinstance(value, float | int) else "-"
 
 
-def _overheads(times: list[float], summary: dict) -> list[float]:
+def _stage(summary: RunSummary, stage: str) -> list:
+    """An HE stage's seconds per round; none for a plain job."""
+    return getattr(summary.he, f"{stage}_s") if summary.he else []
+
+
+def _overheads(times: list[float], summary: RunSummary) -> list[float]:
     """Per round, server round time minus the slowest site's own work: what FL (and HE) add to the training."""
-    work = summary.get("site_work_s") or []
+    work = summary.site_work_s
     return [t - w for t, w in zip(times, work, strict=False) if isinstance(w, float | int)]
 
 
-def pair_figures(plain: dict, he: dict) -> dict:
+def pair_figures(plain: RunSummary, he: RunSummary) -> dict:
     """Means over the rounds of one plain/HE pair: round times, what each adds to its sites' work, HE stages."""
-    p_times = plain.get("fl_round_s") or plain["round_times_s"]
-    h_times = he.get("fl_round_s") or he["round_times_s"]
+    p_times = plain.fl_round_s or plain.round_times_s
+    h_times = he.fl_round_s or he.round_times_s
+    sizes = he.he or HeCosts()
     p_extra, h_extra = _overheads(p_times, plain), _overheads(h_times, he)
     figures = {
         "plain_round_s": round(_mean(p_times), 2),
@@ -79,32 +87,32 @@ def pair_figures(plain: dict, he: dict) -> dict:
         "he_over_plain": round(_mean(h_times) / _mean(p_times), 3),
         "plain_overhead_s": round(_mean(p_extra), 2) if p_extra else None,
         "he_overhead_s": round(_mean(h_extra), 2) if h_extra else None,
-        "wall_s": {"plain": plain.get("wall_time_s"), "he": he.get("wall_time_s")},
-        "final_global_dice": {"plain": plain.get("final_global_dice"), "he": he.get("final_global_dice")},
+        "wall_s": {"plain": plain.wall_time_s, "he": he.wall_time_s},
+        "final_global_dice": {"plain": plain.final_global_dice, "he": he.final_global_dice},
         "update_mb": {
-            "plain": round(he["update_bytes_plain"] / 1e6, 1) if he.get("update_bytes_plain") else None,
-            "encrypted": round(he["update_bytes_encrypted"] / 1e6, 1) if he.get("update_bytes_encrypted") else None,
+            "plain": round(sizes.update_bytes_plain / 1e6, 1) if sizes.update_bytes_plain else None,
+            "encrypted": round(sizes.update_bytes_encrypted / 1e6, 1) if sizes.update_bytes_encrypted else None,
         },
     }
     if p_extra and h_extra:
         figures["he_adds_s"] = round(_mean(h_extra) - _mean(p_extra), 2)
     for stage in ("encrypt", "aggregate", "decrypt"):
-        values = [v for v in he.get(f"{stage}_s", []) if isinstance(v, float | int)]
+        values = [v for v in _stage(he, stage) if isinstance(v, float | int)]
         figures[f"{stage}_s"] = round(_mean(values), 2) if values else None
     return figures
 
 
-def print_pair(k: int, plain: dict, he: dict, figures: dict) -> None:
-    p_times = plain.get("fl_round_s") or plain["round_times_s"]
-    h_times = he.get("fl_round_s") or he["round_times_s"]
+def print_pair(k: int, plain: RunSummary, he: RunSummary, figures: dict) -> None:
+    p_times = plain.fl_round_s or plain.round_times_s
+    h_times = he.fl_round_s or he.round_times_s
     print(f"\npair {k}")
     print(
         f"{'round':>5}  {'plain s':>8}  {'HE s':>8}  {'HE/plain':>8}  {'HE-plain':>8}  {'work p/HE':>11}  "
         f"{'encrypt':>7}  {'aggregate':>9}  {'decrypt':>7}"
     )
     for r, (p, h) in enumerate(zip(p_times, h_times, strict=False)):
-        work = f"{_cell(plain.get('site_work_s', []), r)}/{_cell(he.get('site_work_s', []), r)}"
-        stages = [_cell(he.get(f"{stage}_s", []), r) for stage in ("encrypt", "aggregate", "decrypt")]
+        work = f"{_cell(plain.site_work_s, r)}/{_cell(he.site_work_s, r)}"
+        stages = [_cell(_stage(he, stage), r) for stage in ("encrypt", "aggregate", "decrypt")]
         print(
             f"{r:>5}  {p:8.1f}  {h:8.1f}  {h / p:8.2f}  {h - p:8.1f}  {work:>11}  "
             f"{stages[0]:>7}  {stages[1]:>9}  {stages[2]:>7}"
@@ -124,14 +132,14 @@ def print_pair(k: int, plain: dict, he: dict, figures: dict) -> None:
     print(f"final global Dice: plain {figures['final_global_dice']['plain']}, HE {figures['final_global_dice']['he']}")
 
 
-def earlier_pairs(runs_dir: Path) -> list[tuple[dict, dict]]:
+def earlier_pairs(runs_dir: Path) -> list[tuple[RunSummary, RunSummary]]:
     pairs = []
     for pair in sorted(runs_dir.glob("pair*")):
         found = {job: sorted((pair / job).glob("*/summary.json")) for job in JOBS}
         if not all(found.values()):
             print(f"{pair}: no summary.json for {[j for j, f in found.items() if not f]}, left out")
             continue
-        done = {job: json.loads(files[-1].read_text()) for job, files in found.items()}
+        done = {job: RunSummary.load(files[-1]) for job, files in found.items()}
         pairs.append((done["local"], done["he"]))
     return pairs
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import record  # noqa: E402
 
 from spleen_tools.run.progress import parse_event  # noqa: E402
+from spleen_tools.run.summary import RunSummary  # noqa: E402
 
 STAGES = ("dispatch", "receive", "prepare", "work", "pack", "send", "server")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -90,12 +91,10 @@ def site_events(log: Path) -> dict[str, dict]:
 
 def breakdown(run_dir: Path) -> list[dict]:
     """One row per round: the stages along the slowest site's path, the round time and the site's work."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunSummary.load(run_dir)
     server_log = next((run_dir / "job_result").rglob("workspace/log.txt"))
     starts, finishes, handouts, results = server_events(server_log)
-    site_logs = {
-        site: Path(summary["paths"][f"log_{site}"]) / summary["job_id"] / "log.txt" for site in summary["sites"]
-    }
+    site_logs = {site: Path(summary.paths[f"log_{site}"]) / summary.job_id / "log.txt" for site in summary.sites}
     per_site = {site: site_events(log) for site, log in site_logs.items()}
     rows = []
     for rnd in sorted(set(starts) & set(finishes)):

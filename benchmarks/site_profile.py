@@ -14,7 +14,6 @@ Nothing else may run on the machine meanwhile (POC ports are fixed; the shares a
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import record  # noqa: E402
 
 from spleen_tools.paths import BIN_DIR, REPO_ROOT  # noqa: E402
 from spleen_tools.procs import PidFile, ProcessRef, start_group, stop_started, wait_for  # noqa: E402
+from spleen_tools.run.summary import RunSummary  # noqa: E402
 
 TRAINER_THREAD = "client_api_in_process_trainer"  # NVFlare's in-process Client API runs our script on it
 # (category, any of these in a frame of the trainer thread's stack), first match wins
@@ -111,7 +111,7 @@ def profile(args: argparse.Namespace, runs_dir: Path) -> dict:
     if args.raw:
         shutil.copy(raw, args.raw)
     total, counts = shares(raw)
-    summary = json.loads(next(runs_dir.glob("*/summary.json")).read_text())
+    summary = RunSummary.load(next(runs_dir.glob("*/summary.json")))
     return {
         "site": args.site,
         "rounds": args.rounds,
@@ -119,7 +119,7 @@ def profile(args: argparse.Namespace, runs_dir: Path) -> dict:
         "rate_hz": args.rate,
         "samples": total,
         "wall_s": round(time.monotonic() - started, 1),
-        "fl_round_s": summary.get("fl_round_s"),
+        "fl_round_s": summary.fl_round_s,
         "shares": {name: round(n / total, 4) for name, n in counts.most_common()},
     }
 

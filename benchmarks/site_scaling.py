@@ -12,7 +12,6 @@ Nothing else may run on the machine meanwhile (POC ports are fixed; the timings 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import record  # noqa: E402
 
 from spleen_tools.paths import BIN_DIR, REPO_ROOT  # noqa: E402
+from spleen_tools.run.summary import RunSummary  # noqa: E402
 
 
 def one_run(sites: int, rounds: int, runs_dir: Path) -> dict:
@@ -34,13 +34,13 @@ def one_run(sites: int, rounds: int, runs_dir: Path) -> dict:
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{sites} sites: exit {proc.returncode}: {proc.stderr[-1000:]}")
-    summary = json.loads(next(runs_dir.glob("*/summary.json")).read_text())
+    summary = RunSummary.load(next(runs_dir.glob("*/summary.json")))
     return {
         "sites": sites,
         "wall_s": round(wall, 1),
-        "fl_round_s": summary["fl_round_s"],
-        "site_work_s": summary["site_work_s"],
-        "server_peak_mb": summary["server_peak_memory_mb"],
+        "fl_round_s": summary.fl_round_s,
+        "site_work_s": summary.site_work_s,
+        "server_peak_mb": summary.server_peak_memory_mb,
     }
 
 

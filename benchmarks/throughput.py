@@ -27,6 +27,7 @@ import record  # noqa: E402
 
 from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG  # noqa: E402
 from spleen_tools.paths import BIN_DIR  # noqa: E402
+from spleen_tools.run.summary import RunSummary  # noqa: E402
 from spleen_tools.systems.base import participant_env  # noqa: E402
 
 _EPOCH = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
@@ -37,19 +38,19 @@ def epoch_times(text: str) -> list[float]:
     return [int(h) * 3600 + int(m) * 60 + float(s) for _, h, m, s in _EPOCH.findall(text)]
 
 
-def in_fl_times(run_dir: Path, summary: dict) -> dict[str, list[float]]:
-    logs = {s: Path(summary["paths"][f"log_{s}"]) / summary["job_id"] / "log.txt" for s in summary["sites"]}
+def in_fl_times(run_dir: Path, summary: RunSummary) -> dict[str, list[float]]:
+    logs = {s: Path(summary.paths[f"log_{s}"]) / summary.job_id / "log.txt" for s in summary.sites}
     return {site: epoch_times(log.read_text(errors="replace")) for site, log in logs.items()}
 
 
-def standalone_times(run_dir: Path, summary: dict, epochs: int) -> dict[str, list[float]]:
+def standalone_times(run_dir: Path, summary: RunSummary, epochs: int) -> dict[str, list[float]]:
     """All sites' bundles at once, each in its own process with the FL run's thread share."""
     bundle = next((run_dir / "jobs").glob("*/app/config/spleen_ct_segmentation"))
-    configs = [str(bundle / TRAIN_CONFIG)] + ([str(bundle / QUICK_OVERRIDE)] if summary.get("quick") else [])
-    env = participant_env(sites=len(summary["sites"]))
+    configs = [str(bundle / TRAIN_CONFIG)] + ([str(bundle / QUICK_OVERRIDE)] if summary.quick else [])
+    env = participant_env(sites=len(summary.sites))
     procs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for site in summary["sites"]:
+        for site in summary.sites:
             lists = json.loads((run_dir / "datalists" / f"{site}.json").read_text())
             override = Path(tmp) / f"{site}.json"
             root = Path(tmp) / site
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/throughput.json")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunSummary.load(run_dir)
     fl = in_fl_times(run_dir, summary)
     alone = standalone_times(run_dir, summary, args.epochs)
     result = {"run_dir": str(run_dir), "threads_per_site": participant_env(sites=len(fl))["OMP_NUM_THREADS"]}
-    for site in summary["sites"]:
+    for site in summary.sites:
         fl_s, alone_s = median_after_skip(fl[site]), median_after_skip(alone[site])
         ratio = round(alone_s / fl_s, 3) if fl_s and alone_s else None
         result[site] = {"in_fl_epoch_s": fl_s, "standalone_epoch_s": alone_s, "throughput_ratio": ratio}

@@ -33,6 +33,7 @@ from spleen_tools.job_result import (
 )
 from spleen_tools.jobs import get_script_args
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, BUNDLES_DIR
+from spleen_tools.run.summary import SUMMARY_FILE, RunSummary
 
 EXPORT_DIR = "model_bundle"  # in a run directory: model_bundle/spleen_ct_segmentation/
 SCHEMA = BUNDLES_DIR / "metadata_schema.json"
@@ -152,9 +153,8 @@ def match_training(configs: Path, roi: list[int]) -> str | None:
 def find_job(path: Path) -> Path:
     """The downloaded job of a run directory (its ``summary.json`` names it), or a downloaded job folder itself
     (``workspace/app_server/`` in it, or in its one subfolder: ``job_result/`` holds ``<job_id>/``)."""
-    summary = path / "summary.json"
-    if summary.is_file():
-        path = Path(json.loads(summary.read_text())["paths"]["job_result"])
+    if (path / SUMMARY_FILE).is_file():
+        path = Path(RunSummary.load(path).paths["job_result"])
     jobs = [
         p
         for p in (path, *(sorted(path.iterdir()) if path.is_dir() else []))

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
+from spleen_tools.run.summary import RunSummary, Tracking
 from spleen_tools.run.tracking import Curves, join_curves, mlflow_curves, tensorboard_curves
 from spleen_tools.run.wandb_files import wandb_curves
 
@@ -94,33 +95,34 @@ def plot_cross_site_heatmap(
     return _save(fig, path)
 
 
-def read_curves(summary: dict) -> Curves:
+def read_curves(summary: RunSummary) -> Curves:
     """The sites' series from where the run tracked them (MLflow server or store, TensorBoard or W&B files)."""
-    mlflow_info = summary.get("mlflow") or {}
+    tracking = summary.tracking or Tracking()
+    mlflow_info = tracking.mlflow or {}
     if mlflow_info.get("run_ids"):
         curves = mlflow_curves(mlflow_info["tracking_uri"], mlflow_info["run_ids"], CURVE_METRICS)
-        for resumed in reversed(summary.get("resumed") or []):  # the jobs lost with a restarted server, first
+        for resumed in reversed(summary.resumed):  # the jobs lost with a restarted server, first
             lost = mlflow_curves(
                 mlflow_info["tracking_uri"], resumed.get("lost_job_mlflow_run_ids") or {}, CURVE_METRICS
             )
             curves = join_curves(lost, curves)
         return curves
-    run_files = (summary.get("wandb") or {}).get("run_files")
+    run_files = (tracking.wandb or {}).get("run_files")
     if run_files:
         return wandb_curves(run_files, CURVE_METRICS)
-    site_dirs = (summary.get("tensorboard") or {}).get("site_dirs")
+    site_dirs = (tracking.tensorboard or {}).get("site_dirs")
     return tensorboard_curves(site_dirs, CURVE_METRICS) if site_dirs else {}
 
 
-def write_run_plots(run_dir: Path, summary: dict) -> dict[str, Path]:
+def write_run_plots(run_dir: Path, summary: RunSummary) -> dict[str, Path]:
     """Both plots into the run folder; one without data (no MLflow runs, no cross-site results) is skipped."""
     run_dir = Path(run_dir)
     curves = read_curves(summary)
     written: dict[str, Path] = {}
     if curves:
         written["learning_curves"] = plot_learning_curves(curves, run_dir / "learning_curves.png", "learning curves")
-    if summary.get("cross_site"):
+    if summary.cross_site:
         written["cross_site_heatmap"] = plot_cross_site_heatmap(
-            summary["cross_site"], summary["sites"], run_dir / "cross_site_heatmap.png"
+            summary.cross_site, summary.sites, run_dir / "cross_site_heatmap.png"
         )
     return written

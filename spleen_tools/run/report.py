@@ -7,6 +7,7 @@ from pathlib import Path
 
 from spleen_flare.contract import KEY_METRIC
 from spleen_tools.run.formatting import clock_time, fmt, mmss
+from spleen_tools.run.summary import SUMMARY_FILE, RunSummary, Tracking
 from spleen_tools.run.tracking import charts_url
 
 SEGMENTS_AT = 0.8  # Dice at which we call the model's masks a segmentation of the spleen
@@ -31,50 +32,55 @@ def format_cross_site_table(cross_site: dict[str, dict[str, float]], sites: list
     return "\n".join(lines)
 
 
-def report(summary: dict, sites: list[str], out: Callable[[str], None]) -> None:
+def report(summary: RunSummary, sites: list[str], out: Callable[[str], None]) -> None:
     out("")
     out("cross-site validation (Dice, rows: models, columns: sites):")
-    out(format_cross_site_table(summary["cross_site"], sites))
-    untrained, final = summary["untrained_dice"], summary["final_global_dice"]
+    out(format_cross_site_table(summary.cross_site, sites))
+    untrained, final = summary.untrained_dice, summary.final_global_dice
     if untrained or final:
         out("")
         out("global model Dice on each site's validation data:")
         for site in sites:
             out(
                 f"  {site}: untrained {fmt(untrained.get(site))} -> "
-                f"after {summary['rounds']} rounds {fmt(final.get(site))}{segments_note(final.get(site))}"
+                f"after {summary.rounds} rounds {fmt(final.get(site))}{segments_note(final.get(site))}"
             )
-    best, last = summary.get("best_model"), summary.get("final_model")
+    best, last = summary.best_model, summary.final_model
     if best:
         is_last = last and best.get("sha256") == last.get("sha256")
         which = "the final one" if is_last else f"the one after round {best['round'] + 1}"
         out(f"  best global model: {which} (mean validation Dice {fmt(best.get(KEY_METRIC))})")
-    report_dropped(summary.get("dropped") or [], out)
-    if summary.get("status_note"):
-        out(f"  job status {summary['status']}: {summary['status_note']}")
+    report_dropped(summary.dropped, out)
+    if summary.status_note:
+        out(f"  job status {summary.status}: {summary.status_note}")
     out("")
-    out(f"wall time {mmss(summary['wall_time_s'])}; round times (s): {summary['round_times_s']}")
-    if summary.get("fl_round_s"):
-        out(
-            f"server round times (s): {summary['fl_round_s']}; slowest site's own work per round (validation + "
-            f"training, s): {summary.get('site_work_s')}"
-        )
-    if summary.get("gpu_peak_mb"):
-        out("peak GPU memory per site: " + ", ".join(f"{s} {mb:.0f} MB" for s, mb in summary["gpu_peak_mb"].items()))
-    if summary.get("server_peak_memory_mb"):
-        out(f"server peak memory (server + job process, resident): {summary['server_peak_memory_mb']:.0f} MB")
-    if summary.get("update_bytes_encrypted"):
-        plain = summary.get("update_bytes_plain")
-        ratio = f" = {summary['update_bytes_ratio']}x the plaintext {plain / 1e6:.1f} MB" if plain else ""
-        out(
-            f"HE: one client update {summary['update_bytes_encrypted'] / 1e6:.1f} MB{ratio}; per round (s): "
-            f"encrypt {summary.get('encrypt_s')}, aggregate {summary.get('aggregate_s')}, "
-            f"decrypt {summary.get('decrypt_s')}"
-        )
-    report_tracking(summary, out)
-    for name, path in (summary.get("plots") or {}).items():
+    report_costs(summary, out)
+    report_tracking(summary.tracking or Tracking(), out)
+    for name, path in summary.plots.items():
         out(f"{name.replace('_', ' ')}: {path}")
-    out(f"summary: {summary['paths']['run_dir']}/summary.json")
+    out(f"summary: {summary.paths['run_dir']}/{SUMMARY_FILE}")
+
+
+def report_costs(summary: RunSummary, out: Callable[[str], None]) -> None:
+    """Wall time, round times, memory and, for an HE job, what encryption costs."""
+    out(f"wall time {mmss(summary.wall_time_s)}; round times (s): {summary.round_times_s}")
+    if summary.fl_round_s:
+        out(
+            f"server round times (s): {summary.fl_round_s}; slowest site's own work per round (validation + "
+            f"training, s): {summary.site_work_s}"
+        )
+    if summary.gpu_peak_mb:
+        out("peak GPU memory per site: " + ", ".join(f"{s} {mb:.0f} MB" for s, mb in summary.gpu_peak_mb.items()))
+    if summary.server_peak_memory_mb:
+        out(f"server peak memory (server + job process, resident): {summary.server_peak_memory_mb:.0f} MB")
+    he = summary.he
+    if he and he.update_bytes_encrypted:
+        plain = he.update_bytes_plain
+        ratio = f" = {he.update_bytes_ratio}x the plaintext {plain / 1e6:.1f} MB" if plain else ""
+        out(
+            f"HE: one client update {he.update_bytes_encrypted / 1e6:.1f} MB{ratio}; per round (s): "
+            f"encrypt {he.encrypt_s}, aggregate {he.aggregate_s}, decrypt {he.decrypt_s}"
+        )
 
 
 def report_dropped(dropped: list[dict], out: Callable[[str], None]) -> None:
@@ -92,9 +98,9 @@ def report_dropped(dropped: list[dict], out: Callable[[str], None]) -> None:
         )
 
 
-def report_tracking(summary: dict, out: Callable[[str], None]) -> None:
+def report_tracking(tracking: Tracking, out: Callable[[str], None]) -> None:
     """Where the metrics are and how to look at them: the MLflow charts URL, or the command for a file store."""
-    m, tb = summary.get("mlflow"), summary.get("tensorboard")
+    m, tb = tracking.mlflow, tracking.tensorboard
     if m:
         out(f"MLflow: {m['tracking_uri']} experiment {m['experiment_name']!r} (id {m['experiment_id']})")
         url = charts_url(m)
@@ -107,8 +113,8 @@ def report_tracking(summary: dict, out: Callable[[str], None]) -> None:
         if dirs:
             out(f"TensorBoard event files: {', '.join(dirs)}")
             out(f"  view: .venv/bin/tensorboard --logdir {Path(dirs[0]).parent}")
-    if summary.get("wandb"):
-        report_wandb(summary["wandb"], out)
+    if tracking.wandb:
+        report_wandb(tracking.wandb, out)
 
 
 def report_wandb(wandb: dict, out: Callable[[str], None]) -> None:

@@ -3,8 +3,9 @@
 ``run_experiment(settings)`` does, in order: make a run directory ``runs/<timestamp>/`` (and ``runs/latest``);
 make or reuse the synthetic dataset (or use ``--data``) and write per-site datalists into the run directory;
 prepare a configured job copy; start an MLflow server (SQLite store in the run directory) and the FL system;
-submit the job; follow the sites' ``[spleen]`` progress lines; download the job; write ``summary.json``; print
-the cross-site table; stop everything it started (also on error, Ctrl-C, SIGTERM and ``--timeout``).
+submit the job; follow the sites' ``[spleen]`` progress lines; download the job; print the cross-site table;
+export the model and scan for secrets; write ``summary.json`` (once, also when a check fails); stop everything it
+started (also on error, Ctrl-C, SIGTERM and ``--timeout``).
 Every process it starts is recorded in ``<run dir>/pids.json`` (``--stop RUN_DIR`` uses it).
 """
 
@@ -36,6 +37,7 @@ from spleen_tools.run.secrets_scan import scan
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_all_recorded
+from spleen_tools.run.summary import Tracking
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
 from spleen_tools.run.wandb_files import wandb_info
 from spleen_tools.systems.base import FLSystem
@@ -97,13 +99,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             follower.skip_existing()
             progress = Progress(list(run.system.site_names), settings.rounds)
             job_id, status = run_job(run, admin, job_folder, follower, progress)
-            run.enter("collecting results")
-            result = collect_results(run, admin, job_id, status, progress)
-            report.report(result, list(run.system.site_names), out)
-            check(run, result)
-            run.enter("exporting the model and checking for secrets")
-            export_model(run, result)
-            check_no_secret_left(run, result)
+            conclude(run, admin, job_id, status, progress)
             run.enter("done")
             keep = settings.keep_running
             if keep:
@@ -296,8 +292,27 @@ def follow_job(
         time.sleep(run.settings.poll_interval)
 
 
-def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, progress: Progress) -> dict:
-    """Download the job, query MLflow, write and return ``summary.json``."""
+def conclude(run: Run, admin: JobAdmin, job_id: str, status: str | None, progress: Progress) -> None:
+    """Collect the results and report them, fail the run on their problems, export the model and check for secrets.
+    ``summary.json`` is written once, here, when the steps end: also when one fails (the file shows why), then with
+    what the steps before it found."""
+    run.enter("collecting results")
+    result = collect_results(run, admin, job_id, status, progress)
+    try:
+        report.report(result, list(run.system.site_names), run.out)
+        check(run, result)
+        run.enter("exporting the model and checking for secrets")
+        result = replace(result, model_bundle=export_model(run, result))
+        result = replace(result, secrets_scan=scan_for_secrets(run))
+        check_no_secret_left(run, result.secrets_scan)
+    finally:
+        result.save(run.run_dir)
+
+
+def collect_results(
+    run: Run, admin: JobAdmin, job_id: str, status: str | None, progress: Progress
+) -> summary.RunSummary:
+    """Download the job, query the tracking store, draw the plots: the run's summary (written by ``conclude``)."""
     download_dir = admin.download(job_id, run.run_dir / "job_result")
     found = sorted(download_dir.rglob("cross_val_results.json"))
     cross_site_results = json.loads(found[0].read_text()) if found else None
@@ -320,23 +335,21 @@ def collect_results(run: Run, admin: JobAdmin, job_id: str, status: str | None, 
         wall_time_s=time.monotonic() - run.started,
         progress=progress,
         cross_site_results=cross_site_results,
-        mlflow_info=None,
+        tracking=tracking_info(run, download_dir, job_id, sites),
         paths=paths,
         param_count=job_result.count_weights(download_dir, out=run.out) if progress.he_events else None,
         model_history=job_result.read_model_history(download_dir),
+        # a participant's policy refused the job (no tagged line then): NVFlare's own reason, among the problems
+        job_errors=policy_refusals(log_roots(run.system), job_id),
+        server_peak_memory_mb=run.server_memory.stop() if run.server_memory else None,
+        resumed=resumes_info(run, progress),
     )
-    # a participant's policy refused the job (no tagged line then): NVFlare's own reason, first among the problems
-    result["job_errors"] = [*result["job_errors"], *policy_refusals(log_roots(run.system), job_id)]
-    result["server_peak_memory_mb"] = run.server_memory.stop() if run.server_memory else None
-    result["resumed"] = resumes_info(run, progress)
-    result.update(tracking_info(run, download_dir, job_id, sites))
-    if result["dropped"] and status not in TERMINAL_OK:
-        result["status_note"] = job_result.abandoned_upload(download_dir, progress.dropped_sites())
+    if result.needs_status_note:
+        result = replace(result, status_note=job_result.abandoned_upload(download_dir, progress.dropped_sites()))
     # Read back from the MLflow server while it still runs (or the store or event files that came back with the
     # job): the curves show what the tracking holds.
-    result["plots"] = {name: str(path) for name, path in write_run_plots(run.run_dir, result).items()}
-    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    plots = write_run_plots(run.run_dir, result)
+    return replace(result, plots={name: str(path) for name, path in plots.items()})
 
 
 def resumes_info(run: Run, progress: Progress) -> list[dict]:
@@ -353,17 +366,17 @@ def resumes_info(run: Run, progress: Progress) -> list[dict]:
     return out
 
 
-def tracking_info(run: Run, download_dir: Path, job_id: str, sites: list[str]) -> dict:
+def tracking_info(run: Run, download_dir: Path, job_id: str, sites: list[str]) -> Tracking:
     """Where the sites' metrics are (summary.json's ``mlflow``, ``tensorboard`` or ``wandb``), per ``--tracking``."""
     if run.settings.tracking == "tensorboard":
-        return {"mlflow": None, "tensorboard": {"site_dirs": tensorboard_dirs(download_dir, sites)}}
+        return Tracking(tensorboard={"site_dirs": tensorboard_dirs(download_dir, sites)})
     if run.settings.tracking == "wandb":
-        return {"mlflow": None, "wandb": wandb_info(download_dir, sites, wandb_from_env(dict(os.environ))[1])}
+        return Tracking(wandb=wandb_info(download_dir, sites, wandb_from_env(dict(os.environ))[1]))
     uri = run.mlflow.url if run.mlflow else workspace_store(download_dir)
-    return {"mlflow": mlflow_runs(uri, run.settings.job_name, job_id, sites) if uri else None}
+    return Tracking(mlflow=mlflow_runs(uri, run.settings.job_name, job_id, sites) if uri else None)
 
 
-def check(run: Run, result: dict) -> None:
+def check(run: Run, result: summary.RunSummary) -> None:
     """A job that did not complete, or an incomplete cross-site table, fails the run (COMPLETED is not enough)."""
     found = summary.problems(result, list(run.system.site_names), TERMINAL_OK)
     if found:
@@ -371,8 +384,8 @@ def check(run: Run, result: dict) -> None:
         raise ExperimentError("\n".join(found) + f" (logs: {run.run_dir / 'logs'}, {logs})")
 
 
-def export_model(run: Run, result: dict) -> None:
-    """The final global model as a verified MONAI bundle in the run directory, recorded in ``summary.json``.
+def export_model(run: Run, result: summary.RunSummary) -> dict:
+    """The final global model as a verified MONAI bundle in the run directory: summary.json's ``model_bundle``.
     HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy."""
     # here, not at the top: MONAI takes seconds to import, and a bad --data must be refused before that
     from spleen_tools.model_bundle import (
@@ -385,42 +398,44 @@ def export_model(run: Run, result: dict) -> None:
     )
 
     try:
-        source = source_from_job(find_job(Path(result["paths"]["job_result"])))
+        source = source_from_job(find_job(Path(result.paths["job_result"])))
         if run.settings.job == "he":
             site = run.system.site_names[0]
-            copy = Path(result["paths"][f"log_{site}"]) / result["job_id"] / f"app_{site}" / FINAL_GLOBAL_MODEL
+            copy = Path(result.paths[f"log_{site}"]) / result.job_id / f"app_{site}" / FINAL_GLOBAL_MODEL
             source = replace(source, checkpoint=copy)
         bundle = export_bundle(source, run.run_dir / EXPORT_DIR)
-        result["model_bundle"] = {"path": str(bundle), **verify_bundle(bundle)}
+        info = {"path": str(bundle), **verify_bundle(bundle)}
     except ExportError as err:
         raise ExperimentError(f"model bundle: {err}") from None
-    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     run.out(f"model bundle: {bundle} (verified: metadata, network, TorchScript = state dict)")
+    return info
 
 
-def check_no_secret_left(run: Run, result: dict) -> None:
-    """No private key, secret TenSEAL context or admin credential of the kits anywhere in what the run wrote: the
-    run directory (MLflow store and artifacts, downloaded job, model bundle) and every participant's logs and job
-    folders (the kits' own secret files are skipped). A finding fails the run."""
+def scan_for_secrets(run: Run) -> dict:
+    """Every private key, secret TenSEAL context and admin credential of the kits, looked for in what the run wrote:
+    the run directory (MLflow store and artifacts, downloaded job, model bundle) and every participant's logs and
+    job folders (the kits' own secret files are skipped). summary.json's ``secrets_scan``."""
     workspace = run.system.workspace
     secrets = known_secrets([workspace])
     report = scan([run.run_dir] + ([] if workspace.is_relative_to(run.run_dir) else [workspace]), secrets)
-    result["secrets_scan"] = {
+    return {
         "secrets": len(secrets),
         "files": report.files,
         "bytes": report.bytes,
         "findings": [f"{f.file}: {f.what} ({f.detail})" for f in report.findings],
         "unchecked": [f"{f.file}: {f.what} ({f.detail})" for f in report.unchecked],
     }
-    (run.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not secrets or not report.clean:
-        scan_info = result["secrets_scan"]
+
+
+def check_no_secret_left(run: Run, scan_info: dict) -> None:
+    """A secret found, a file that could not be read in full, or no kit secrets to look for fails the run."""
+    if not scan_info["secrets"] or scan_info["findings"] or scan_info["unchecked"]:
         found = [f"secret left behind: {f}" for f in scan_info["findings"]]
         found += [f"could not check for secrets: {f}" for f in scan_info["unchecked"]]
         raise ExperimentError("\n".join(found or [f"{run.system.workspace}: no kit secrets to look for"]))
     run.out(
-        f"secrets: none of the kits' {len(secrets)} secrets in {report.files} files ({report.bytes / 1e6:.0f} MB) "
-        "of the run directory and the participants' logs and job folders"
+        f"secrets: none of the kits' {scan_info['secrets']} secrets in {scan_info['files']} files "
+        f"({scan_info['bytes'] / 1e6:.0f} MB) of the run directory and the participants' logs and job folders"
     )
 
 

@@ -17,7 +17,7 @@ from spleen_flare.data_check import case_problems, image_problem, label_problem
 from spleen_tools.data.synthetic import make_synthetic_dataset
 from spleen_tools.flare import TERMINAL_OK
 from spleen_tools.run.progress import Progress, parse_event
-from spleen_tools.run.summary import problems
+from spleen_tools.run.summary import RunSummary, problems
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_a_site_prints_every_problem_then_stops(cases, capsys):
     progress = Progress(["site-1", "site-2"], 1)
     printed = progress.add(events[0]) + progress.add(dict(events[0]))
     assert len(printed) == 1 and printed[0].endswith(f"site-1: {events[0]['problem']}")
-    summary = {"status": "FINISHED:EXECUTION_EXCEPTION", "cross_site": None, "data_errors": progress.data_errors}
+    summary = RunSummary(status="FINISHED:EXECUTION_EXCEPTION", data_errors=progress.data_errors)
     assert problems(summary, ["site-1", "site-2"], TERMINAL_OK) == [
         f"site-1: {events[0]['problem']}",
         "job ended FINISHED:EXECUTION_EXCEPTION",

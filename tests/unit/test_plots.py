@@ -19,6 +19,7 @@ from spleen_tools.run.plots import (
     row_order,
     write_run_plots,
 )
+from spleen_tools.run.summary import RunSummary, Tracking
 
 SITES = ["site-1", "site-2"]
 CROSS_SITE = {
@@ -89,16 +90,18 @@ def mlflow_runs(tmp_path) -> tuple[str, dict[str, str]]:
 
 def test_site_curves_and_run_plots_from_a_real_mlflow_store(tmp_path, mlflow_runs):
     uri, run_ids = mlflow_runs
-    curves = read_curves({"mlflow": {"tracking_uri": uri, "run_ids": run_ids}})
+    curves = read_curves(RunSummary(tracking=Tracking(mlflow={"tracking_uri": uri, "run_ids": run_ids})))
     assert set(curves) == set(SITES)
     loss = curves["site-1"][TRAIN_LOSS]
     assert [s for s, _ in loss] == [0, 1, 2] and [v for _, v in loss] == pytest.approx([1.0, 0.8, 0.6])
     assert [s for s, _ in curves["site-2"][KEY_METRIC]] == [0, 1, 2]
     assert [(s, round(v, 6)) for s, v in curves["site-2"][GLOBAL_METRIC]] == [(0, 0.1), (1, 0.4)]
-    one_site = read_curves({"mlflow": {"tracking_uri": uri, "run_ids": {"site-1": run_ids["site-1"]}}})
+    one_site_ids = {"site-1": run_ids["site-1"]}
+    one_site = read_curves(RunSummary(tracking=Tracking(mlflow={"tracking_uri": uri, "run_ids": one_site_ids})))
     assert one_site["site-1"].keys() == {TRAIN_LOSS, KEY_METRIC, GLOBAL_METRIC}
 
-    summary = {"sites": SITES, "cross_site": CROSS_SITE, "mlflow": {"tracking_uri": uri, "run_ids": run_ids}}
+    tracking = Tracking(mlflow={"tracking_uri": uri, "run_ids": run_ids})
+    summary = RunSummary(sites=SITES, cross_site=CROSS_SITE, tracking=tracking)
     written = write_run_plots(tmp_path / "run", summary)
     assert written == {
         "learning_curves": tmp_path / "run" / "learning_curves.png",
@@ -109,6 +112,6 @@ def test_site_curves_and_run_plots_from_a_real_mlflow_store(tmp_path, mlflow_run
 
 
 def test_run_plots_skip_what_has_no_data(tmp_path):
-    empty = {"sites": SITES, "cross_site": {}, "mlflow": {"tracking_uri": "http://127.0.0.1:1", "run_ids": {}}}
+    empty = RunSummary(sites=SITES, tracking=Tracking(mlflow={"tracking_uri": "http://127.0.0.1:1", "run_ids": {}}))
     assert write_run_plots(tmp_path, empty) == {}
     assert list(tmp_path.iterdir()) == []

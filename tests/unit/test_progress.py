@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_log_follower_reads_only_new_complete_lines(tmp_path):
 
 def test_a_dropped_site_closes_its_round_and_is_excused_from_the_table_but_reported():
     from spleen_tools.run.report import report_dropped
-    from spleen_tools.run.summary import problems
+    from spleen_tools.run.summary import RunSummary, problems
 
     p = Progress(SITES, rounds=3, start=0.0)
     p.add(parse_event(round_line("site-1", 0, 0.01)), now=10.0)
@@ -121,13 +122,13 @@ def test_a_dropped_site_closes_its_round_and_is_excused_from_the_table_but_repor
     assert lines[1].endswith("round 2/3 done without site-2") and p.round_times() == [11.0, 39.0]
     assert p.dropped_sites() == ["site-2"]
 
-    summary = {
-        "status": "FINISHED:COMPLETED",
-        "cross_site": {"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}},
-        "dropped": p.dropped,
-    }
+    summary = RunSummary(
+        status="FINISHED:COMPLETED",
+        cross_site={"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}},
+        dropped=p.dropped,
+    )
     assert problems(summary, SITES, ("FINISHED:COMPLETED",)) == []  # the table lacks only the dropped site
-    unexcused = problems({**summary, "dropped": []}, SITES, ("FINISHED:COMPLETED",))
+    unexcused = problems(replace(summary, dropped=[]), SITES, ("FINISHED:COMPLETED",))
     assert unexcused == ["the cross-site table is incomplete"]
     out: list[str] = []
     report_dropped(p.dropped, out.append)

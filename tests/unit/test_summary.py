@@ -1,9 +1,11 @@
-"""summary.json from progress events and cross-site results; the HE cost fields; what fails a finished run."""
+"""summary.json from progress events and cross-site results; the record and its file; the HE cost fields; what
+fails a finished run."""
 
 from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from spleen_flare.contract import HE_TAG, KEY_METRIC, PROGRESS_TAG, tagged_line
 from spleen_tools.job_result import GLOBAL_MODEL, count_weights, cross_site_by_model, read_checkpoint
 from spleen_tools.run.progress import Progress, parse_event
 from spleen_tools.run.settings import ExperimentSettings
-from spleen_tools.run.summary import build_summary, he_summary, problems
+from spleen_tools.run.summary import HeCosts, RunSummary, Tracking, build_summary, he_summary, problems
 
 SITES = ["site-1", "site-2"]
 CROSS = {
@@ -39,7 +41,7 @@ def test_cross_site_by_model():
     }
 
 
-def summary_of(progress: Progress, cross=CROSS, status="FINISHED:COMPLETED") -> dict:
+def summary_of(progress: Progress, cross=CROSS, status="FINISHED:COMPLETED") -> RunSummary:
     return build_summary(
         settings=ExperimentSettings(rounds=1, local_epochs=2),
         job_id="abc",
@@ -48,11 +50,13 @@ def summary_of(progress: Progress, cross=CROSS, status="FINISHED:COMPLETED") -> 
         wall_time_s=12.34,
         progress=progress,
         cross_site_results=cross,
-        mlflow_info={
-            "tracking_uri": "http://127.0.0.1:1",
-            "experiment_id": "1",
-            "run_ids": {s: f"run-{s}" for s in SITES},
-        },
+        tracking=Tracking(
+            mlflow={
+                "tracking_uri": "http://127.0.0.1:1",
+                "experiment_id": "1",
+                "run_ids": {s: f"run-{s}" for s in SITES},
+            }
+        ),
         paths={"run_dir": "/x"},
     )
 
@@ -68,16 +72,74 @@ def test_build_summary_has_the_promised_fields():
     ):
         p.add(parse_event(line))
     summary = summary_of(p)
-    for key in ("job_id", "job_name", "sites", "rounds", "local_epochs", "wall_time_s", "round_times_s"):
-        assert key in summary
-    assert summary["untrained_dice"] == {"site-1": 0.02, "site-2": 0.02}
-    assert summary["cross_site"][GLOBAL_MODEL] == {"site-1": 0.5, "site-2": 0.6}
-    assert summary["final_global_dice"] == {"site-1": 0.5, "site-2": 0.6}
-    assert summary["round_times_s"] == [10.0] and summary["wall_time_s"] == 12.3
-    assert summary["fl_round_s"] == [9.8] and summary["site_work_s"] == [13.0]
-    json.dumps(summary)  # machine-readable
-    assert "encrypt_s" not in summary  # no HE lines, no HE fields
+    assert (summary.job_id, summary.job_name, summary.sites, summary.rounds, summary.local_epochs) == (
+        "abc",
+        "spleen_ct_segmentation_local",
+        SITES,
+        1,
+        2,
+    )
+    assert summary.untrained_dice == {"site-1": 0.02, "site-2": 0.02}
+    assert summary.cross_site[GLOBAL_MODEL] == {"site-1": 0.5, "site-2": 0.6}
+    assert summary.final_global_dice == {"site-1": 0.5, "site-2": 0.6}
+    assert summary.round_times_s == [10.0] and summary.wall_time_s == 12.3
+    assert summary.fl_round_s == [9.8] and summary.site_work_s == [13.0]
+    json.dumps(summary.to_json())  # machine-readable
+    assert summary.he is None and "encrypt_s" not in summary.to_json()  # no HE lines, no HE fields
     assert problems(summary, SITES, ("FINISHED:COMPLETED",)) == []
+
+
+# summary.json's keys for a plain job that has run every step, in the file's order
+PLAIN_JOB_KEYS = [
+    *("job_id", "job_name", "status", "sites", "rounds", "local_epochs", "quick", "data", "wall_time_s"),
+    *("round_times_s", "fl_round_s", "site_work_s", "untrained_dice", "devices", "gpu_peak_mb", "data_errors"),
+    *("job_errors", "dropped", "global_dice_per_round", "final_global_dice", "final_model", "best_model"),
+    *("cross_site", "mlflow", "paths", "server_peak_memory_mb", "resumed", "plots", "model_bundle", "secrets_scan"),
+]
+
+
+def test_the_file_has_the_keys_of_a_plain_job_and_reads_back_as_the_same_record(tmp_path):
+    history = [{"round": 0, "sha256": "a"}, {"best": True, "round": 0, "sha256": "a", KEY_METRIC: 0.5}]
+    built = build_summary(
+        settings=ExperimentSettings(rounds=1, local_epochs=2),
+        job_id="abc",
+        status="FINISHED:COMPLETED",
+        sites=SITES,
+        wall_time_s=12.34,
+        progress=Progress(SITES, rounds=1, start=0.0),
+        cross_site_results=CROSS,
+        tracking=Tracking(mlflow={"tracking_uri": "sqlite:///m.db", "run_ids": {}}),
+        paths={"run_dir": str(tmp_path), "cross_val_results": None},
+        model_history=history,
+        job_errors=["site-1: refused"],
+        server_peak_memory_mb=512.0,
+    )
+    before = built.to_json()  # before the model bundle and the secrets scan: neither key
+    assert list(before) == [k for k in PLAIN_JOB_KEYS if k not in ("model_bundle", "secrets_scan")]
+    summary = replace(built, plots={"learning_curves": "/x.png"}, model_bundle={"path": "/b"}, secrets_scan={})
+    assert list(summary.to_json()) == PLAIN_JOB_KEYS
+    assert summary.to_json()["best_model"] == {"round": 0, "sha256": "a", KEY_METRIC: 0.5}
+    assert RunSummary.from_json(summary.to_json()) == summary
+    assert RunSummary.load(summary.save(tmp_path)) == summary == RunSummary.load(tmp_path)  # through the file
+    assert RunSummary.from_json(json.loads(json.dumps(built.to_json()))) == built
+
+
+def test_optional_keys_only_where_the_run_has_them():
+    base = RunSummary(status="FINISHED:COMPLETED", tracking=Tracking(tensorboard={"site_dirs": {}}))
+    assert "tensorboard" in base.to_json() and base.to_json()["mlflow"] is None and "wandb" not in base.to_json()
+    assert "status_note" not in base.to_json() and "mlflow" not in RunSummary().to_json()  # nothing of tracking
+    # a dropped site and a failed job: the run looked for why, and says so (null: no known cause)
+    failed = replace(base, status="FINISHED:EXECUTION_EXCEPTION", dropped=[{"site": "site-2", "round": 1}])
+    assert failed.needs_status_note and failed.to_json()["status_note"] is None
+    assert RunSummary.from_json(failed.to_json()) == failed
+    he = replace(base, he=HeCosts(encrypt_s=[1.0], aggregate_s=[0.5], decrypt_s=[None]))
+    keys = list(he.to_json())
+    assert keys[keys.index("paths") + 1 : keys.index("server_peak_memory_mb")] == [
+        "encrypt_s",
+        "aggregate_s",
+        "decrypt_s",
+    ]
+    assert RunSummary.from_json(he.to_json()) == he
 
 
 def test_problems_of_a_finished_run():
@@ -101,9 +163,10 @@ def test_he_summary_per_round_slowest_and_sizes():
         he(side="site-1", round=1, stage="encrypt", seconds=1.2, bytes=5000),
     ]
     out = he_summary(events, param_count=100)
-    assert out["encrypt_s"] == [1.7, 1.2]  # per round, the slowest site
-    assert out["aggregate_s"] == [0.9, None] and out["decrypt_s"] == [0.4, None]  # indexed by round
-    assert out["update_bytes_encrypted"] == 5000 and out["update_bytes_plain"] == 400
+    assert out.encrypt_s == [1.7, 1.2]  # per round, the slowest site
+    assert out.aggregate_s == [0.9, None] and out.decrypt_s == [0.4, None]  # indexed by round
+    assert out.update_bytes_encrypted == 5000 and out.update_bytes_plain == 400
+    assert he_summary([]) is None  # not an HE job
 
 
 def test_he_summary_leaves_cross_site_out():
@@ -115,24 +178,26 @@ def test_he_summary_leaves_cross_site_out():
         he(side="site-2", stage="decrypt", task="validate", round=1, seconds=9.9, bytes=1),
     ]
     out = he_summary(events)
-    assert out["encrypt_s"] == [4.8, None] and out["aggregate_s"] == [1.1, None] and out["decrypt_s"] == [None, 2.9]
-    assert out["update_bytes_encrypted"] == 1600 and out["update_bytes_plain"] == 200
-    assert out["update_bytes_ratio"] == 8.0
+    assert out.encrypt_s == [4.8, None] and out.aggregate_s == [1.1, None] and out.decrypt_s == [None, 2.9]
+    assert out.update_bytes_encrypted == 1600 and out.update_bytes_plain == 200
+    assert out.update_bytes_ratio == 8.0
+    assert list(out.to_json())[-3:] == ["update_bytes_encrypted", "update_bytes_plain", "update_bytes_ratio"]
 
 
 def test_a_site_missing_from_the_tracking_store_is_a_problem():
     complete = {s: 0.5 for s in SITES}
-    base = {"status": "FINISHED:COMPLETED", "cross_site": {GLOBAL_MODEL: complete, **{s: complete for s in SITES}}}
-    assert problems({**base, "mlflow": {"run_ids": {"site-1": "r1"}}}, SITES, ("FINISHED:COMPLETED",)) == [
+    base = RunSummary(status="FINISHED:COMPLETED", cross_site={GLOBAL_MODEL: complete, **{s: complete for s in SITES}})
+    ok = ("FINISHED:COMPLETED",)
+    assert problems(replace(base, tracking=Tracking(mlflow={"run_ids": {"site-1": "r1"}})), SITES, ok) == [
         "no metrics of site-2 in the tracking store"
     ]
-    assert problems({**base, "mlflow": None}, SITES, ("FINISHED:COMPLETED",)) == [
+    assert problems(replace(base, tracking=Tracking()), SITES, ok) == [
         "no metrics of site-1, site-2 in the tracking store"
     ]
-    tb = {"mlflow": None, "tensorboard": {"site_dirs": {s: f"/tb/{s}" for s in SITES}}}
-    assert problems({**base, **tb}, SITES, ("FINISHED:COMPLETED",)) == []
-    wandb = {"mlflow": None, "wandb": {"run_files": {"site-2": "/w/run-b.wandb"}}}
-    assert problems({**base, **wandb}, SITES, ("FINISHED:COMPLETED",)) == ["no metrics of site-1 in the tracking store"]
+    tb = Tracking(tensorboard={"site_dirs": {s: f"/tb/{s}" for s in SITES}})
+    assert problems(replace(base, tracking=tb), SITES, ok) == []
+    wandb = Tracking(wandb={"run_files": {"site-2": "/w/run-b.wandb"}})
+    assert problems(replace(base, tracking=wandb), SITES, ok) == ["no metrics of site-1 in the tracking store"]
 
 
 def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
@@ -149,13 +214,17 @@ def test_a_dropped_sites_abandoned_upload_explains_the_status(tmp_path):
     assert note and note.startswith("NVFlare failed the job at its end on site-2's upload")
     assert abandoned_upload(tmp_path, ["site-3"]) is None  # another site's failure is not excused
 
-    base = {"status": "FINISHED:EXECUTION_EXCEPTION", "rounds": 2, "fl_round_s": [3.0, 4.0], "dropped": []}
-    base["cross_site"] = {"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}}
-    base["dropped"] = [{"site": "site-2", "round": 1}]
+    base = RunSummary(
+        status="FINISHED:EXECUTION_EXCEPTION",
+        rounds=2,
+        fl_round_s=[3.0, 4.0],
+        cross_site={"SRV_FL_global_model.pt": {"site-1": 0.9}, "site-1": {"site-1": 0.8}},
+        dropped=[{"site": "site-2", "round": 1}],
+    )
     ok = ("FINISHED:COMPLETED",)
-    assert problems({**base, "status_note": note}, SITES, ok) == []
+    assert problems(replace(base, status_note=note), SITES, ok) == []
     assert problems(base, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]
-    unfinished = {**base, "status_note": note, "fl_round_s": [3.0]}  # a round missing: not excused
+    unfinished = replace(base, status_note=note, fl_round_s=[3.0])  # a round missing: not excused
     assert problems(unfinished, SITES, ok) == ["job ended FINISHED:EXECUTION_EXCEPTION"]
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
 from spleen_tools.run.plots import TRAIN_LOSS, read_curves
+from spleen_tools.run.summary import RunSummary, Tracking
 from spleen_tools.run.tracking import (
     WORKSPACE_STORE,
     charts_url,
@@ -41,7 +42,7 @@ def test_tensorboard_series_per_site_from_a_downloaded_job(tmp_path):
     assert [s for s, _ in curves["site-2"][TRAIN_LOSS]] == [0, 1, 2]
     assert [v for _, v in curves["site-2"][KEY_METRIC]] == pytest.approx([0.01, 0.31, 0.61])
     assert curves["site-1"][GLOBAL_METRIC] == []  # a series the sites never sent is empty, not an error
-    assert read_curves({"tensorboard": {"site_dirs": dirs}}) == curves
+    assert read_curves(RunSummary(tracking=Tracking(tensorboard={"site_dirs": dirs}))) == curves
 
 
 def test_workspace_store_is_found_and_read_with_the_mlflow_client(tmp_path):
@@ -83,9 +84,9 @@ def test_a_lost_job_and_the_job_that_resumed_it_make_one_curve_per_series(tmp_pa
         client.log_metric(lost, GLOBAL_METRIC, 0.1 * rnd, step=rnd)
     for rnd in range(2, 4):  # the resumed job ran round 2 again, then round 3
         client.log_metric(resumed, GLOBAL_METRIC, 0.5 + 0.1 * rnd, step=rnd)
-    summary = {
-        "mlflow": {"tracking_uri": uri, "run_ids": {"site-1": resumed}},
-        "resumed": [{"lost_job": "a", "job_id": "b", "lost_job_mlflow_run_ids": {"site-1": lost}}],
-    }
+    summary = RunSummary(
+        tracking=Tracking(mlflow={"tracking_uri": uri, "run_ids": {"site-1": resumed}}),
+        resumed=[{"lost_job": "a", "job_id": "b", "lost_job_mlflow_run_ids": {"site-1": lost}}],
+    )
     series = read_curves(summary)["site-1"][GLOBAL_METRIC]
     assert series == [(0, 0.0), (1, 0.1), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]
