@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from spleen_flare.contract import DATA_DIR_ENV, DATALIST_ENV
 from spleen_tools.cli import OneLineParser
 from spleen_tools.flare import connected_sites
 from spleen_tools.paths import SECURE_PROJECT_YML
+from spleen_tools.run.settings import Terminated
+from spleen_tools.run.stop import sigterm_raises
 from spleen_tools.systems.secure import SecureSystem, preflight, stop_system
 from spleen_tools.systems.secure_workspace import (
     WORKSPACE_ENV,
@@ -154,10 +155,6 @@ def _provision(args) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -165,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(normalize(argv))
     commands = {"provision": _provision, "start": _start, "status": _status, "stop": _stop}
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM during start: stop what was started, like Ctrl-C
     try:
-        return commands[args.command](args)
+        with sigterm_raises():  # SIGTERM during start: stop what was started, as on Ctrl-C (the one command's way)
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: stopped what was started", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: stopped what was started", file=sys.stderr)
+        return 143
     except (SecureError, RuntimeError, TimeoutError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 from secure_kits import fake_kits
 
@@ -53,3 +57,26 @@ def test_cli_not_provisioned_names_the_fix(tmp_path, capsys):
 def test_cli_stop_with_nothing_running(tmp_path, capsys):
     assert cli.main(["--stop", "--workspace", str(fake_kits(tmp_path))]) == 0
     assert "nothing to stop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "signum, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_mid_command_stops_it_as_the_one_command_does(signum, code, line, monkeypatch, capsys):
+    """SIGTERM (a service manager) and Ctrl-C end a command through its cleanup, each with its own exit status."""
+    reached_cleanup = []
+
+    def status_that_gets_signalled(args) -> int:
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises before this ends
+            return 0
+        finally:
+            reached_cleanup.append(True)
+
+    monkeypatch.setattr(cli, "_status", status_that_gets_signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["--status"]) == code
+    assert reached_cleanup == [True]
+    assert capsys.readouterr().err == f"{line}: stopped what was started\n"
+    assert signal.getsignal(signal.SIGTERM) is before, "the command leaves the SIGTERM handler as it found it"
