@@ -173,9 +173,9 @@ def _own_foreground_group() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start_run(tmp_path, **popen_args) -> FollowedRun:
-    """The one command on the test settings, its output piped, unbuffered."""
-    return FollowedRun(runner_cmd(tmp_path, "--timeout", "600"), tmp_path / "stderr.txt", **popen_args)
+def _start_run(tmp_path, *extra: str, **popen_args) -> FollowedRun:
+    """The one command on the test settings (``extra`` options override them), its output piped, unbuffered."""
+    return FollowedRun(runner_cmd(tmp_path, "--timeout", "600", *extra), tmp_path / "stderr.txt", **popen_args)
 
 
 def _kill_and_clean_up(proc: subprocess.Popen, tmp_path) -> None:
@@ -195,6 +195,8 @@ CTRL_C_PHASES = {
     "mid_round": (f"round 1/{ROUNDS} site-", ("running job ",)),
     "download": ("job ", ("running job ", "collecting results")),  # "job <id> finished: ...", then the download
 }
+# the download comes after the whole job: one round is enough to get there
+CTRL_C_EXTRA = {"download": ("--rounds", "1")}
 
 
 @pytest.mark.parametrize("phase", list(CTRL_C_PHASES))
@@ -204,7 +206,7 @@ def test_ctrl_c_to_the_foreground_group_stops_everything(experiment_run, tmp_pat
     trigger, phases = CTRL_C_PHASES[phase]
     # The runner leads its own group, as a shell's foreground job; SIGINT gets its default action in it (a shell
     # starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt).
-    proc = _start_run(tmp_path, preexec_fn=_own_foreground_group)
+    proc = _start_run(tmp_path, *CTRL_C_EXTRA.get(phase, ()), preexec_fn=_own_foreground_group)
     try:
         for line in proc.stdout:
             # progress lines start with the run's clock ("[1:10] round 1/2 site-1: ...")
