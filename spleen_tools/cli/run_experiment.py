@@ -13,6 +13,7 @@ from pathlib import Path
 from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
+from spleen_tools.run.prune import KEEP_CHOICES
 from spleen_tools.run.runner import run_experiment
 from spleen_tools.run.settings import (
     ExperimentError,
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "accept such jobs; by default the job carries no code and the sites run what they installed",
     )
     p.add_argument("--keep-running", action="store_true", help="leave the FL system and MLflow up afterwards")
+    p.add_argument(
+        "--keep",
+        choices=KEEP_CHOICES,
+        default=d.keep,
+        help="what a successful run keeps: every participant's copy of the model (all, about 410 MB for the demo) "
+        "or the results (the model bundle, summary.json, the server's final and best global models, every log)",
+    )
     p.add_argument("--timeout", type=float, default=d.timeout, help="give up (and stop everything) after seconds")
     p.add_argument("--mlflow-port", type=int, help="MLflow port on 127.0.0.1 (default: a free one)")
     p.add_argument(
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             synthetic_shape=args.synthetic_shape,
             runs_dir=args.runs_dir,
             keep_running=args.keep_running,
+            keep=args.keep,
             secure=args.secure,
             ship_code=args.ship_code,
             timeout=args.timeout,

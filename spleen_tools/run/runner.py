@@ -31,6 +31,7 @@ from spleen_tools.run.kit_secrets import known_secrets
 from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
+from spleen_tools.run.prune import prune_run
 from spleen_tools.run.refusals import policy_refusals
 from spleen_tools.run.rundir import make_run_dir, point_latest, prepare_data
 from spleen_tools.run.secrets_scan import scan
@@ -106,13 +107,19 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
                 report.report_still_running(
                     run.run_dir, settings.secure, run.mlflow.process.pid if run.mlflow else None, out
                 )
-            return 0
     except BaseException as err:
         record_stop(run, err)
         raise
     finally:
         if not keep:
             stop_everything(run)
+    if settings.keep == "results":  # a failed run keeps everything: what it left is how to find out why
+        pruned = prune_run(run.run_dir)
+        out(
+            f"--keep results: removed {pruned.files} files of model copies ({pruned.bytes / 1e6:.0f} MB); kept the "
+            "model bundle, summary.json, the server's final and best global models and every log"
+        )
+    return 0
 
 
 STOPPED_FILE = "stopped.json"

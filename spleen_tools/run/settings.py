@@ -8,6 +8,7 @@ from pathlib import Path
 
 from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, JobSettings, wandb_from_env
 from spleen_tools.paths import JOBS_DIR, RUNS_DIR
+from spleen_tools.run.prune import KEEP_CHOICES
 
 
 class ExperimentError(RuntimeError):
@@ -43,6 +44,7 @@ class ExperimentSettings:
     synthetic_seed: int = 0
     runs_dir: Path = RUNS_DIR
     keep_running: bool = False
+    keep: str = "all"  # "results": drop the model copies a finished run no longer needs (spleen_tools.run.prune)
     secure: bool = False
     ship_code: bool = False  # development only, POC only: the code in the job (bring-your-own-code)
     timeout: float = 1800.0
@@ -102,6 +104,10 @@ class ExperimentSettings:
             )
         if any(g < 0 for g in self.gpus):
             raise SettingsError(f"--gpus {','.join(map(str, self.gpus))}: GPU ids are 0 or more")
+        if self.keep not in KEEP_CHOICES:
+            raise SettingsError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
+        if self.keep == "results" and self.keep_running:
+            raise SettingsError("--keep results removes files the running system still uses: drop --keep-running")
         if self.timeout <= 0:
             raise SettingsError(f"--timeout must be positive, got {self.timeout}")
         if self.data is not None and not (Path(self.data) / "dataset.json").is_file():

@@ -17,9 +17,9 @@ from spleen_tools.run.tracking import mlflow_curves, tensorboard_curves
 from spleen_tools.run.wandb_files import wandb_curves
 
 
-def _run(tmp_path: Path, mode: str, **env: str) -> tuple[dict, str]:
+def _run(tmp_path: Path, mode: str, *extra: str, **env: str) -> tuple[dict, str]:
     proc = subprocess.run(
-        runner_cmd(tmp_path, "--rounds", "1", "--tracking", mode, "--timeout", "900"),
+        runner_cmd(tmp_path, "--rounds", "1", "--tracking", mode, "--timeout", "900", *extra),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -51,12 +51,28 @@ def test_workspace_store_comes_back_with_the_job(tmp_path):
 
 
 def test_tensorboard_event_files_per_site(tmp_path):
-    summary, stdout = _run(tmp_path, "tensorboard")
+    """Also ``--keep results``: once the run stopped, only the copies of the model it no longer needs are gone."""
+    summary, stdout = _run(tmp_path, "tensorboard", "--keep", "results")
     dirs = summary["tensorboard"]["site_dirs"]
     assert all(Path(summary["paths"]["job_result"]) in Path(d).parents for d in dirs.values())
     assert "tensorboard --logdir" in stdout
     _assert_complete(tensorboard_curves(dirs, CURVE_METRICS))
     assert "learning_curves" in summary["plots"]
+    _assert_only_results_kept((tmp_path / "latest").resolve(), summary, stdout)
+
+
+def _assert_only_results_kept(run_dir: Path, summary: dict, stdout: str) -> None:
+    server = Path(summary["paths"]["job_result"]) / summary["job_id"] / "workspace"
+    models = {p for p in run_dir.rglob("*") if p.suffix in (".pt", ".ts")}
+    kept = {server / "app_server" / name for name in ("FL_global_model.pt", "best_FL_global_model.pt")}
+    kept |= {run_dir / "model_bundle/spleen_ct_segmentation/models" / name for name in ("model.pt", "model.ts")}
+    assert models == kept, models
+    assert not list(run_dir.glob("poc/jobs-storage/*/workspace")) and not list(server.glob("cross_site_val/model_*/*"))
+    for site in SITES:  # every log stays, the sites' progress lines with them
+        assert "[spleen]" in Path(summary["paths"][f"log_{site}"], summary["job_id"], "log.txt").read_text()
+    assert (run_dir / "cross_val_results.json").is_file()
+    removed_mb = int(stdout.split("--keep results: removed ", 1)[1].split("(", 1)[1].split(" MB", 1)[0])
+    assert removed_mb > 100, stdout[-2000:]  # 8 site copies, the job store, the cross-site models
 
 
 def test_wandb_online_with_a_bad_key_is_one_line_and_the_runs_come_back_offline(tmp_path):
