@@ -5,7 +5,7 @@ Steps, in this order (each is a command of its own; BENCHMARKS.md names it besid
   round_cost    the one command at the demo's settings and at the job's own local epochs, round_cost.py on both
   throughput    throughput.py on the demo run: epochs in the FL client vs standalone ``monai.bundle run``
   profile       site_profile.py: what a site's job process spends its CPU on
-  site_scaling  site_scaling.py: 2, 4 and 8 sites on this machine
+  site_scaling  site_scaling.py: 2, 4, 8 and 16 sites on this machine, simulator and POC
   he_size       he_update_size.py: bytes and seconds of one HE round per layout
   he_round      he_round_time.py: the local job and the HE job on POC, same settings
   segment       segment_full_size.py: spleen-segment on one 512 x 512 x 120 scan with the demo run's model bundle
