@@ -5,26 +5,13 @@ and stop() leaves no process of its group behind (10-25 s on 2 cores, most of it
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import urllib.request
 
-import psutil
+from process_groups import live_group_members
 
 from spleen_tools.mlflow_server import HOST, MLflowServer
 from spleen_tools.procs import port_in_use
-
-
-def _group(pgid: int) -> list[psutil.Process]:
-    """The live processes of process group ``pgid`` (a zombie runs nothing: its parent just has not reaped it)."""
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (OSError, psutil.Error):
-            continue  # gone while we looked
-    return members
 
 
 def _api(url: str, method: str, body: dict | None = None) -> dict:
@@ -34,14 +21,14 @@ def _api(url: str, method: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def test_the_server_answers_keeps_its_store_in_the_folder_and_stops_its_whole_group(tmp_path):
+def test_the_server_answers_keeps_its_store_in_the_folder_and_stops_its_wholelive_group_members(tmp_path):
     store = tmp_path / "run" / "mlflow"  # not there yet: start() creates it
     # ready well within the unit limit (60 s), or the module's own timeout stops the group and names the URL
     with MLflowServer(store, startup_timeout=45) as server:
         group = server.process.pid  # started in a session of its own: the leader's PID names the group
         assert server.url == f"http://{HOST}:{server.port}"
         # the server and its workers: without several members the "none left" check below would prove little
-        assert len(_group(group)) >= 2, [p.name() for p in _group(group)]
+        assert len(live_group_members(group)) >= 2, [p.name() for p in live_group_members(group)]
 
         api = f"{server.url}/api/2.0/mlflow"
         created = _api(f"{api}/experiments/create", "POST", {"name": "unit-test"})
@@ -56,5 +43,5 @@ def test_the_server_answers_keeps_its_store_in_the_folder_and_stops_its_whole_gr
         port = server.port
 
     assert server.process is None
-    assert _group(group) == [], "stop() left processes of the server's group running"
+    assert live_group_members(group) == [], "stop() left processes of the server's group running"
     assert not port_in_use(port, HOST), "the port stays taken after stop()"

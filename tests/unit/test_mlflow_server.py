@@ -5,29 +5,16 @@ the real server's start and stop are in tests/e2e/test_mlflow_server_process.py 
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 from pathlib import Path
 
-import psutil
 import pytest
+from process_groups import live_group_members
 
 from spleen_tools import mlflow_server
 from spleen_tools.mlflow_server import HOST, MLflowServer
 from spleen_tools.procs import free_port
-
-
-def _group(pgid: int) -> list[psutil.Process]:
-    """The live processes of process group ``pgid`` (a zombie runs nothing: its parent just has not reaped it)."""
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (OSError, psutil.Error):
-            continue  # gone while we looked
-    return members
 
 
 def test_a_taken_port_is_one_clear_error_and_starts_nothing(tmp_path):
@@ -75,4 +62,4 @@ def test_a_server_that_never_gets_ready_is_stopped_with_its_group(tmp_path, stan
     with pytest.raises(TimeoutError, match=f"MLflow server on {server.url}: not ready after 2 s"):
         server.start()
     assert server.process is None
-    assert _group(int(leader_pid.read_text())) == [], "a failed start left processes of its group running"
+    assert live_group_members(int(leader_pid.read_text())) == [], "a failed start left processes of its group running"
