@@ -21,7 +21,7 @@ def _api(url: str, method: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def test_the_server_answers_keeps_its_store_in_the_folder_and_stops_its_wholelive_group_members(tmp_path):
+def test_the_server_answers_keeps_its_store_in_the_folder_and_stops_its_whole_group(tmp_path):
     store = tmp_path / "run" / "mlflow"  # not there yet: start() creates it
     # ready well within the unit limit (60 s), or the module's own timeout stops the group and names the URL
     with MLflowServer(store, startup_timeout=45) as server:
