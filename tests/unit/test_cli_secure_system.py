@@ -76,7 +76,12 @@ def test_a_signal_mid_command_stops_it_as_the_one_command_does(signum, code, lin
 
     monkeypatch.setattr(cli, "_status", status_that_gets_signalled)
     before = signal.getsignal(signal.SIGTERM)
-    assert cli.main(["--status"]) == code
+    # Ctrl-C as a terminal's foreground job gets it: a suite started in the background inherits SIGINT ignored
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["--status"]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert reached_cleanup == [True]
     assert capsys.readouterr().err == f"{line}: stopped what was started\n"
     assert signal.getsignal(signal.SIGTERM) is before, "the command leaves the SIGTERM handler as it found it"
