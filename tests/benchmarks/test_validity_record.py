@@ -1,4 +1,4 @@
-"""The full validity study's conclusion, as recorded (benchmarks/results/validity.json, 50 epochs, about 25
+"""The full validity study's conclusion, as recorded (benchmarks/results/validity.json, 50 epochs, about 23
 minutes: a benchmark command, not a test) and as the README states it: judged again from the recorded scores by
 today's rules, both settings must hold, and the README's figures must be the recorded ones. The reduced study in
 tests/e2e/test_validity_study.py runs the study end to end; this keeps the published claim tied to its data."""

@@ -6,7 +6,7 @@ where federation has to pay off (the IID data layout is unit-tested; the arms ar
 conclusion is asserted as far as a reduced study reaches it: FedAvg above every local-only model on the other
 site's data (seed 0: by 0.17 and 0.11 Dice, the same scores run after run; it held at seed 1 too, by 0.05 and 0.08,
 and at 60 epochs at seeds 0-2). FedAvg within 0.02 of centralized needs converged models (the full study:
-50 epochs on 8 cases per site, about 25 minutes; its recorded result is judged again in
+50 epochs on 8 cases per site, about 23 minutes; its recorded result is judged again in
 tests/benchmarks/test_validity_record.py): here the verdict is only checked to follow from the scores.
 """
 
