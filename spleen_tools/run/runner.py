@@ -27,14 +27,13 @@ from spleen_tools.jobs import prepare_job, wandb_from_env
 from spleen_tools.mlflow_server import MLflowServer
 from spleen_tools.procs import PidFile, ProcessRef
 from spleen_tools.run import report, summary
-from spleen_tools.run.kit_secrets import known_secrets
 from spleen_tools.run.memory import PeakMemory, recorded_server
 from spleen_tools.run.plots import write_run_plots
 from spleen_tools.run.progress import LogFollower, Progress, follow
 from spleen_tools.run.prune import prune_run
 from spleen_tools.run.refusals import policy_refusals
 from spleen_tools.run.rundir import make_run_dir, point_latest, prepare_data
-from spleen_tools.run.secrets_scan import scan
+from spleen_tools.run.secrets_check import check_no_secret_left, scan_for_secrets
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_all_recorded
@@ -416,34 +415,6 @@ def export_model(run: Run, result: summary.RunSummary) -> dict:
         raise ExperimentError(f"model bundle: {err}") from None
     run.out(f"model bundle: {bundle} (verified: metadata, network, TorchScript = state dict)")
     return info
-
-
-def scan_for_secrets(run: Run) -> dict:
-    """Every private key, secret TenSEAL context and admin credential of the kits, looked for in what the run wrote:
-    the run directory (MLflow store and artifacts, downloaded job, model bundle) and every participant's logs and
-    job folders (the kits' own secret files are skipped). summary.json's ``secrets_scan``."""
-    workspace = run.system.workspace
-    secrets = known_secrets([workspace])
-    report = scan([run.run_dir] + ([] if workspace.is_relative_to(run.run_dir) else [workspace]), secrets)
-    return {
-        "secrets": len(secrets),
-        "files": report.files,
-        "bytes": report.bytes,
-        "findings": [f"{f.file}: {f.what} ({f.detail})" for f in report.findings],
-        "unchecked": [f"{f.file}: {f.what} ({f.detail})" for f in report.unchecked],
-    }
-
-
-def check_no_secret_left(run: Run, scan_info: dict) -> None:
-    """A secret found, a file that could not be read in full, or no kit secrets to look for fails the run."""
-    if not scan_info["secrets"] or scan_info["findings"] or scan_info["unchecked"]:
-        found = [f"secret left behind: {f}" for f in scan_info["findings"]]
-        found += [f"could not check for secrets: {f}" for f in scan_info["unchecked"]]
-        raise ExperimentError("\n".join(found or [f"{run.system.workspace}: no kit secrets to look for"]))
-    run.out(
-        f"secrets: none of the kits' {scan_info['secrets']} secrets in {scan_info['files']} files "
-        f"({scan_info['bytes'] / 1e6:.0f} MB) of the run directory and the participants' logs and job folders"
-    )
 
 
 def stop_everything(run: Run) -> None:
