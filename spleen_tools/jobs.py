@@ -22,8 +22,10 @@ from spleen_flare.site_install import BUNDLE_IGNORED, BUNDLE_IGNORED_SUFFIXES
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
 
 # The job folders under jobs/, by the short name the one command takes (--job local|he): the one registry.
-JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he"}
+STATS_JOB = "spleen_ct_statistics"  # federated statistics of the sites' CT (no training, no bundle)
+JOB_VARIANTS = {"local": "spleen_ct_segmentation_local", "he": "spleen_ct_segmentation_he", "stats": STATS_JOB}
 JOB_NAMES = tuple(JOB_VARIANTS.values())
+STATS_PRIVACY_FILTER = "spleen_flare.stats_privacy.CTStatisticsPrivacy"
 QUICK_OVERRIDE = "../overrides/cpu_quick.json"
 TRAIN_CONFIG = "configs/train.json"
 # Where the server's receiver writes the sites' metrics: an MLflow server (the job's MLflowReceiver with its
@@ -62,6 +64,7 @@ class JobSettings:
     wandb_mode: str = "offline"  # tracking "wandb": one of WANDB_MODES (online needs WANDB_API_KEY at the server)
     resume_from: str | None = None  # an earlier job of the same server to go on from (see spleen_flare.resume)
     ship_code: bool = False  # development only: spleen_flare in the job's app/custom (bring-your-own-code)
+    stats_min_count: int | None = None  # statistics job: the job's minimum count of cases (a site may set more)
 
 
 def job_dir(name: str) -> Path:
@@ -71,13 +74,18 @@ def job_dir(name: str) -> Path:
     return path
 
 
-def place_bundle_and_code(job: Path, bundle_src: Path = BUNDLE_SRC, ship_code: bool = False) -> None:
-    """Copy the bundle and its overrides into ``job/app/config`` (replacing older copies); ``spleen_flare`` goes into
-    ``job/app/custom`` only with ``ship_code``, and an older ``custom`` folder is removed otherwise."""
-    if not (bundle_src / "configs").is_dir():
+def place_bundle_and_code(
+    job: Path, bundle_src: Path = BUNDLE_SRC, ship_code: bool = False, with_bundle: bool = True
+) -> None:
+    """Copy the bundle and its overrides into ``job/app/config`` (replacing older copies; not ``with_bundle``: the
+    statistics job, which trains nothing); ``spleen_flare`` goes into ``job/app/custom`` only with ``ship_code``, and
+    an older ``custom`` folder is removed otherwise."""
+    if with_bundle and not (bundle_src / "configs").is_dir():
         raise FileNotFoundError(f"no bundle at {bundle_src}: expected {bundle_src}/configs/train.json")
     app = job / "app"
     targets = {bundle_src: app / "config" / BUNDLE_NAME, OVERRIDES_SRC: app / "config" / "overrides"}
+    if not with_bundle:
+        targets = {}
     if ship_code:
         targets[JOB_SIDE_SRC] = app / CUSTOM_DIR / JOB_SIDE_SRC.name
     elif (app / CUSTOM_DIR).exists():
@@ -197,8 +205,33 @@ def set_site_timeout(workflows: list[dict], seconds: int) -> None:
             workflow["args"][arg] = seconds
 
 
+def apply_stats_settings(job: Path, settings: JobSettings) -> None:
+    """The statistics job's knobs: the sites it needs and its minimum count (training knobs do not apply)."""
+    config_dir = job / "app" / "config"
+    server_path, client_path, meta_path = (
+        config_dir / "config_fed_server.json",
+        config_dir / "config_fed_client.json",
+        job / "meta.json",
+    )
+    server, client, meta = (json.loads(p.read_text()) for p in (server_path, client_path, meta_path))
+    if settings.min_clients is not None:
+        server["min_clients"] = meta["min_clients"] = settings.min_clients
+    if settings.stats_min_count is not None:
+        if settings.stats_min_count < 1:
+            raise ValueError(f"the statistics' minimum count must be at least 1 case, got {settings.stats_min_count}")
+        filters = [f for entry in client["task_result_filters"] for f in entry["filters"]]
+        for f in filters:
+            if f["path"] == STATS_PRIVACY_FILTER:
+                f["args"]["min_count"] = settings.stats_min_count
+    for path, data in ((server_path, server), (client_path, client), (meta_path, meta)):
+        _write_json(path, data)
+
+
 def apply_settings(job: Path, settings: JobSettings) -> None:
     """Write FL knobs into the job folder ``job`` (meant for a copy, see :func:`prepare_job`)."""
+    if json.loads((job / "meta.json").read_text()).get("name") == STATS_JOB:
+        apply_stats_settings(job, settings)
+        return
     config_dir = job / "app" / "config"
     server_path, client_path, meta_path = (
         config_dir / "config_fed_server.json",
@@ -247,7 +280,7 @@ def prepare_job(
     source = job_dir(name)
     check_job_version(source)
     ship_code = bool(settings and settings.ship_code)
-    place_bundle_and_code(source, bundle_src, ship_code=ship_code)
+    place_bundle_and_code(source, bundle_src, ship_code=ship_code, with_bundle=name != STATS_JOB)
     if out_dir is None:
         if settings and settings != JobSettings(ship_code=ship_code):
             raise ValueError("rounds/epochs/sites/quick/tracking settings are written into a copy: add --out DIR")

@@ -1,7 +1,8 @@
 """Run the federated spleen job on a real NVFlare system (POC by default) with an MLflow server, in one command.
 
 Makes runs/<timestamp>/ (runs/latest points at it) with the data's datalists, the job copy, the POC workspace,
-the MLflow store, the logs, the downloaded job and summary.json; stops everything it started when done.
+the MLflow store, the logs, the downloaded job and summary.json (``--job stats``: stats.json and stats.png); stops
+everything it started when done.
 """
 
 from __future__ import annotations
@@ -41,7 +42,19 @@ def _shape(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p = OneLineParser(description=__doc__, formatter_class=DefaultsOnceFormatter)
-    p.add_argument("--job", choices=sorted(JOB_VARIANTS), default=d.job, help="local = FedAvg, he = FedAvg + HE")
+    p.add_argument(
+        "--job",
+        choices=sorted(JOB_VARIANTS),
+        default=d.job,
+        help="local = FedAvg, he = FedAvg + HE, stats = federated statistics of the sites' CT (stats.json and "
+        "stats.png; no training)",
+    )
+    p.add_argument(
+        "--stats-min-count",
+        type=int,
+        help="--job stats: a site with fewer cases sends its count only (default: the job's, 3; a site's own policy "
+        "may ask more)",
+    )
     p.add_argument("--sites", type=int, default=d.sites, help="number of sites (site-1..N)")
     p.add_argument(
         "--min-clients",
@@ -164,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_port=args.mlflow_port,
             tracking=args.tracking,
             gpus=args.gpus,
+            stats_min_count=args.stats_min_count,
         )
         settings.validate()
         check_gpus(settings.gpus)

@@ -36,6 +36,7 @@ from spleen_tools.run.rundir import make_run_dir, point_latest, prepare_data
 from spleen_tools.run.secrets_check import check_no_secret_left, scan_for_secrets
 from spleen_tools.run.server_restart import ServerGone, ServerRestarted, ServerWatch, cannot_resume
 from spleen_tools.run.settings import ExperimentError, ExperimentSettings, RunTimeout, SettingsError, Terminated
+from spleen_tools.run.stats_report import conclude_statistics
 from spleen_tools.run.stop import MLFLOW, PIDS_FILE, alive_pids, signals_ignored, sigterm_raises, stop_all_recorded
 from spleen_tools.run.summary import Tracking
 from spleen_tools.run.tracking import mlflow_runs, tensorboard_dirs, workspace_store
@@ -88,7 +89,7 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             point_latest(run.run_dir)  # a run refused by its preflight leaves runs/latest on the last real run
             run.enter("preparing data")
             dataset, datalists = prepare_data(settings, run.run_dir, out)
-            if settings.tracking == "server":
+            if settings.tracking == "server" and settings.trains:
                 run.enter("starting MLflow")
                 start_mlflow(run)
             job_folder = prepare_job_copy(run)
@@ -99,7 +100,10 @@ def run_experiment(settings: ExperimentSettings, out: Callable[[str], None] = pr
             follower.skip_existing()
             progress = Progress(list(run.system.site_names), settings.rounds)
             job_id, status = run_job(run, admin, job_folder, follower, progress)
-            conclude(run, admin, job_id, status, progress)
+            if settings.trains:
+                conclude(run, admin, job_id, status, progress)
+            else:
+                conclude_statistics(run, admin, job_id, status)
             run.enter("done")
             keep = settings.keep_running
             if keep:
@@ -177,7 +181,8 @@ def prepare_job_copy(run: Run, resume_from: str | None = None, folder: str = "jo
     s = run.settings
     job_settings = s.job_settings(tracking_uri=run.mlflow.url if run.mlflow else None, resume_from=resume_from)
     job_folder = prepare_job(s.job_name, run.run_dir / folder, job_settings)
-    run.out(f"job: {job_folder} ({s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick})")
+    what = f"{s.rounds} rounds x {s.local_epochs} local epochs, quick={s.quick}" if s.trains else "statistics"
+    run.out(f"job: {job_folder} ({what})")
     return job_folder
 
 

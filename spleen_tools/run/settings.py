@@ -53,9 +53,16 @@ class ExperimentSettings:
     tracking: str = "server"  # server | workspace | tensorboard | wandb (spleen_tools.jobs.TRACKING_MODES)
     poll_interval: float = 2.0
 
+    stats_min_count: int | None = None  # --job stats: the job's minimum count of cases (sites may ask more)
+
     @property
     def job_name(self) -> str:
         return JOB_VARIANTS[self.job]
+
+    @property
+    def trains(self) -> bool:
+        """A training job (local, he), not the statistics job (no model, no MLflow, no cross-site table)."""
+        return self.job != "stats"
 
     def job_settings(
         self, tracking_uri: str | None = None, resume_from: str | None = None, env: dict[str, str] | None = None
@@ -77,6 +84,7 @@ class ExperimentSettings:
             wandb_mode=wandb_mode,
             resume_from=resume_from,
             ship_code=self.ship_code,
+            stats_min_count=self.stats_min_count,
         )
 
     def validate(self) -> None:
@@ -89,6 +97,10 @@ class ExperimentSettings:
             raise SettingsError(f"--min-clients must be between 1 and --sites {self.sites}, got {self.min_clients}")
         if self.site_timeout is not None and self.site_timeout < 1:
             raise SettingsError(f"--site-timeout must be at least 1 s, got {self.site_timeout}")
+        if self.stats_min_count is not None and (self.trains or self.stats_min_count < 1):
+            raise SettingsError(
+                f"--stats-min-count {self.stats_min_count}: a number of cases, at least 1, for --job stats only"
+            )
         if self.max_resumes < 0:
             raise SettingsError(f"--max-resumes must be 0 or more, got {self.max_resumes}")
         if self.tracking not in TRACKING_MODES:

@@ -53,16 +53,15 @@ def port_lock(port: int, owner: str) -> HostLock:
 
 
 def check_policies(kits: Kits, n_sites: int) -> None:
-    """Kits provisioned before the job side was installed at the sites allow none of its classes: say so now."""
-    wanted = {
-        kits.server: SERVER_CLASSES[0],
-        **{kits.sites[f"site-{i}"]: SITE_CLASSES[0] for i in range(1, n_sites + 1)},
-    }
-    for kit, cls in wanted.items():
+    """Kits provisioned before the job side (or one of its jobs, e.g. the statistics job) was installed at the sites
+    lack some of its classes: say so now, naming the first one missing."""
+    wanted = {kits.server: SERVER_CLASSES, **{kits.sites[f"site-{i}"]: SITE_CLASSES for i in range(1, n_sites + 1)}}
+    for kit, classes in wanted.items():
         allowed = kit_policy(kit)["class_allow_list"]
-        if not isinstance(allowed, list) or cls not in allowed:
+        missing = [c for c in classes if not isinstance(allowed, list) or c not in allowed]
+        if missing:
             raise SecureError(
-                f"{kit / 'local'} does not allow {cls} (kits from an older provisioning): provision again "
+                f"{kit / 'local'} does not allow {missing[0]} (kits from an older provisioning): provision again "
                 f"({FIX_PROVISION}), or let a site allow our classes with spleen-site-policy {kit}"
             )
 

@@ -7,8 +7,9 @@
   role, so a job that carries code (``app/custom``) is refused at deployment and the allow-list cannot be bypassed.
   Each site decides on its own: a server that accepts such a job still cannot make a site run it.
 - ``privacy.json`` (sites that ask for it): one scope, the default, so it applies whatever the job says: the HE
-  filters (the site encrypts what it sends) and/or ``KeepLocalModel`` (no local model leaves in cross-site
-  evaluation). A job naming another scope is refused by NVFlare.
+  filters (the site encrypts what it sends), ``KeepLocalModel`` (no local model leaves in cross-site evaluation)
+  and/or ``CTStatisticsPrivacy`` with the site's own minimum count and bins share for the statistics job. A job
+  naming another scope is refused by NVFlare.
 
 Provisioning writes these with :class:`SitePolicyBuilder` (``workspaces/secure_project.yml``); the one command writes
 them into the POC kits it prepares (:func:`write_poc_policies`). docs/secure_and_he.md has the table of what a site
@@ -25,7 +26,8 @@ from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.entity import Project
 from nvflare.lighter.spec import Builder
 
-from spleen_tools.jobs import TB_RECEIVER, WANDB_RECEIVER_PATH
+from spleen_flare.stats_privacy import DEFAULTS as STATS_PRIVACY_DEFAULTS
+from spleen_tools.jobs import STATS_PRIVACY_FILTER, TB_RECEIVER, WANDB_RECEIVER_PATH
 
 # NVFlare's site log streaming adds it to every job's config (the site's own SiteLogStreamer, not the job).
 JOB_LOG_STREAMER = "nvflare.app_common.logging.job_log_streamer.JobLogStreamer"
@@ -38,6 +40,9 @@ SITE_CLASSES = (
     "spleen_flare.site_filters.SiteHEDecryptor",
     "spleen_flare.site_filters.KeepLocalModel",
     "nvflare.app_common.widgets.metric_relay.MetricRelay",
+    "nvflare.app_common.executors.statistics.statistics_executor.StatisticsExecutor",
+    "spleen_flare.ct_statistics.SpleenCTStatistics",
+    STATS_PRIVACY_FILTER,
     JOB_LOG_STREAMER,
 )
 SERVER_CLASSES = (
@@ -55,6 +60,8 @@ SERVER_CLASSES = (
     "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
     "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
     "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+    "nvflare.app_common.workflows.statistics_controller.StatisticsController",
+    "nvflare.app_common.statistics.json_stats_file_persistor.JsonStatsFileWriter",
     TB_RECEIVER["path"],
     WANDB_RECEIVER_PATH,
     JOB_LOG_STREAMER,
@@ -85,6 +92,20 @@ class SitePolicy:
     allow_byoc: bool = False  # development only (./run_experiment.sh --ship-code on POC)
     encrypt_results: bool = False  # HE sites: every result leaves encrypted, whatever the job says
     keep_local_model: bool = False  # no local model leaves in cross-site evaluation
+    stats_min_count: int | None = None  # statistics: the fewest cases a feature needs to leave (None: the job's)
+    stats_max_bins_percent: float | None = None  # statistics: per-case histograms' bins below this % of the cases
+
+    @property
+    def stats_privacy(self) -> dict | None:
+        """The site's statistics privacy filter (``spleen_flare.stats_privacy``), or None to leave it to the job."""
+        if self.stats_min_count is None and self.stats_max_bins_percent is None:
+            return None
+        args = dict(STATS_PRIVACY_DEFAULTS)
+        if self.stats_min_count is not None:
+            args["min_count"] = self.stats_min_count
+        if self.stats_max_bins_percent is not None:
+            args["max_bins_percent"] = self.stats_max_bins_percent
+        return {"path": STATS_PRIVACY_FILTER, "args": args}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -145,6 +166,8 @@ def site_privacy(policy: SitePolicy) -> dict | None:
         results += HE_FILTERS["task_result_filters"]
     if policy.keep_local_model:
         results.insert(0, KEEP_LOCAL_MODEL)  # before encryption: the model is dropped, not encrypted
+    if policy.stats_privacy is not None:
+        results.insert(0, policy.stats_privacy)
     if not data and not results:
         return None
     return {
