@@ -113,14 +113,26 @@ def expectations_line(expectations: dict) -> str:
     return f"{verdict} " + "; ".join(parts) + "."
 
 
+def phase_line(result: dict) -> str | None:
+    """Which contrast phase each site's scans are in, when the sites' styles name one (the phase setting)."""
+    described = (result.get("data") or {}).get("sites", {})
+    phases = {site: (d.get("style") or {}).get("phase") for site, d in described.items()}
+    if not any(phases.values()):
+        return None
+    listed = ", ".join(f"{site} {phase}" for site, phase in phases.items())
+    return f"Contrast phase: {listed}; held-out: cases of every site's phase."
+
+
 def markdown_section(setting: str, result: dict) -> str:
-    """``## <setting>``, the score table and the expectations line."""
+    """``## <setting>``, the sites' contrast phases (if any), the score table and the expectations line."""
     sites = result["sites"]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+    phases = phase_line(result)
     return "\n".join(
         [
             f"## {setting}",
             "",
+            *([phases, ""] if phases else []),
             markdown_table(result["scores"], sites),
             "",
             expectations_line(result["expectations"]),

@@ -1,10 +1,11 @@
 """The validity study: does FedAvg reach what centralized training reaches, and beat training alone?
 
-For each data setting (IID, non-IID) on the same data, the same bundle settings (cpu_quick) and the same number of
-epochs E = rounds x local epochs: (a) centralized training on all sites' training cases, (b) each site alone,
-(c) FedAvg in the real NVFlare simulator. Every model is scored on every site's validation cases and on held-out
-cases; results go to ``validity.json``, ``validity.md`` and one learning-curve PNG per arm and setting. The arms run
-one after another, each with the machine's cores (the simulator's sites share them).
+For each data setting (IID, non-IID, contrast phase: ``study_data``) on the same data, the same bundle settings
+(cpu_quick) and the same number of epochs E = rounds x local epochs: (a) centralized training on all sites' training
+cases, (b) each site alone, (c) FedAvg in the real NVFlare simulator. Every model is scored on every site's
+validation cases and on held-out cases; results go to ``validity.json``, ``validity.md`` and one learning-curve PNG
+per arm and setting. The arms run one after another, each with the machine's cores (the simulator's sites share
+them).
 """
 
 from __future__ import annotations

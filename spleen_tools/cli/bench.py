@@ -1,8 +1,8 @@
 """Benchmarks of the federated spleen setup on synthetic data.
 
 ``spleen-bench validity``: centralized vs local-only vs FedAvg (real NVFlare simulator) on the same data, bundle
-settings and epochs, IID and non-IID; writes validity.json, validity.md and learning-curve PNGs into
-runs/bench/validity/<timestamp>/ (or --out DIR).
+settings and epochs, IID and non-IID (``--settings phase``: sites that differ in contrast phase); writes
+validity.json, validity.md and learning-curve PNGs into runs/bench/validity/<timestamp>/ (or --out DIR).
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from spleen_tools.bench.study_settings import DATA_SETTINGS, StudySettingsError, ValiditySettings, check_out_dir
+from spleen_tools.bench.study_settings import (
+    DATA_SETTINGS,
+    DEFAULT_SETTINGS,
+    StudySettingsError,
+    ValiditySettings,
+    check_out_dir,
+)
 from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.paths import RUNS_DIR
 
@@ -29,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{validity}")
     p = commands.add_parser(
         "validity",
-        help="centralized vs local-only vs FedAvg, IID and non-IID",
+        help="centralized vs local-only vs FedAvg, IID, non-IID and contrast phase",
         description="Train centralized, local-only and FedAvg models on the same synthetic data for the same "
         "number of epochs (rounds x local epochs), score each on every site's validation data and held-out cases, "
         "and check that FedAvg is close to centralized and better than local-only on the other sites' data.",
@@ -47,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--settings",
         type=_settings_list,
         default=DEFAULTS.settings,
-        help=f"comma-separated data settings out of {','.join(DATA_SETTINGS)} (default: both)",
+        help=f"comma-separated data settings out of {','.join(DATA_SETTINGS)} (default: {','.join(DEFAULT_SETTINGS)}; "
+        "phase: site-1 non-contrast, the other sites portal venous)",
     )
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {VALIDITY_RUNS}/<timestamp>)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="data seed")

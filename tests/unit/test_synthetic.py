@@ -1,7 +1,9 @@
-"""Synthetic MSD-layout data: layout, dtypes, geometry, determinism and anatomical side."""
+"""Synthetic MSD-layout data: layout, dtypes, geometry, determinism, anatomical side, contrast phase and noise."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_tools.data.synthetic import make_synthetic_dataset
+from spleen_tools.data.synthetic import NOISE_SD, PHASES, make_synthetic_dataset
 
 SMALL = {"num_train": 3, "num_test": 1, "shape": (48, 48, 12), "spacing": (0.8, 0.8, 5.0)}
 MSD_KEYS = {
@@ -151,3 +153,134 @@ def test_bad_intensity_offset(tmp_path: Path, offset: float) -> None:
     with pytest.raises(ValueError, match="intensity_offset"):
         make_synthetic_dataset(tmp_path, intensity_offset=offset, **SMALL)
     assert not (tmp_path / "Task09_Spleen").exists()
+
+
+# sha256 of the uncompressed files of make_synthetic_dataset(num_train=1, num_test=0, shape=(24, 24, 8), seed=7), as
+# the generator wrote them before contrast phases existed. Recorded benchmark figures and the demo's Dice rest on
+# the default look: a change of these bytes must be deliberate (then record the figures again and update these).
+PINNED = {
+    "dataset.json": "b20d785bdac74d221395c1d3362d17416b8611f36e09f58b9460846bae6661e3",
+    "imagesTr/spleen_2.nii.gz": "8a7efbffccda7e0f71ee7070b93d814a42906ed7bc79a7840f9fd36b1ff3fbc4",
+    "labelsTr/spleen_2.nii.gz": "f86c6065f177fc525dcf454312661e178ed3890eca79144a98be920a6cb74f3f",
+}
+PINNED_OFFSET_60_IMAGE = "15ea6f204f23f67f193cc1e2c89a18d70abbe9fc97e46b7dffb12181a4c20246"
+PHASE_CASES = {"num_train": 2, "num_test": 0, "shape": (48, 48, 12), "spacing": (0.8, 0.8, 5.0), "seed": 5}
+
+
+def _content_sha256(path: Path) -> str:
+    """Of the uncompressed bytes: the pin holds the voxels and header, not one zlib version's compression."""
+    data = path.read_bytes()
+    return hashlib.sha256(gzip.decompress(data) if path.suffix == ".gz" else data).hexdigest()
+
+
+def test_default_output_is_pinned(tmp_path: Path) -> None:
+    task = make_synthetic_dataset(tmp_path / "default", num_train=1, num_test=0, shape=(24, 24, 8), seed=7)
+    assert {rel: _content_sha256(task / rel) for rel in PINNED} == PINNED
+    explicit = make_synthetic_dataset(
+        tmp_path / "explicit", num_train=1, num_test=0, shape=(24, 24, 8), seed=7, phase=None, noise_sd=NOISE_SD
+    )
+    assert {rel: _content_sha256(explicit / rel) for rel in PINNED} == PINNED
+    shifted = make_synthetic_dataset(
+        tmp_path / "shifted", num_train=1, num_test=0, shape=(24, 24, 8), seed=7, intensity_offset=60.0
+    )
+    assert _content_sha256(shifted / "imagesTr/spleen_2.nii.gz") == PINNED_OFFSET_60_IMAGE
+
+
+def _read(task: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image as int32, label) of every training case, read back from the written NIfTI files."""
+    meta = json.loads((task / "dataset.json").read_text())
+    cases = []
+    for case in meta["training"]:
+        image, label = (np.asarray(nib.load(task / case[k]).dataobj) for k in ("image", "label"))
+        cases.append((image.astype(np.int32), label))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def phases(tmp_path_factory: pytest.TempPathFactory) -> dict[str | None, Path]:
+    root = tmp_path_factory.mktemp("phases")
+    return {phase: make_synthetic_dataset(root / str(phase), phase=phase, **PHASE_CASES) for phase in (None, *PHASES)}
+
+
+def test_phase_spleen_hu_in_the_phase_range(phases: dict) -> None:
+    for phase, (low, high) in (("non_contrast", (40, 50)), ("portal_venous", (120, 160))):
+        for image, label in _read(phases[phase]):
+            assert label.sum() > 50
+            assert low - 3 < image[label == 1].mean() < high + 3, phase  # the mean of noise 12 over the spleen
+    for image, label in _read(phases[None]):
+        assert 97 < image[label == 1].mean() < 133  # the default look: 100-130 HU
+
+
+def test_same_seed_same_anatomy_and_noise_in_every_phase(phases: dict) -> None:
+    meta = json.loads((phases[None] / "dataset.json").read_text())
+    for case in meta["training"]:
+        labels = {(task / case["label"]).read_bytes() for task in phases.values()}
+        assert len(labels) == 1
+    (nc, _), (pv, _) = _read(phases["non_contrast"])[0], _read(phases["portal_venous"])[0]
+    assert np.median(pv - nc) == 0  # soft tissue, fat, bone and air: the same noise, the same HU
+
+
+def test_liver_and_vessels_change_with_the_phase(phases: dict) -> None:
+    """Same seed, same noise: pv - nc is the enhancement. Liver +35..65 HU; vessels (+105..145) in portal venous
+    above 145 HU and in non-contrast below 50 HU; the aorta runs through every slice."""
+    for (nc, label), (pv, _) in zip(_read(phases["non_contrast"]), _read(phases["portal_venous"]), strict=True):
+        diff, outside = pv - nc, label == 0
+        liver = outside & (diff >= 34) & (diff <= 66)
+        vessels = outside & (diff > 90)
+        assert liver.sum() > 1000 and 55 - 2 < nc[liver].mean() < 65 + 2 and 100 - 2 < pv[liver].mean() < 120 + 2
+        x_liver = np.argwhere(liver)[:, 0].mean()
+        assert x_liver < nc.shape[0] / 2  # the patient's right (array axis 0 grows to the left)
+        assert vessels.any(axis=(0, 1)).all()  # the aorta: on every slice
+        assert pv[vessels].mean() > 145 and nc[vessels].mean() < 50
+        assert vessels.sum(axis=(0, 1)).max() > 1.5 * vessels.sum(axis=(0, 1)).min()  # + the splenic/portal vein
+
+
+def test_phase_is_recorded_in_dataset_json_only_when_given(phases: dict) -> None:
+    for phase, task in phases.items():
+        meta = json.loads((task / "dataset.json").read_text())
+        assert meta.get("contrast_phase") == phase
+        assert set(meta) == (MSD_KEYS if phase is None else MSD_KEYS | {"contrast_phase"})
+
+
+def _noise_sd(image: np.ndarray) -> float:
+    """Noise from neighbouring voxels inside the body: the median absolute difference, robust to the edges."""
+    a, b = image[1:, :, :], image[:-1, :, :]
+    inside = (a > -500) & (b > -500)
+    return float(np.median(np.abs(a - b)[inside]) / (0.6745 * np.sqrt(2)))
+
+
+@pytest.mark.parametrize("noise_sd", [4.0, 12.0, 30.0])
+def test_noise_sd_is_the_measured_noise(tmp_path: Path, noise_sd: float) -> None:
+    task = make_synthetic_dataset(tmp_path, noise_sd=noise_sd, **SMALL)
+    for image, _ in _read(task):
+        assert _noise_sd(image) == pytest.approx(noise_sd, rel=0.15)
+    meta = json.loads((task / "dataset.json").read_text())
+    assert meta.get("noise_sd") == (None if noise_sd == NOISE_SD else noise_sd)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"phase": "arterial"}, "phase must be None or one of portal_venous, non_contrast, got 'arterial'"),
+        ({"phase": ""}, "phase must be None or one of"),
+        ({"noise_sd": -1.0}, "noise_sd must be a HU standard deviation between 0 and 100"),
+        ({"noise_sd": float("nan")}, "noise_sd must be"),
+        ({"noise_sd": 150.0}, "noise_sd must be"),
+        ({"spacing": (0.8, 0.8, 0.5)}, r"spacing\[2\] \(slice thickness\) must be between 1 and 5 mm, got 0.5"),
+        ({"spacing": (0.8, 0.8, 6.0)}, r"spacing\[2\] \(slice thickness\) must be between 1 and 5 mm"),
+        ({"spacing": (0.0, 0.8, 3.0)}, "spacing must be three positive millimetre values"),
+        ({"spacing": (float("nan"), 0.8, 3.0)}, "spacing must be three positive millimetre values"),
+        ({"spacing": (0.8, 0.8)}, "spacing must be three positive millimetre values"),
+    ],
+)
+def test_bad_phase_noise_or_spacing(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        make_synthetic_dataset(tmp_path, **(SMALL | kwargs))
+    assert not (tmp_path / "Task09_Spleen").exists()
+
+
+@pytest.mark.parametrize("thickness", [1.0, 5.0])
+def test_slice_thickness_bounds_are_allowed(tmp_path: Path, thickness: float) -> None:
+    task = make_synthetic_dataset(tmp_path, phase="portal_venous", **(SMALL | {"spacing": (0.8, 0.8, thickness)}))
+    image = nib.load(next((task / "imagesTr").iterdir()))
+    assert image.header.get_zooms()[2] == pytest.approx(thickness)

@@ -10,9 +10,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_tools.bench.study_data import STYLE_FIRST, STYLE_LAST, make_iid_data, make_noniid_data, site_styles
+from spleen_tools.bench.study_data import (
+    STYLE_FIRST,
+    STYLE_LAST,
+    TINY_STYLE_FIRST,
+    TINY_STYLE_LAST,
+    make_iid_data,
+    make_noniid_data,
+    make_study_data,
+    phase_styles,
+    site_styles,
+)
 from spleen_tools.bench.study_report import check_expectations, markdown_section, markdown_table, score_table
-from spleen_tools.bench.study_settings import ValiditySettings
+from spleen_tools.bench.study_settings import DATA_SETTINGS, ValiditySettings
 from spleen_tools.cli import bench as cli
 
 SITES = ["site-1", "site-2"]
@@ -118,6 +128,17 @@ def _check_datalists(data, num_sites: int) -> None:
     assert len(data.site_names) == num_sites
 
 
+def _spleen_hu(case: dict) -> float:
+    image, label = (np.asarray(nib.load(case[k]).dataobj) for k in ("image", "label"))
+    return float(image[label == 1].mean())
+
+
+def _phase_of(case: dict) -> str | None:
+    """The contrast phase the generator wrote into the case's dataset.json."""
+    meta = json.loads((Path(case["image"]).parents[1] / "dataset.json").read_text())
+    return meta.get("contrast_phase")
+
+
 def test_iid_data_layout(tmp_path):
     data = make_iid_data(tmp_path / "iid", 2, seed=0, tiny=True)
     _check_datalists(data, 2)
@@ -139,14 +160,60 @@ def test_noniid_sites_differ_in_offset_spacing_shape_and_count(tmp_path):
     assert np.allclose(img2.header.get_zooms(), STYLE_LAST.spacing)
     assert img1.shape[:2] == STYLE_FIRST.shape[:2] and img2.shape[:2] == STYLE_LAST.shape[:2]
 
-    def spleen_hu(case):
-        image, label = (np.asarray(nib.load(case[k]).dataobj) for k in ("image", "label"))
-        return float(image[label == 1].mean())
-
     offset = STYLE_LAST.intensity_offset
-    assert spleen_hu(tr2[0]) - spleen_hu(tr1[0]) == pytest.approx(offset, abs=30)  # spleen 100-130 HU + offset
+    assert _spleen_hu(tr2[0]) - _spleen_hu(tr1[0]) == pytest.approx(offset, abs=30)  # spleen 100-130 HU + offset
     held_spacings = {nib.load(c["image"]).header.get_zooms()[2] for c in data.held_out}
     assert held_spacings == {STYLE_FIRST.spacing[2], STYLE_LAST.spacing[2]}
+
+
+def test_phase_styles_are_the_noniid_styles_without_offset():
+    three = phase_styles(3)
+    assert [s.phase for s in three] == ["non_contrast", "portal_venous", "portal_venous"]
+    assert all(s.intensity_offset == 0.0 for s in three)
+    assert [(s.spacing, s.shape, s.cases) for s in three] == [(s.spacing, s.shape, s.cases) for s in site_styles(3)]
+    assert all(s.phase is None for s in site_styles(3))
+
+
+def test_phase_sites_differ_in_contrast_phase_and_held_out_has_both(tmp_path):
+    data = make_study_data("phase", tmp_path / "phase", 2, seed=0, tiny=True)
+    _check_datalists(data, 2)
+    assert data.setting == "phase"
+    (tr1, va1), (tr2, va2) = data.sites.values()
+    assert {_phase_of(c) for c in tr1 + va1} == {"non_contrast"}
+    assert {_phase_of(c) for c in tr2 + va2} == {"portal_venous"}
+    assert all(_spleen_hu(c) < 60 for c in tr1 + va1)  # non-contrast spleen 40-50 HU, no offset
+    assert all(_spleen_hu(c) > 110 for c in tr2 + va2)  # portal venous 120-160 HU
+    # Spacing and field of view as the non-IID styles.
+    assert nib.load(tr1[0]["image"]).header.get_zooms()[2] == TINY_STYLE_FIRST.spacing[2]
+    assert nib.load(tr2[0]["image"]).shape[:2] == TINY_STYLE_LAST.shape[:2]
+    held = {_phase_of(c): _spleen_hu(c) for c in data.held_out}
+    assert set(held) == {"non_contrast", "portal_venous"} and held["non_contrast"] < 60 < 110 < held["portal_venous"]
+    described = data.describe()
+    assert [d["style"]["phase"] for d in described["sites"].values()] == ["non_contrast", "portal_venous"]
+    assert all(d["style"]["intensity_offset"] == 0.0 for d in described["sites"].values())
+    assert "non_contrast" in described["held_out_styles"]["site-1"]
+
+
+def test_noniid_styles_name_no_phase(tmp_path):
+    data = make_noniid_data(tmp_path / "noniid", 2, seed=0, tiny=True)
+    assert all("phase" not in d["style"] for d in data.describe()["sites"].values())
+    assert {_phase_of(c) for c in data.held_out} == {None}
+
+
+def test_markdown_section_names_the_sites_phases():
+    values = scores((0.9, 0.85), (0.91, 0.86), (0.95, 0.4), (0.3, 0.9))
+    result = {"sites": SITES, "scores": values, "expectations": check_expectations(values, SITES), "seconds": {}}
+    styles = {"site-1": {"phase": "non_contrast"}, "site-2": {"phase": "portal_venous"}}
+    data = {"sites": {site: {"training": 2, "validation": 1, "style": style} for site, style in styles.items()}}
+    section = markdown_section("phase", result | {"data": data}).splitlines()
+    assert section[:3] == [
+        "## phase",
+        "",
+        "Contrast phase: site-1 non_contrast, site-2 portal_venous; held-out: cases of every site's phase.",
+    ]
+    for style in styles.values():
+        style.pop("phase")
+    assert "Contrast phase" not in markdown_section("noniid", result | {"data": data})
 
 
 def test_fedavg_curves_read_back(tmp_path):
@@ -183,13 +250,24 @@ def test_settings_epochs_and_tiny_defaults():
     assert cli.settings_from(args).epochs == 15 and cli.settings_from(args).settings == ("noniid",)
 
 
+def test_phase_setting_is_accepted_but_not_run_by_default():
+    assert DATA_SETTINGS == ("iid", "noniid", "phase")
+    assert ValiditySettings().settings == ("iid", "noniid")
+    assert cli.settings_from(cli.build_parser().parse_args(["validity"])).settings == ("iid", "noniid")
+    args = cli.build_parser().parse_args(["validity", "--tiny", "--settings", "phase"])
+    assert cli.settings_from(args).settings == ("phase",)
+    args = cli.build_parser().parse_args(["validity", "--settings", "iid,noniid,phase"])
+    assert cli.settings_from(args).settings == DATA_SETTINGS
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
         (["validity", "--rounds", "0"], "--rounds must be at least 1"),
         (["validity", "--local-epochs", "-2"], "--local-epochs must be at least 1"),
         (["validity", "--sites", "1"], "--sites must be between 2 and 8"),
-        (["validity", "--settings", "iid,weird"], "unknown data setting 'weird'"),
+        (["validity", "--settings", "iid,weird"], "unknown data setting 'weird': expected iid, noniid, phase"),
+        (["validity", "--settings", "phase,phase"], "lists a setting twice"),
         (["validity", "--settings", ","], "--settings needs at least one"),
         (["validity", "--settings", "iid,iid"], "lists a setting twice"),
         (["validity", "--seed", "-1"], "--seed must be 0 or more"),
