@@ -6,8 +6,8 @@ ones. ``CTStatisticsPrivacy`` builds NVFlare's cleansers itself from its own arg
 statistics result whatever the job says (the job's own filter, with the job's thresholds, runs as well: the stricter
 of the two wins, since each only removes).
 
-- ``min_count``: a feature whose count (cases, see ``spleen_flare.ct_statistics``) is below it leaves with its count
-  only: no sum, mean, spread, range or histogram.
+- ``min_count``: a feature whose count (cases, see ``spleen_flare.ct_statistics``) is below it leaves with its counts
+  only (cases, and cases without a value): no sum, mean, spread, range or histogram.
 - ``max_bins_percent``: a histogram of per-case values (dataset ``cases``) must have fewer bins than this share of
   the cases, or it stays at the site; voxel histograms (dataset ``intensity``) count voxels, not cases, so the rule
   does not apply to them.
@@ -18,6 +18,7 @@ of the two wins, since each only removes).
 from __future__ import annotations
 
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import StatisticsConstants as StC
 from nvflare.app_common.filters.statistics_privacy_filter import StatisticsPrivacyFilter
 from nvflare.app_common.statistics.histogram_bins_cleanser import HistogramBinsCleanser
 from nvflare.app_common.statistics.min_count_cleanser import MinCountCleanser
@@ -27,6 +28,16 @@ from nvflare.app_common.statistics.statistics_privacy_cleanser import Statistics
 from spleen_flare.ct_statistics import CASES
 
 DEFAULTS = {"min_count": 3, "max_bins_percent": 50, "min_noise_level": 0.1, "max_noise_level": 0.3}
+
+
+class CountsKeptMinCountCleanser(MinCountCleanser):
+    """NVFlare's minimum count, keeping the failure counts as it keeps the counts: NVFlare's cleanser removes a
+    withheld feature's failure count, and the next filter's minimum count (the job's after the site's) then fails
+    on the missing key."""
+
+    def apply(self, statistics: dict, client_name: str) -> tuple[dict, bool]:
+        valid = self.min_count_validate(client_name, statistics)
+        return self.cleanse(statistics, [k for k in statistics if k != StC.STATS_FAILURE_COUNT], valid)
 
 
 class CaseHistogramBinsCleanser(HistogramBinsCleanser):
@@ -49,7 +60,7 @@ class CTStatisticsPrivacy(StatisticsPrivacyFilter):
     ) -> None:
         super().__init__(result_cleanser_ids=[])
         self.cleansers: list[StatisticsPrivacyCleanser] = [
-            MinCountCleanser(min_count),
+            CountsKeptMinCountCleanser(min_count),
             CaseHistogramBinsCleanser(max_bins_percent),
             AddNoiseToMinMax(min_noise_level, max_noise_level),
         ]
