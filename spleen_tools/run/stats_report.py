@@ -56,7 +56,10 @@ def find_stats(download_dir: Path) -> Path:
 
 
 def load_stats(path: Path) -> dict:
-    stats = json.loads(Path(path).read_text())
+    try:
+        stats = json.loads(Path(path).read_text())
+    except ValueError as err:  # the server's output cut short or garbled: the run says so in one line
+        raise StatsResultError(f"{path}: not JSON ({err}); download the job again") from None
     if not isinstance(stats, dict) or "size_z" not in stats or "count" not in stats["size_z"]:
         raise StatsResultError(f"{path}: not the statistics job's output (no size_z count)")
     return stats
@@ -86,8 +89,8 @@ def pooled_mean(stats: dict, feature: str) -> float | None:
 
 
 def format_table(stats: dict) -> str:
-    """Rows: sites, then the cases of the sites that sent figures, pooled; columns: cases, then each feature's mean (``withheld`` where
-    the site's filter kept it)."""
+    """Rows: sites, then the cases of the sites that sent figures, pooled; columns: cases, then each feature's mean
+    (``withheld`` where the site's filter kept it)."""
     header = f"{'site':<10}{'cases':>6}" + "".join(f"{name:>11}" for _, name, _ in COLUMNS)
     lines = [header, "-" * len(header)]
 

@@ -27,6 +27,7 @@ from nvflare.lighter.entity import Project
 from nvflare.lighter.spec import Builder
 
 from spleen_flare.stats_privacy import DEFAULTS as STATS_PRIVACY_DEFAULTS
+from spleen_flare.stats_privacy import CTStatisticsPrivacy
 from spleen_tools.jobs import STATS_PRIVACY_FILTER, TB_RECEIVER, WANDB_RECEIVER_PATH
 
 # NVFlare's site log streaming adds it to every job's config (the site's own SiteLogStreamer, not the job).
@@ -94,6 +95,14 @@ class SitePolicy:
     keep_local_model: bool = False  # no local model leaves in cross-site evaluation
     stats_min_count: int | None = None  # statistics: the fewest cases a feature needs to leave (None: the job's)
     stats_max_bins_percent: float | None = None  # statistics: per-case histograms' bins below this % of the cases
+
+    def __post_init__(self) -> None:
+        # NVFlare builds the privacy filters for every job at the site: one it cannot build fails them all
+        if self.stats_privacy is not None:
+            try:
+                CTStatisticsPrivacy(**self.stats_privacy["args"])
+            except ValueError as err:
+                raise ValueError(f"the site's statistics thresholds: {str(err).strip()}") from None
 
     @property
     def stats_privacy(self) -> dict | None:

@@ -12,6 +12,8 @@ import pytest
 from spleen_tools.jobs import (
     JOB_NAMES,
     MLFLOW_RECEIVER_ID,
+    STATS_JOB,
+    STATS_PRIVACY_FILTER,
     TB_FOLDER,
     TB_RECEIVER,
     WANDB_RECEIVER_PATH,
@@ -240,3 +242,37 @@ def test_tracking_wandb_takes_project_run_name_and_tags_from_the_mlflow_receiver
     assert "api_key" not in json.dumps(online).lower()  # the key stays in the server's environment
     with pytest.raises(ValueError, match="W&B mode must be one of"):
         set_tracking(_receiver_components(), JobSettings(tracking="wandb", wandb_mode="cloud"))
+
+
+def test_the_statistics_job_carries_no_bundle_and_takes_its_sites_and_minimum_count(tmp_path):
+    source = {p.relative_to(JOBS_DIR / STATS_JOB): p.read_text() for p in (JOBS_DIR / STATS_JOB).rglob("*.json")}
+    job = prepare_job(STATS_JOB, tmp_path, JobSettings(min_clients=3, stats_min_count=5))
+    assert sorted(p.relative_to(job).as_posix() for p in job.rglob("*") if p.is_file()) == [
+        "app/config/config_fed_client.json",
+        "app/config/config_fed_server.json",
+        "meta.json",
+    ]  # no bundle, no overrides, no code: the statistics job trains nothing
+    config = job / "app" / "config"
+    server = json.loads((config / "config_fed_server.json").read_text())
+    assert server["min_clients"] == 3 and json.loads((job / "meta.json").read_text())["min_clients"] == 3
+    assert server["workflows"][0]["args"]["min_clients"] == "{min_clients}"  # NVFlare fills it from the top level
+    client = json.loads((config / "config_fed_client.json").read_text())
+    (privacy,) = [f for entry in client["task_result_filters"] for f in entry["filters"]]
+    assert privacy["path"] == STATS_PRIVACY_FILTER
+    assert privacy["args"] == {"min_count": 5, "max_bins_percent": 50, "min_noise_level": 0.1, "max_noise_level": 0.3}
+    assert _import_class(privacy["path"])(**privacy["args"]).cleansers[0].min_count == 5
+    assert {
+        p.relative_to(JOBS_DIR / STATS_JOB): p.read_text() for p in (JOBS_DIR / STATS_JOB).rglob("*.json")
+    } == source
+
+
+def test_the_statistics_job_without_settings_keeps_its_own_minimum_count(tmp_path):
+    client = prepare_job(STATS_JOB, tmp_path, JobSettings()) / "app" / "config" / "config_fed_client.json"
+    (privacy,) = [f for entry in json.loads(client.read_text())["task_result_filters"] for f in entry["filters"]]
+    assert privacy["args"]["min_count"] == 3
+
+
+@pytest.mark.parametrize("count", [0, -2])
+def test_the_statistics_job_refuses_a_minimum_count_below_one_case(tmp_path, count):
+    with pytest.raises(ValueError, match=f"at least 1 case, got {count}"):
+        prepare_job(STATS_JOB, tmp_path, JobSettings(stats_min_count=count))

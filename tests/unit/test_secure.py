@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +47,25 @@ def test_kits_from_before_the_site_policies_are_named_with_the_fix(tmp_path):
     workspace = fake_kits(tmp_path)
     (workspace / "site-2" / "local" / "resources.json").unlink()  # NVFlare's default list, as older kits have
     with pytest.raises(SecureError, match=r"site-2/local does not allow spleen_flare.site_executor.*provision again"):
+        preflight(2, workspace)
+
+
+@pytest.mark.parametrize(
+    "kit, missing",
+    [
+        ("site-1", "spleen_flare.ct_statistics.SpleenCTStatistics"),
+        ("site-2", "spleen_flare.stats_privacy.CTStatisticsPrivacy"),
+        ("localhost", "nvflare.app_common.workflows.statistics_controller.StatisticsController"),
+    ],
+)
+def test_kits_from_before_the_statistics_job_are_named_with_the_class_they_lack(tmp_path, kit, missing):
+    """Kits that allow the training jobs' classes but not a later job's: the first class missing is named."""
+    workspace = fake_kits(tmp_path)
+    resources = workspace / kit / "local" / "resources.json"
+    allowed = json.loads(resources.read_text())
+    allowed["class_allow_list"].remove(missing)
+    resources.write_text(json.dumps(allowed))
+    with pytest.raises(SecureError, match=rf"{kit}/local does not allow {re.escape(missing)} .*provision again"):
         preflight(2, workspace)
 
 

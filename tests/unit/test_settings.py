@@ -39,9 +39,30 @@ def test_wandb_goes_online_only_with_both_of_its_own_variables():
         ({"ship_code": True, "secure": True}, "--ship-code is for development on POC only"),
         ({"tracking": "csv"}, "--tracking must be one of"),
         ({"synthetic_cases": 3}, "too few for 2 sites"),
+        ({"job": "local", "stats_min_count": 3}, "--stats-min-count 3: a number of cases, at least 1, for --job stats"),
+        ({"job": "he", "stats_min_count": 3}, "for --job stats only"),
+        ({"job": "stats", "stats_min_count": 0}, "--stats-min-count 0: a number of cases, at least 1"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_option(changes, needle):
     with pytest.raises(SettingsError) as err:
         ExperimentSettings(**changes).validate()
     assert needle in str(err.value)
+
+
+def test_the_statistics_job_trains_nothing_and_takes_its_minimum_count():
+    s = ExperimentSettings(job="stats", sites=3, stats_min_count=4)
+    s.validate()
+    assert s.job_name == "spleen_ct_statistics" and not s.trains
+    assert ExperimentSettings(job="local").trains and ExperimentSettings(job="he").trains
+    job = s.job_settings(env={})
+    assert (job.stats_min_count, job.min_clients) == (4, 3)
+    assert ExperimentSettings(job="stats").job_settings(env={}).stats_min_count is None  # the job's own (3)
+
+
+def test_the_command_line_takes_the_statistics_job():
+    from spleen_tools.cli.run_experiment import build_parser
+
+    args = build_parser().parse_args(["--job", "stats", "--stats-min-count", "4"])
+    assert (args.job, args.stats_min_count) == ("stats", 4)
+    assert build_parser().parse_args([]).stats_min_count is None

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 from nvflare.apis.fl_exception import UnsafeComponentError
+from nvflare.apis.workspace import Workspace as NVFlareWorkspace
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 from nvflare.fuel.sec.authz import AuthzContext, Person
+from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from nvflare.security.security import FLAuthorizer
 
-from spleen_tools.jobs import TRACKING_MODES, JobSettings, prepare_job
+from spleen_flare.stats_privacy import CTStatisticsPrivacy
+from spleen_tools.jobs import STATS_JOB, STATS_PRIVACY_FILTER, TRACKING_MODES, JobSettings, prepare_job
 from spleen_tools.paths import JOBS_DIR
 from spleen_tools.systems.site_policy import (
     HE_FILTERS,
@@ -20,6 +23,7 @@ from spleen_tools.systems.site_policy import (
     SERVER_CLASSES,
     SITE_CLASSES,
     SitePolicy,
+    kit_policy,
     site_privacy,
     write_server_policy,
     write_site_policy,
@@ -62,6 +66,15 @@ def test_the_allow_lists_cover_every_class_the_jobs_name(job, tracking, tmp_path
     server = paths(json.loads((config / "config_fed_server.json").read_text()))
     assert client <= set(SITE_CLASSES), client - set(SITE_CLASSES)
     assert server <= set(SERVER_CLASSES), server - set(SERVER_CLASSES)
+
+
+def test_the_allow_lists_cover_the_statistics_job_and_its_filter():
+    """The parametrised test above walks every job folder, filters included: here, that it has the statistics job's."""
+    assert STATS_JOB in JOBS
+    client = json.loads((JOBS_DIR / STATS_JOB / "app" / "config" / "config_fed_client.json").read_text())
+    filters = {f["path"] for entry in client["task_result_filters"] for f in entry["filters"]}
+    assert filters == {STATS_PRIVACY_FILTER} and filters <= paths(client) <= set(SITE_CLASSES)
+    assert "spleen_flare.ct_statistics.SpleenCTStatistics" in paths(client)
 
 
 def test_a_site_allows_no_class_that_runs_what_a_job_names():
@@ -146,3 +159,66 @@ def test_the_site_admin_command_writes_and_shows_its_own_kit(tmp_path, capsys):
     assert main([str(site), "--show"]) == 0 and before == {p.name: p.read_text() for p in (site / "local").iterdir()}
     assert main([str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+STATS_DEFAULTS = {"min_count": 3, "max_bins_percent": 50, "min_noise_level": 0.1, "max_noise_level": 0.3}
+
+
+def test_a_sites_statistics_thresholds_are_its_first_result_filter():
+    privacy = site_privacy(SitePolicy(stats_min_count=10))
+    assert privacy["default_scope"] == SCOPE and [s["name"] for s in privacy["scopes"]] == [SCOPE]
+    (scope,) = privacy["scopes"]
+    assert scope["task_result_filters"] == [{"path": STATS_PRIVACY_FILTER, "args": {**STATS_DEFAULTS, "min_count": 10}}]
+    assert scope["task_data_filters"] == []
+    bins = site_privacy(SitePolicy(stats_max_bins_percent=20))["scopes"][0]["task_result_filters"]
+    assert bins == [{"path": STATS_PRIVACY_FILTER, "args": {**STATS_DEFAULTS, "max_bins_percent": 20}}]
+    everything = site_privacy(SitePolicy(encrypt_results=True, keep_local_model=True, stats_min_count=10))
+    (scope,) = everything["scopes"]
+    assert [f["path"] for f in scope["task_result_filters"]] == [
+        STATS_PRIVACY_FILTER,
+        "spleen_flare.site_filters.KeepLocalModel",
+        *(f["path"] for f in HE_FILTERS["task_result_filters"]),
+    ]
+    assert scope["task_data_filters"] == HE_FILTERS["task_data_filters"]
+    assert paths(everything) <= set(SITE_CLASSES)
+
+
+def test_nvflare_builds_the_sites_statistics_filter_from_its_privacy_file(tmp_path):
+    site = kit(tmp_path, "site-1")
+    (site / "startup").mkdir()  # NVFlare's workspace needs one
+    write_site_policy(site, SitePolicy(encrypt_results=True, stats_min_count=10, stats_max_bins_percent=20))
+    assert kit_policy(site)["privacy_filters"][-2:] == [
+        STATS_PRIVACY_FILTER,
+        *(f["path"] for f in HE_FILTERS["task_result_filters"]),
+    ]
+    # what NVFlare's client does for each job it runs: the default scope's filters, built
+    scope = create_privacy_manager(NVFlareWorkspace(str(site), "site-1"), names_only=False).default_scope
+    stats, *he = scope.task_result_filters["out"]
+    assert isinstance(stats, CTStatisticsPrivacy) and len(he) == len(HE_FILTERS["task_result_filters"])
+    assert (stats.cleansers[0].min_count, stats.cleansers[1].max_bins_percent) == (10, 20)
+
+
+@pytest.mark.parametrize("args", [{"stats_min_count": -1}, {"stats_max_bins_percent": 150}])
+def test_thresholds_nvflare_refuses_are_refused_before_they_are_written(tmp_path, args):
+    """A privacy.json whose filter cannot be built fails every job at the site, training jobs as well."""
+    with pytest.raises(ValueError):
+        SitePolicy(**args)
+
+
+def test_the_site_admin_command_writes_the_statistics_thresholds(tmp_path, capsys):
+    from spleen_tools.cli.site_policy import main
+
+    site = kit(tmp_path, "site-1")
+    (site / "startup").mkdir()
+    (site / "startup" / "fed_client.json").write_text("{}")
+    assert main([str(site), "--stats-min-count", "6", "--stats-max-bins-percent", "25"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("\n", 3)[-1])
+    assert shown["privacy_filters"] == [STATS_PRIVACY_FILTER]
+    privacy = json.loads((site / "local" / "privacy.json").read_text())
+    (stats,) = privacy["scopes"][0]["task_result_filters"]
+    assert stats["args"] == {**STATS_DEFAULTS, "min_count": 6, "max_bins_percent": 25}
+    before = (site / "local" / "privacy.json").read_text()
+    assert main([str(site), "--stats-max-bins-percent", "150"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "150" in err
+    assert (site / "local" / "privacy.json").read_text() == before  # the kit keeps its last good policy
