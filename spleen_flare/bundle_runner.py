@@ -88,6 +88,7 @@ class BundleRunner:
         self.best_local_metric = -1.0
         self.last_local_metric = float("nan")
         self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._track_best_local)
+        self.anchor: torch.nn.Module | None = None  # FedProx: the global model a round started from
 
     @property
     def num_train_cases(self) -> int:
@@ -100,8 +101,39 @@ class BundleRunner:
     def get_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
 
-    def set_weights(self, weights: Mapping[str, Any]) -> None:
-        self.network.load_state_dict(to_tensor_dict(weights), strict=True)
+    def set_weights(self, weights: Mapping[str, Any], keep: frozenset[str] = frozenset()) -> None:
+        """Load ``weights``; the keys in ``keep`` stay this network's own (FedBN: the site's BatchNorm layers)."""
+        new = to_tensor_dict(weights)
+        if keep:
+            own = self.network.state_dict()
+            new = {k: own[k] if k in keep else new[k] for k in own}
+        self.network.load_state_dict(new, strict=True)
+
+    def norm_keys(self) -> frozenset[str]:
+        """The state-dict keys of the network's BatchNorm layers (weights, biases, running statistics)."""
+        keys = set()
+        for name, module in self.network.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                keys |= {f"{name}.{key}" for key in module.state_dict()}
+        return frozenset(keys)
+
+    def use_fedprox(self, mu: float) -> None:
+        """FedProx (Li et al. 2020): the bundle's loss plus mu/2 x the squared distance of the weights from the global
+        model the round started from (``anchor``, set by :meth:`anchor_to_current`), NVFlare's ``PTFedProxLoss``."""
+        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+        proximal, bundle_loss = PTFedProxLoss(mu=mu), self.trainer.loss_function
+        self.anchor = copy.deepcopy(self.network).requires_grad_(False)
+
+        def loss_with_proximal_term(pred, label, **kwargs):
+            return bundle_loss(pred, label, **kwargs) + proximal(self.network, self.anchor)
+
+        self.trainer.loss_function = loss_with_proximal_term
+
+    def anchor_to_current(self) -> None:
+        """The proximal term's reference: the weights as they are now (the global model just received)."""
+        if self.anchor is not None:
+            self.anchor.load_state_dict(self.network.state_dict())
 
     def catch_up(self, epoch: int) -> None:
         """Count epochs (and iterations) from ``epoch`` on, if behind: a job that resumes at round r trains from
@@ -118,17 +150,20 @@ class BundleRunner:
         self.trainer.run()
         return int(self.trainer.state.iteration) - start_iteration
 
-    def evaluate(self, weights: Mapping[str, Any] | None = None, external: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, weights: Mapping[str, Any] | None = None, external: bool = False, keep: frozenset[str] = frozenset()
+    ) -> dict[str, float]:
         """Score ``weights`` (or the current weights) on this site's validation data.
 
         With ``weights`` the local network is restored afterwards, so evaluating a foreign model never changes
-        what this site trains. ``external`` marks the current weights as not locally trained (e.g. the global
-        model just received), so they are neither logged as local validation nor kept as the best local model.
+        what this site trains; ``keep``: weights of this network's own it is scored with (FedBN). ``external`` marks
+        the current weights as not locally trained (e.g. the global model just received), so they are neither logged
+        as local validation nor kept as the best local model.
         """
         backup = None
         if weights is not None:
             backup = self.get_weights()
-            self.set_weights(weights)
+            self.set_weights(weights, keep=keep)
         if weights is not None or external:
             self.phase = "external"
         try:

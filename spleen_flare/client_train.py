@@ -54,6 +54,10 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated bundle config files (relative to the bundle root), later ones override earlier ones",
     )
     parser.add_argument("--local_epochs", type=int, default=1, help="local epochs per FL round")
+    parser.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx: weight of the proximal term (0: off)")
+    parser.add_argument(
+        "--fedbn", type=int, choices=(0, 1), default=0, help="FedBN: BatchNorm layers stay at the site (1: on)"
+    )
     return parser.parse_args()
 
 
@@ -67,6 +71,7 @@ class Site:
     sender: MetricsSender
     train_stats: NVFlareStatsHandler
     val_stats: NVFlareStatsHandler
+    local_keys: frozenset[str] = frozenset()  # FedBN: weights that never leave the site nor get replaced
 
 
 def open_site(args: argparse.Namespace) -> Site:
@@ -100,7 +105,13 @@ def open_site(args: argparse.Namespace) -> Site:
     train_stats.attach(runner.trainer)
     val_stats = NVFlareStatsHandler(sender, iteration_log=False, enabled=lambda: runner.phase == "local")
     val_stats.attach(runner.evaluator)
-    return Site(site, app_root, runner, sender, train_stats, val_stats)
+    local_keys = runner.norm_keys() if args.fedbn else frozenset()
+    if args.fedprox_mu > 0:
+        runner.use_fedprox(args.fedprox_mu)
+    if args.fedprox_mu > 0 or args.fedbn:
+        note = f"FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else f"FedBN: {len(local_keys)} weights stay"
+        progress(kind="info", site=site, note=note)
+    return Site(site, app_root, runner, sender, train_stats, val_stats, local_keys)
 
 
 def device_name(device: torch.device) -> str:
@@ -148,7 +159,8 @@ def check_site_cases(site: str, cases: list[dict]) -> None:
 def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     """Score the received global model, train on, send the weights with the score."""
     runner = site.runner
-    runner.set_weights(model.params)
+    runner.set_weights(model.params, keep=site.local_keys)
+    runner.anchor_to_current()  # FedProx: this round's reference is the global model just received
     runner.catch_up((model.current_round or 0) * local_epochs)  # a resumed job's first round: steps go on
     work_start = time.perf_counter()
     global_dice = runner.evaluate(external=True).get(KEY_METRIC, 0.0)
@@ -167,7 +179,7 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
         work_s=round(time.perf_counter() - work_start, 1),
         gpu_peak_mb=gpu_peak_mb(runner.device),
     )
-    weights = runner.get_weights()
+    weights = {k: v for k, v in runner.get_weights().items() if k not in site.local_keys}
     keep_last_update(site, weights, steps, model.current_round)
     return FLModel(
         params=weights,
@@ -179,7 +191,7 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
 
 def validate(site: Site, model: FLModel) -> FLModel:
     """Score a received model: the last global model (it carries a round number) or a cross-site one."""
-    dice = site.runner.evaluate(model.params).get(KEY_METRIC)
+    dice = site.runner.evaluate(model.params, keep=site.local_keys).get(KEY_METRIC)
     if model.current_round is not None:  # the server's final validation of the last global model
         site.sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
         progress(kind="final", site=site.name, round=model.current_round, global_dice=dice)

@@ -19,6 +19,7 @@ from pathlib import Path
 from spleen_flare import __version__
 from spleen_flare.contract import JOB_ID_PATTERN, JOB_VERSION_KEY
 from spleen_flare.site_install import BUNDLE_IGNORED, BUNDLE_IGNORED_SUFFIXES
+from spleen_tools.algorithms import apply_algorithm
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
 
 # The job folders under jobs/, by the short name the one command takes (--job local|he): the one registry.
@@ -65,6 +66,7 @@ class JobSettings:
     resume_from: str | None = None  # an earlier job of the same server to go on from (see spleen_flare.resume)
     ship_code: bool = False  # development only: spleen_flare in the job's app/custom (bring-your-own-code)
     stats_min_count: int | None = None  # statistics job: the job's minimum count of cases (a site may set more)
+    algorithm: str | None = None  # training jobs: an FL method of jobs/algorithms (None: the job's own, FedAvg)
 
 
 def job_dir(name: str) -> Path:
@@ -240,6 +242,9 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
     )
     server, client, meta = (json.loads(p.read_text()) for p in (server_path, client_path, meta_path))
 
+    updates: dict[str, str] = {}
+    if settings.algorithm is not None:  # before the tracking: a W&B receiver copies the MLflow receiver's tags
+        updates |= apply_algorithm(server, settings.algorithm, he=meta.get("name") == JOB_VARIANTS["he"])
     if settings.rounds is not None:
         server["num_rounds"] = settings.rounds
     if settings.min_clients is not None:
@@ -253,7 +258,6 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
             raise ValueError(f"resume from {settings.resume_from!r}: not a job id (see `nvflare job list`)")
         server["resume_from"] = settings.resume_from
 
-    updates: dict[str, str] = {}
     if settings.local_epochs is not None:
         updates["local_epochs"] = str(settings.local_epochs)
     if settings.quick is not None:

@@ -9,6 +9,7 @@ from spleen_flare.contract import BUNDLE_NAME, OVERRIDES_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOBS_DIR = REPO_ROOT / "jobs"
+ALGORITHMS_DIR = JOBS_DIR / "algorithms"  # FL methods as small overrides of the training jobs (spleen_tools.algorithms)
 BUNDLES_DIR = REPO_ROOT / "bundles"
 BUNDLE_SRC = BUNDLES_DIR / BUNDLE_NAME
 OVERRIDES_SRC = BUNDLES_DIR / OVERRIDES_NAME

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from spleen_tools.algorithms import algorithm_names
 from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
 from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.job,
         help="local = FedAvg, he = FedAvg + HE, stats = federated statistics of the sites' CT (stats.json and "
         "stats.png; no training)",
+    )
+    p.add_argument(
+        "--algorithm",
+        choices=algorithm_names(),
+        default=d.algorithm,
+        help="the FL method of a training job (jobs/algorithms/<name>.json): fedavg, fedprox (proximal term at the "
+        "sites), fedopt (SGD with momentum on the server; not with --job he), fedbn (BatchNorm layers stay at each "
+        "site; not with --job he)",
     )
     p.add_argument(
         "--stats-min-count",
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking=args.tracking,
             gpus=args.gpus,
             stats_min_count=args.stats_min_count,
+            algorithm=args.algorithm,
         )
         settings.validate()
         check_gpus(settings.gpus)

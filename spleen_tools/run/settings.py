@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from spleen_tools.algorithms import DEFAULT_ALGORITHM, algorithm_names, check_under_he
 from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, JobSettings, wandb_from_env
 from spleen_tools.paths import JOBS_DIR, RUNS_DIR
 from spleen_tools.run.prune import KEEP_CHOICES
@@ -54,6 +55,7 @@ class ExperimentSettings:
     poll_interval: float = 2.0
 
     stats_min_count: int | None = None  # --job stats: the job's minimum count of cases (sites may ask more)
+    algorithm: str = DEFAULT_ALGORITHM  # the FL method (jobs/algorithms/<name>.json), training jobs only
 
     @property
     def job_name(self) -> str:
@@ -85,6 +87,7 @@ class ExperimentSettings:
             resume_from=resume_from,
             ship_code=self.ship_code,
             stats_min_count=self.stats_min_count,
+            algorithm=self.algorithm if self.trains else None,
         )
 
     def validate(self) -> None:
@@ -101,6 +104,14 @@ class ExperimentSettings:
             raise SettingsError(
                 f"--stats-min-count {self.stats_min_count}: a number of cases, at least 1, for --job stats only"
             )
+        if self.algorithm not in algorithm_names():
+            raise SettingsError(f"--algorithm must be one of {', '.join(algorithm_names())}, got {self.algorithm!r}")
+        if self.algorithm != DEFAULT_ALGORITHM and not self.trains:
+            raise SettingsError(f"--algorithm {self.algorithm} is for the training jobs (local, he), not --job stats")
+        try:
+            check_under_he(self.algorithm, he=self.job == "he")
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
         if self.max_resumes < 0:
             raise SettingsError(f"--max-resumes must be 0 or more, got {self.max_resumes}")
         if self.tracking not in TRACKING_MODES:

@@ -79,3 +79,51 @@ def test_best_local_weights_are_those_of_the_best_validation_not_the_current_one
     assert got.keys() == kept.keys() and all(torch.equal(got[k], kept[k]) for k in kept)
     current = runner.get_weights()
     assert not all(torch.equal(got[k], current[k]) for k in current)
+
+
+def test_fedbn_keeps_the_sites_batchnorm_layers(runner):
+    """FedBN: the BatchNorm layers' weights and running statistics stay the site's when a global model is loaded
+    or scored; every other weight is the received one."""
+    keys = runner.norm_keys()
+    local = runner.get_weights()
+    batchnorms = [m for m in runner.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert batchnorms and len(keys) == 5 * len(batchnorms)  # weight, bias, running mean and var, batches tracked
+    assert {k.rsplit(".", 1)[1] for k in keys} == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
+    received = {k: v + 1.0 if v.is_floating_point() else v + 1 for k, v in local.items()}
+    runner.evaluate(received, keep=keys)
+    assert all(torch.equal(runner.get_weights()[k], local[k]) for k in local), "scoring restores every weight"
+    runner.set_weights(received, keep=keys)
+    now = runner.get_weights()
+    assert all(torch.equal(now[k], local[k] if k in keys else received[k]) for k in local)
+    runner.set_weights(local)
+
+
+def test_fedprox_adds_mu_half_the_squared_distance_from_the_rounds_global_model(tmp_path):
+    """The training loss with FedProx is the bundle's loss plus mu/2 x ||w - w_global||^2 (NVFlare's PTFedProxLoss),
+    measured on the real trainer's loss function after moving the weights a known distance."""
+    data_dir = make_synthetic_dataset(tmp_path / "data", num_train=2, num_test=0, shape=(48, 48, 12), seed=2)
+    training, validation = load_site_datalist(make_site_datalists(data_dir, num_sites=1)["site-1"])
+    import shutil
+
+    shutil.copytree(BUNDLE_SRC, tmp_path / "bundle" / "spleen_ct_segmentation")
+    shutil.copytree(BUNDLE_SRC.parent / "overrides", tmp_path / "bundle" / "overrides")
+    runner = BundleRunner(tmp_path / "bundle" / "spleen_ct_segmentation", QUICK, str(data_dir), training, validation)
+    bundle_loss = runner.trainer.loss_function
+    runner.use_fedprox(mu=0.5)
+    runner.anchor_to_current()
+    pred, label = torch.rand(1, 2, 8, 8, 8), torch.randint(0, 2, (1, 1, 8, 8, 8)).float()
+    assert runner.trainer.loss_function(pred, label).item() == pytest.approx(bundle_loss(pred, label).item())
+    with torch.no_grad():
+        for parameter in runner.network.parameters():
+            parameter.add_(0.01)  # every parameter moved by 0.01: squared distance = 1e-4 x parameter count
+    count = sum(p.numel() for p in runner.network.parameters())
+    extra = runner.trainer.loss_function(pred, label).item() - bundle_loss(pred, label).item()
+    assert extra == pytest.approx(0.5 / 2 * 1e-4 * count, rel=1e-3)
+    runner.anchor_to_current()  # the next round's global model: no distance left
+    assert runner.trainer.loss_function(pred, label).item() == pytest.approx(bundle_loss(pred, label).item())

@@ -3,6 +3,7 @@ kit, BYOC is taken from every role, and the privacy scope holds the site's filte
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from nvflare.security.security import FLAuthorizer
 
 from spleen_flare.stats_privacy import CTStatisticsPrivacy
-from spleen_tools.jobs import STATS_JOB, STATS_PRIVACY_FILTER, TRACKING_MODES, JobSettings, prepare_job
+from spleen_tools.algorithms import algorithm_names
+from spleen_tools.jobs import JOB_VARIANTS, STATS_JOB, STATS_PRIVACY_FILTER, TRACKING_MODES, JobSettings, prepare_job
 from spleen_tools.paths import JOBS_DIR
 from spleen_tools.systems.site_policy import (
     HE_FILTERS,
+    JOB_LOG_STREAMER,
     SCOPE,
     SERVER_CLASSES,
     SITE_CLASSES,
@@ -222,3 +225,30 @@ def test_the_site_admin_command_writes_the_statistics_thresholds(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "150" in err
     assert (site / "local" / "privacy.json").read_text() == before  # the kit keeps its last good policy
+
+
+@pytest.mark.parametrize("algorithm", algorithm_names())
+def test_the_allow_lists_cover_every_algorithm(algorithm, tmp_path):
+    for job in (JOB_VARIANTS["local"], JOB_VARIANTS["he"]):
+        try:
+            config = prepare_job(job, tmp_path / job, JobSettings(algorithm=algorithm)) / "app" / "config"
+        except ValueError as err:  # refused under HE, saying why
+            assert job == JOB_VARIANTS["he"] and "does not run in the HE job" in str(err)
+            continue
+        assert paths(json.loads((config / "config_fed_client.json").read_text())) <= set(SITE_CLASSES)
+        assert paths(json.loads((config / "config_fed_server.json").read_text())) <= set(SERVER_CLASSES)
+
+
+def test_the_allow_lists_name_no_class_that_no_job_or_policy_uses(tmp_path):
+    """Exactly our classes: every one on the lists is named by a job (any tracking, any algorithm) or a site policy,
+    or added by NVFlare's own log streaming."""
+    client, server = {JOB_LOG_STREAMER}, {JOB_LOG_STREAMER}
+    for n, (job, tracking, algorithm) in enumerate(itertools.product(JOBS, TRACKING_MODES, algorithm_names())):
+        try:
+            config = prepare_job(job, tmp_path / str(n), JobSettings(tracking=tracking, algorithm=algorithm))
+        except ValueError:  # an algorithm refused under HE
+            continue
+        client |= paths(json.loads((config / "app" / "config" / "config_fed_client.json").read_text()))
+        server |= paths(json.loads((config / "app" / "config" / "config_fed_server.json").read_text()))
+    client |= paths(site_privacy(SitePolicy(encrypt_results=True, keep_local_model=True, stats_min_count=3)))
+    assert set(SITE_CLASSES) == client and set(SERVER_CLASSES) == server
