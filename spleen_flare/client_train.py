@@ -195,15 +195,17 @@ def validate(site: Site, model: FLModel) -> FLModel:
     if model.current_round is not None:  # the server's final validation of the last global model
         site.sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
         progress(kind="final", site=site.name, round=model.current_round, global_dice=dice)
-        keep_final_global_model(site, model.params)
+        own = {k: v for k, v in site.runner.get_weights().items() if k in site.local_keys}  # FedBN: its BatchNorm
+        keep_final_global_model(site, {**to_tensor_dict(model.params), **own})
     else:
         progress(kind="cross_site", site=site.name, **{KEY_METRIC: dice})
     return FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0})
 
 
 def keep_final_global_model(site: Site, params: dict) -> None:
-    """The last global model as this site received it (decrypted in the HE job), in NVFlare's PT layout, for
-    ``spleen-export --checkpoint``: the HE server holds only ciphertext, the sites hold the key."""
+    """The last global model as this site received it (decrypted in the HE job; with FedBN, with this site's own
+    BatchNorm layers), in NVFlare's PT layout, for ``spleen-export --checkpoint``: the HE server holds only
+    ciphertext, the sites hold the key; a FedBN server holds no trained BatchNorm layer."""
     path = site.app_root / FINAL_GLOBAL_MODEL
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": to_tensor_dict(params)}, path)

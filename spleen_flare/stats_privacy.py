@@ -7,7 +7,9 @@ statistics result whatever the job says (the job's own filter, with the job's th
 of the two wins, since each only removes).
 
 - ``min_count``: a feature whose count (cases, see ``spleen_flare.ct_statistics``) is below it leaves with its counts
-  only (cases, and cases without a value): no sum, mean, spread, range or histogram.
+  only (cases, and cases without a value): no sum, mean, spread, range or histogram. NVFlare compares the count
+  minus the cases without a value, and our count already leaves those out: with unlabelled cases the spleen features
+  are withheld a little sooner than the threshold says (on the private side; so is the bins rule).
 - ``max_bins_percent``: a histogram of per-case values (dataset ``cases``) must have fewer bins than this share of
   the cases, or it stays at the site; voxel histograms (dataset ``intensity``) count voxels, not cases, so the rule
   does not apply to them.

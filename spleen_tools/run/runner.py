@@ -397,7 +397,8 @@ def check(run: Run, result: summary.RunSummary) -> None:
 
 def export_model(run: Run, result: summary.RunSummary) -> dict:
     """The final global model as a verified MONAI bundle in the run directory: summary.json's ``model_bundle``.
-    HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy."""
+    HE job: the server holds only ciphertext, so the weights are the first site's decrypted copy; FedBN: the server's
+    model has no trained BatchNorm layer, so the first site's copy with its own."""
     # here, not at the top: MONAI takes seconds to import, and a bad --data must be refused before that
     from spleen_tools.model_bundle import (
         EXPORT_DIR,
@@ -410,7 +411,7 @@ def export_model(run: Run, result: summary.RunSummary) -> dict:
 
     try:
         source = source_from_job(find_job(Path(result.paths["job_result"])))
-        if run.settings.job == "he":
+        if run.settings.job == "he" or run.settings.algorithm == "fedbn":
             site = run.system.site_names[0]
             copy = Path(result.paths[f"log_{site}"]) / result.job_id / f"app_{site}" / FINAL_GLOBAL_MODEL
             source = replace(source, checkpoint=copy)

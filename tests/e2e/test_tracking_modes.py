@@ -1,6 +1,10 @@
 """--tracking workspace, tensorboard and wandb on a real POC run: no MLflow server, the metrics come back with the
 downloaded job, and each store read back (MLflow client / TensorBoard's event reader / the W&B run files) holds
-every site's loss and Dice with one point per epoch, and the global model's Dice per round."""
+every site's loss and Dice with one point per epoch, and the global model's Dice per round.
+
+Each run also takes one FL method through the one command (``--algorithm``): FedOpt (workspace), FedProx
+(tensorboard), FedBN (wandb), each checked where it shows: the server's optimizer step, the sites' proximal term,
+the BatchNorm layers that never left the sites."""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import mlflow
 from conftest import LOCAL_EPOCHS, REPO_ROOT, SITES, runner_cmd
 
+from spleen_flare.bundle_runner import build_network
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
+from spleen_tools.paths import BUNDLE_SRC
 from spleen_tools.run.plots import CURVE_METRICS, TRAIN_LOSS
 from spleen_tools.run.tracking import mlflow_curves, tensorboard_curves
 from spleen_tools.run.wandb_files import wandb_curves
@@ -41,24 +48,37 @@ def _assert_complete(curves: dict) -> None:
         assert [s for s, _ in series[GLOBAL_METRIC]] == [0, 1], (site, series)  # round 0 and the final validation
 
 
+def _job_log(summary: dict, who: str) -> str:
+    if who == "server":
+        return (Path(summary["paths"]["job_result"]) / summary["job_id"] / "workspace" / "log.txt").read_text()
+    return Path(summary["paths"][f"log_{who}"], summary["job_id"], "log.txt").read_text()
+
+
 def test_workspace_store_comes_back_with_the_job(tmp_path):
-    summary, stdout = _run(tmp_path, "workspace")
+    summary, stdout = _run(tmp_path, "workspace", "--algorithm", "fedopt")
     uri = summary["mlflow"]["tracking_uri"]
     assert uri.startswith("sqlite:///") and Path(summary["paths"]["job_result"]) in Path(uri[10:]).parents
     assert f"mlflow ui --backend-store-uri {uri}" in stdout
     _assert_complete(mlflow_curves(uri, summary["mlflow"]["run_ids"], CURVE_METRICS))
     assert "learning_curves" in summary["plots"]
+    # FedOpt: the server's optimizer made the round's update, and the runs say which method trained
+    assert "FedOpt (sgd, cpu) server model update round 0" in _job_log(summary, "server")
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(summary["mlflow"]["run_ids"]["site-1"])
+    assert client.get_experiment(run.info.experiment_id).tags["algorithm"] == "FedOpt"
 
 
 def test_tensorboard_event_files_per_site(tmp_path):
     """Also ``--keep results``: once the run stopped, only the copies of the model it no longer needs are gone."""
-    summary, stdout = _run(tmp_path, "tensorboard", "--keep", "results")
+    summary, stdout = _run(tmp_path, "tensorboard", "--keep", "results", "--algorithm", "fedprox")
     dirs = summary["tensorboard"]["site_dirs"]
     assert all(Path(summary["paths"]["job_result"]) in Path(d).parents for d in dirs.values())
     assert "tensorboard --logdir" in stdout
     _assert_complete(tensorboard_curves(dirs, CURVE_METRICS))
     assert "learning_curves" in summary["plots"]
     _assert_only_results_kept((tmp_path / "latest").resolve(), summary, stdout)
+    for site in SITES:  # FedProx: each site trained with the proximal term
+        assert '"note": "FedProx mu 0.01"' in _job_log(summary, site)
 
 
 def _assert_only_results_kept(run_dir: Path, summary: dict, stdout: str) -> None:
@@ -80,7 +100,9 @@ def test_wandb_online_with_a_bad_key_is_one_line_and_the_runs_come_back_offline(
     """Online asked for (key and project set), no way to log in here: one line, the job completes, and the runs
     are the offline files that came back with the job, with the command that uploads them."""
     key = "0123456789abcdef0123456789abcdef01234567"  # W&B's key format, valid nowhere
-    summary, stdout = _run(tmp_path, "wandb", WANDB_API_KEY=key, WANDB_PROJECT="spleen-e2e", WANDB_BASE_URL=_CLOSED)
+    summary, stdout = _run(
+        tmp_path, "wandb", "--algorithm", "fedbn", WANDB_API_KEY=key, WANDB_PROJECT="spleen-e2e", WANDB_BASE_URL=_CLOSED
+    )
     assert summary["status"] == "FINISHED:COMPLETED"
     wandb = summary["wandb"]
     assert wandb["mode"] == "online" and wandb["failed_login"].startswith("W&B login failed"), wandb
@@ -89,6 +111,29 @@ def test_wandb_online_with_a_bad_key_is_one_line_and_the_runs_come_back_offline(
     assert "wandb sync " in stdout and key not in stdout
     _assert_complete(wandb_curves(wandb["run_files"], CURVE_METRICS))
     assert "learning_curves" in summary["plots"]
+    _assert_batchnorm_stayed_at_the_sites(summary)
+
+
+def _assert_batchnorm_stayed_at_the_sites(summary: dict) -> None:
+    """FedBN: the server's global model still has the initial BatchNorm layers (no site sent its own) and trained
+    convolutions; the exported model is site-1's copy, with its trained BatchNorm layers."""
+    import torch
+
+    initial = build_network(BUNDLE_SRC, ["configs/train.json"], seed=0)
+    norms = {
+        f"{name}.{key}"
+        for name, module in initial.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for key in module.state_dict()
+    }
+    initial = initial.state_dict()
+    app_server = Path(summary["paths"]["job_result"]) / summary["job_id"] / "workspace" / "app_server"
+    server = torch.load(app_server / "FL_global_model.pt", map_location="cpu", weights_only=True)["model"]
+    unchanged = {k for k in server if torch.equal(torch.as_tensor(server[k]).float(), initial[k].float())}
+    assert norms and unchanged == norms, sorted(unchanged ^ norms)[:5]
+    exported = torch.load(Path(summary["model_bundle"]["path"]) / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(exported[k].float(), torch.as_tensor(server[k]).float()) for k in server if k not in norms)
+    assert not any(torch.equal(exported[k], initial[k]) for k in norms if k.endswith("running_mean"))
 
 
 def _closed_port() -> str:
