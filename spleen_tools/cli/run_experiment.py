@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.algorithm,
         help="the FL method of a training job (jobs/algorithms/<name>.json): fedavg, fedprox (proximal term at the "
         "sites), fedopt (SGD with momentum on the server; not with --job he), fedbn (BatchNorm layers stay at each "
-        "site; not with --job he)",
+        "site)",
     )
     p.add_argument(
         "--stats-min-count",
