@@ -1,6 +1,8 @@
 """The HE job on a real ``nvflare poc prepare -he`` system, run by the one command: 2 sites x 2 rounds on tiny
-synthetic data (full-size network, --quick). Cross-site results for every model x site, the HE fields of
-summary.json, MLflow metrics, and a persisted global model that holds only ciphertexts a site's key decrypts."""
+synthetic data (full-size network, --quick), with FedProx (a method that runs under HE: only the sites' loss
+changes, so the aggregate is still the steps-weighted mean). Cross-site results for every model x site, the HE
+fields of summary.json, MLflow metrics, and a persisted global model that holds only ciphertexts a site's key
+decrypts."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.he
 def he_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs = tmp_path_factory.mktemp("he_runs")
     # 5 cases: site-1 trains on 2, site-2 on 1, so step-weighted and plain FedAvg differ
-    cmd = runner_cmd(runs, "--job", "he", "--synthetic-cases", "5", "--timeout", "1200")
+    cmd = runner_cmd(runs, "--job", "he", "--algorithm", "fedprox", "--synthetic-cases", "5", "--timeout", "1200")
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1320, env=dict(os.environ, PYTHONUNBUFFERED="1")
     )
@@ -51,6 +53,14 @@ def test_he_job_completes_with_cross_site_results_for_every_model_and_site(he_ru
     for model, per_site in models.items():
         assert sorted(per_site) == SITES, (model, per_site)
         assert all(0.0 <= d <= 1.0 for d in per_site.values()), (model, per_site)
+
+
+def test_the_sites_trained_with_fedprox_under_he(he_run: dict) -> None:
+    for site in SITES:
+        log = (
+            he_run["_run_dir"] / "poc" / "example_project" / "prod_00" / site / he_run["job_id"] / "log.txt"
+        ).read_text()
+        assert '"note": "FedProx mu 0.01"' in log
 
 
 def test_summary_has_he_cost_fields(he_run: dict) -> None:
