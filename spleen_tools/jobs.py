@@ -207,15 +207,16 @@ def set_site_timeout(workflows: list[dict], seconds: int) -> None:
             workflow["args"][arg] = seconds
 
 
+def _config_paths(job: Path) -> tuple[Path, Path, Path]:
+    """A job folder's server config, client config and meta.json."""
+    config_dir = job / "app" / "config"
+    return config_dir / "config_fed_server.json", config_dir / "config_fed_client.json", job / "meta.json"
+
+
 def apply_stats_settings(job: Path, settings: JobSettings) -> None:
     """The statistics job's knobs: the sites it needs and its minimum count (training knobs do not apply)."""
-    config_dir = job / "app" / "config"
-    server_path, client_path, meta_path = (
-        config_dir / "config_fed_server.json",
-        config_dir / "config_fed_client.json",
-        job / "meta.json",
-    )
-    server, client, meta = (json.loads(p.read_text()) for p in (server_path, client_path, meta_path))
+    paths = _config_paths(job)
+    server, client, meta = (json.loads(p.read_text()) for p in paths)
     if settings.min_clients is not None:
         server["min_clients"] = meta["min_clients"] = settings.min_clients
     if settings.stats_min_count is not None:
@@ -225,7 +226,7 @@ def apply_stats_settings(job: Path, settings: JobSettings) -> None:
         for f in filters:
             if f["path"] == STATS_PRIVACY_FILTER:
                 f["args"]["min_count"] = settings.stats_min_count
-    for path, data in ((server_path, server), (client_path, client), (meta_path, meta)):
+    for path, data in zip(paths, (server, client, meta), strict=True):
         _write_json(path, data)
 
 
@@ -234,13 +235,8 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
     if json.loads((job / "meta.json").read_text()).get("name") == STATS_JOB:
         apply_stats_settings(job, settings)
         return
-    config_dir = job / "app" / "config"
-    server_path, client_path, meta_path = (
-        config_dir / "config_fed_server.json",
-        config_dir / "config_fed_client.json",
-        job / "meta.json",
-    )
-    server, client, meta = (json.loads(p.read_text()) for p in (server_path, client_path, meta_path))
+    paths = _config_paths(job)
+    server, client, meta = (json.loads(p.read_text()) for p in paths)
 
     updates: dict[str, str] = {}
     if settings.algorithm is not None:  # before the tracking: a W&B receiver copies the MLflow receiver's tags
@@ -266,9 +262,8 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
         executor_args = _client_executor_args(client)
         executor_args["task_script_args"] = _set_script_args(executor_args["task_script_args"], updates)
 
-    _write_json(server_path, server)
-    _write_json(client_path, client)
-    _write_json(meta_path, meta)
+    for path, data in zip(paths, (server, client, meta), strict=True):
+        _write_json(path, data)
 
 
 def prepare_job(
