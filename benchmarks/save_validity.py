@@ -8,19 +8,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
 import record
 
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "bench" / "validity" / "latest"
+# What the record keeps of each seed and of each setting (the curves, data paths and models stay in the run).
+SEED_KEYS = ("table", "expectations", "site_copies", "seconds", "epoch_seconds", "errors")
+SETTING_KEYS = ("sites", "methods", "held_by_sites", "summary", "table", "verdicts", "phase_goal", "errors")
 
 
 def study_command(settings: dict) -> str:
     """The ``spleen-bench validity`` command line that reproduces a study's settings."""
     args = ["--rounds", settings["rounds"], "--local-epochs", settings["local_epochs"], "--sites", settings["sites"]]
-    args += ["--settings", ",".join(settings["settings"]), "--seed", settings["seed"]]
+    args += ["--settings", ",".join(settings["settings"])]
+    if "seeds" in settings:
+        args += ["--seeds", ",".join(map(str, settings["seeds"])), "--methods", ",".join(settings["methods"])]
+    else:  # a study from before seeds and methods
+        args += ["--seed", settings["seed"]]
     return shlex.join([".venv/bin/spleen-bench", "validity", *map(str, args)])
+
+
+def demote_headings(markdown: str) -> str:
+    """One level down (the study's ``## setting`` under BENCHMARKS.md's ``## validity study``)."""
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
+
+
+def recorded_setting(result: dict) -> dict:
+    """What the record keeps of one setting of validity.json: format 2 (seeds) or format 1 (the one seed)."""
+    if "seeds" not in result:
+        return {k: result.get(k) for k in ("table", "expectations", "seconds", "epoch_seconds")}
+    kept = {k: result[k] for k in SETTING_KEYS if k in result}
+    kept["seeds"] = {seed: {k: run.get(k) for k in SEED_KEYS} for seed, run in result["seeds"].items()}
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     study = json.loads((args.study_dir / "validity.json").read_text())
     markdown = (args.study_dir / "validity.md").read_text().split("\n", 1)[1].strip()  # without its title
-    markdown = markdown.replace("\n## ", "\n### ")
-    if markdown.startswith("## "):
-        markdown = "#" + markdown
-    result = {"settings": study["settings"], "seconds": study.get("seconds"), "markdown": markdown}
+    result = {"settings": study["settings"], "seconds": study.get("seconds"), "markdown": demote_headings(markdown)}
+    if "format" in study:
+        result["format"] = study["format"]
     for name, setting in study["results"].items():
-        result[name] = {k: setting.get(k) for k in ("table", "expectations", "seconds", "epoch_seconds")}
+        result[name] = recorded_setting(setting)
     print(f"saved {record.save('validity', result, command=study_command(study['settings']))}")
     return 0
 

@@ -1,15 +1,19 @@
-"""The validity study's knobs and their checks; standard library only, so the CLI stays fast on bad input."""
+"""The validity study's knobs and their checks; light imports only, so the CLI stays fast on bad input."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from spleen_tools.algorithms import DEFAULT_ALGORITHM, algorithm_names
+
 DATA_SETTINGS = ("iid", "noniid", "phase")
 # The documented default study; "phase" (sites differ in contrast phase) runs when asked for.
 DEFAULT_SETTINGS = ("iid", "noniid")
+DEFAULT_METHODS = (DEFAULT_ALGORITHM,)
+DEFAULT_SEEDS = (0,)
 MAX_SITES = 8
-# What the study expects of FedAvg (see spleen_tools.bench.study_report.check_expectations).
+# What the study expects of an FL method (see spleen_tools.bench.study_checks.check_expectations).
 CENTRALIZED_TOLERANCE = 0.02
 
 
@@ -19,15 +23,17 @@ class StudySettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ValiditySettings:
-    """Every arm trains ``rounds x local_epochs`` epochs; ``tiny`` shrinks the data for smoke runs."""
+    """Every arm trains ``rounds x local_epochs`` epochs; the FL arm once per method of ``methods`` (names of
+    jobs/algorithms); everything once per data seed of ``seeds``; ``tiny`` shrinks the data for smoke runs."""
 
     rounds: int = 10
     local_epochs: int = 5
     sites: int = 2
     settings: tuple[str, ...] = DEFAULT_SETTINGS
-    seed: int = 0
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     tiny: bool = False
-    fedavg_timeout: float = 1800.0
+    fl_timeout: float = 1800.0
 
     @property
     def epochs(self) -> int:
@@ -39,15 +45,26 @@ class ValiditySettings:
                 raise StudySettingsError(f"{name} must be at least 1, got {value}")
         if not 2 <= self.sites <= MAX_SITES:
             raise StudySettingsError(f"--sites must be between 2 and {MAX_SITES}, got {self.sites}")
-        if not self.settings:
-            raise StudySettingsError(f"--settings needs at least one of {', '.join(DATA_SETTINGS)}")
-        unknown = [s for s in self.settings if s not in DATA_SETTINGS]
-        if unknown:
-            raise StudySettingsError(f"unknown data setting {unknown[0]!r}: expected {', '.join(DATA_SETTINGS)}")
-        if len(set(self.settings)) != len(self.settings):
-            raise StudySettingsError(f"--settings lists a setting twice: {','.join(self.settings)}")
-        if self.seed < 0:
-            raise StudySettingsError(f"--seed must be 0 or more, got {self.seed}")
+        _check_names("--settings", "data setting", self.settings, DATA_SETTINGS)
+        _check_names("--methods", "method", self.methods, tuple(algorithm_names()))
+        if not self.seeds:
+            raise StudySettingsError("--seeds needs at least one seed")
+        negative = [s for s in self.seeds if s < 0]
+        if negative:
+            raise StudySettingsError(f"a seed must be 0 or more, got {negative[0]}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise StudySettingsError(f"--seeds lists a seed twice: {','.join(map(str, self.seeds))}")
+
+
+def _check_names(flag: str, what: str, given: tuple[str, ...], known: tuple[str, ...]) -> None:
+    """Non-empty, each one known, none twice."""
+    if not given:
+        raise StudySettingsError(f"{flag} needs at least one of {', '.join(known)}")
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        raise StudySettingsError(f"unknown {what} {unknown[0]!r}: expected {', '.join(known)}")
+    if len(set(given)) != len(given):
+        raise StudySettingsError(f"{flag} lists a {what} twice: {','.join(given)}")
 
 
 def check_out_dir(out: Path) -> None:

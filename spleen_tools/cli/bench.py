@@ -1,8 +1,9 @@
 """Benchmarks of the federated spleen setup on synthetic data.
 
-``spleen-bench validity``: centralized vs local-only vs FedAvg (real NVFlare simulator) on the same data, bundle
-settings and epochs, IID and non-IID (``--settings phase``: sites that differ in contrast phase); writes
-validity.json, validity.md and learning-curve PNGs into runs/bench/validity/<timestamp>/ (or --out DIR).
+``spleen-bench validity``: centralized vs local-only vs FL methods (real NVFlare simulator, ``--methods``; FedAvg by
+default) on the same data, bundle settings and epochs, IID and non-IID (``--settings phase``: sites that differ in
+contrast phase), per data seed (``--seeds``); writes validity.json, validity.md, a Dice chart per setting and
+learning-curve PNGs into runs/bench/validity/<timestamp>/ (or --out DIR).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from spleen_tools.algorithms import algorithm_names
 from spleen_tools.bench.study_settings import (
     DATA_SETTINGS,
     DEFAULT_SETTINGS,
@@ -26,8 +28,15 @@ TINY_ROUNDS, TINY_LOCAL_EPOCHS = 1, 1
 VALIDITY_RUNS = RUNS_DIR / "bench" / "validity"
 
 
-def _settings_list(text: str) -> tuple[str, ...]:
+def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of whole numbers: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{validity}")
     p = commands.add_parser(
         "validity",
-        help="centralized vs local-only vs FedAvg, IID, non-IID and contrast phase",
-        description="Train centralized, local-only and FedAvg models on the same synthetic data for the same "
-        "number of epochs (rounds x local epochs), score each on every site's validation data and held-out cases, "
-        "and check that FedAvg is close to centralized and better than local-only on the other sites' data.",
+        help="centralized vs local-only vs FL methods, IID, non-IID and contrast phase, per seed",
+        description="Train centralized, local-only and federated models (one per FL method) on the same synthetic "
+        "data for the same number of epochs (rounds x local epochs), score each on every site's validation data and "
+        "held-out cases, and check that each method is close to centralized and better than local-only on the "
+        "other sites' data; with several seeds, mean and range over them, and a conclusion only where they agree.",
         formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("--rounds", type=int, default=None, help=f"FL rounds (default {DEFAULTS.rounds}, tiny 1)")
@@ -51,13 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=DEFAULTS.sites, help="number of sites")
     p.add_argument(
         "--settings",
-        type=_settings_list,
+        type=_comma_list,
         default=DEFAULTS.settings,
         help=f"comma-separated data settings out of {','.join(DATA_SETTINGS)} (default: {','.join(DEFAULT_SETTINGS)}; "
         "phase: site-1 non-contrast, the other sites portal venous)",
     )
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {VALIDITY_RUNS}/<timestamp>)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="data seed")
+    p.add_argument(
+        "--methods",
+        type=_comma_list,
+        default=DEFAULTS.methods,
+        help=f"comma-separated FL methods out of {','.join(algorithm_names())} (jobs/algorithms; default: "
+        f"{','.join(DEFAULTS.methods)})",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="comma-separated data seeds, each its own data and training "
+        f"(default: {','.join(map(str, DEFAULTS.seeds))})",
+    )
+    p.add_argument("--seed", type=int, default=None, help="one data seed (the same as --seeds N)")
     p.add_argument("--tiny", action="store_true", help="smoke run: 1 round x 1 epoch, 6 small cases per setting")
     return parser
 
@@ -69,8 +93,21 @@ def settings_from(args: argparse.Namespace) -> ValiditySettings:
         if args.local_epochs is not None
         else (TINY_LOCAL_EPOCHS if args.tiny else DEFAULTS.local_epochs)
     )
+    if args.seed is not None and args.seeds is not None:
+        raise StudySettingsError("--seed N is --seeds N: give one of them")
+    seeds = DEFAULTS.seeds
+    if args.seeds is not None:
+        seeds = args.seeds
+    elif args.seed is not None:
+        seeds = (args.seed,)
     settings = ValiditySettings(
-        rounds=rounds, local_epochs=local, sites=args.sites, settings=args.settings, seed=args.seed, tiny=args.tiny
+        rounds=rounds,
+        local_epochs=local,
+        sites=args.sites,
+        settings=args.settings,
+        seeds=seeds,
+        methods=args.methods,
+        tiny=args.tiny,
     )
     settings.validate()
     return settings
@@ -82,11 +119,15 @@ def validity(args: argparse.Namespace) -> int:
         check_out_dir(args.out)
     # Heavy imports (torch, MONAI, NVFlare helpers) only once the input is known to be good.
     from spleen_tools.bench.arms import StudyError
-    from spleen_tools.bench.validity import markdown_report, run_validity
+    from spleen_tools.bench.study_report import markdown_report
+    from spleen_tools.bench.validity import run_validity
     from spleen_tools.run.rundir import make_run_dir
 
     out = args.out.resolve() if args.out is not None else make_run_dir(VALIDITY_RUNS)
-    print(f"validity study into {out}: {settings.epochs} epochs per arm, settings {','.join(settings.settings)}")
+    print(
+        f"validity study into {out}: {settings.epochs} epochs per arm, settings {','.join(settings.settings)}, "
+        f"methods {','.join(settings.methods)}, seeds {','.join(map(str, settings.seeds))}"
+    )
     try:
         study = run_validity(settings, out, log=lambda msg: print(msg, flush=True))
     except StudyError as err:
@@ -97,8 +138,10 @@ def validity(args: argparse.Namespace) -> int:
     print(f"results: {out / 'validity.json'}")
     print(f"report:  {out / 'validity.md'}")
     for setting, result in study["results"].items():
-        for arm, path in result["plots"].items():
-            print(f"curves:  {path}  ({setting} {arm})")
+        print(f"chart:   {result['plots']['dice']}  ({setting})")
+        for seed, run in result["seeds"].items():
+            for arm, path in run["plots"].items():
+                print(f"curves:  {path}  ({setting} seed {seed} {arm})")
     print(f"total: {study['seconds']:.0f} s")
     return 1 if any(r.get("errors") for r in study["results"].values()) else 0
 
