@@ -1,7 +1,9 @@
 """Record a finished validity study (``spleen-bench validity``) for docs/BENCHMARKS.md.
 
-Usage: ``.venv/bin/python benchmarks/save_validity.py [runs/bench/validity/latest]``; then
-``.venv/bin/python benchmarks/write_benchmarks_md.py``.
+Usage: ``.venv/bin/python benchmarks/save_validity.py [runs/bench/validity/latest] [--name validity]``; then
+``.venv/bin/python benchmarks/write_benchmarks_md.py``. The default study (IID and non-IID, FedAvg) is recorded as
+``validity``; the FL methods in the contrast-phase setting as ``validity_phase`` (``--name validity_phase``), each
+its own section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import record
 
+RECORD_NAMES = ("validity", "validity_phase")
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "bench" / "validity" / "latest"
 # What the record keeps of each seed and of each setting (the curves, data paths and models stay in the run).
 SEED_KEYS = ("table", "expectations", "site_copies", "seconds", "epoch_seconds", "errors")
@@ -48,6 +51,12 @@ def recorded_setting(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study_dir", nargs="?", type=Path, default=DEFAULT_RUN, help="a validity study's folder")
+    parser.add_argument(
+        "--name",
+        choices=RECORD_NAMES,
+        default=RECORD_NAMES[0],
+        help="the record: validity (IID and non-IID, the README's figures) or validity_phase (the methods study)",
+    )
     args = parser.parse_args(argv)
     study = json.loads((args.study_dir / "validity.json").read_text())
     markdown = (args.study_dir / "validity.md").read_text().split("\n", 1)[1].strip()  # without its title
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         result["format"] = study["format"]
     for name, setting in study["results"].items():
         result[name] = recorded_setting(setting)
-    print(f"saved {record.save('validity', result, command=study_command(study['settings']))}")
+    print(f"saved {record.save(args.name, result, command=study_command(study['settings']))}")
     return 0
 
 

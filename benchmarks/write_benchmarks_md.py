@@ -193,6 +193,13 @@ def validity(record: dict) -> list[str]:
     return [*lines, markdown or "(no tables in the result)", ""]
 
 
+def validity_phase(record: dict) -> list[str]:
+    """The FL methods in the contrast-phase setting (a study of its own: site-1 non-contrast, site-2 portal venous)."""
+    lines = ["## FL methods when the sites differ in contrast phase (validity study)", "", *provenance(record)]
+    markdown = record["result"].get("markdown")
+    return [*lines, markdown or "(no tables in the result)", ""]
+
+
 def segment_full_size(record: dict) -> list[str]:
     r = record["result"]
     keys = ("seconds", "peak_rss_mb")
@@ -385,6 +392,7 @@ def nifti_bomb_check(record: dict) -> list[str]:
 
 SECTIONS = {
     "validity": validity,
+    "validity_phase": validity_phase,
     "round_cost": round_cost,
     "throughput": throughput,
     "site_profile": site_profile,
