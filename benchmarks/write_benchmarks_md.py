@@ -196,6 +196,7 @@ def validity(record: dict) -> list[str]:
 def validity_phase(record: dict) -> list[str]:
     """The FL methods in the contrast-phase setting (a study of its own: site-1 non-contrast, site-2 portal venous)."""
     lines = ["## FL methods when the sites differ in contrast phase (validity study)", "", *provenance(record)]
+    lines += ["![Dice of every arm, mean and range over the seeds](images/validity_phase_dice.png)", ""]
     markdown = record["result"].get("markdown")
     return [*lines, markdown or "(no tables in the result)", ""]
 

@@ -128,3 +128,49 @@ def test_a_format_1_study_command_and_headings():
     settings = {"rounds": 10, "local_epochs": 5, "sites": 2, "settings": ["iid", "noniid"], "seed": 0}
     assert save_validity.study_command(settings) == RECORD["command"]
     assert save_validity.demote_headings("## iid\n\ntext\n### seed 0\n") == "### iid\n\ntext\n#### seed 0\n"
+
+
+PHASE = json.loads((REPO / "benchmarks" / "results" / "validity_phase.json").read_text())["result"]
+
+
+def test_the_recorded_phase_study_judged_again():
+    """The methods study in the contrast-phase setting (its own record): every check follows from its scores, at
+    the full length, over two seeds."""
+    sites, tolerance = recorded_sites(PHASE), PHASE["settings"]["centralized_tolerance"]
+    seeds = recorded_seeds(PHASE, "phase")
+    assert sorted(seeds) == ["0", "1"] and PHASE["settings"]["epochs"] == 50 and not PHASE["settings"]["tiny"]
+    for seed, run in seeds.items():
+        scores = table_scores(run["table"])
+        assert set(run["expectations"]) == {"FedAvg", "FedProx", "FedOpt", "FedBN"}
+        for method, recorded in run["expectations"].items():
+            assert check_expectations(scores, sites, method, tolerance) == recorded, (seed, method)
+    methods = list(next(iter(seeds.values()))["expectations"])
+    judged = method_verdicts({seed: run["expectations"] for seed, run in seeds.items()}, methods)
+    assert judged == recorded_verdicts(PHASE, "phase")
+
+
+def test_the_readme_states_the_recorded_phase_figures():
+    summary, seeds = PHASE["phase"]["summary"], recorded_seeds(PHASE, "phase")
+
+    def mean(model: str, column: str) -> str:
+        return f"{summary[model][column]['mean']:.3f}"
+
+    def seed_mean(seed: str, model: str) -> float:
+        return next(row["mean"] for row in seeds[seed]["table"] if row["model"] == model)
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert summary["local site-2"]["site-1"]["values"] == [0.0, 0.0]
+    fedavg, centralized = seed_mean("0", "FedAvg"), seed_mean("0", "centralized")
+    claims = [
+        "finds no spleen on the non-contrast scans (Dice 0.000 at both seeds)",
+        f"FedAvg reaches {mean('FedAvg', 'site-1')} there and {mean('FedAvg', 'site-2')} on the portal-venous site",
+        f"falls behind ({mean('FedOpt', 'mean')} over the sites)",
+        f"best on the non-contrast site ({mean('FedBN', 'site-1')}) but less on the portal-venous one "
+        f"({mean('FedBN', 'site-2')}) and on held-out cases of both phases ({mean('FedBN', 'held_out')})",
+        f"at seed 0 FedAvg is {centralized - fedavg:.3f} below centralized ({fedavg:.3f} vs {centralized:.3f})",
+        f"epoch 40, {seed_mean('1', 'centralized'):.3f} at epoch 50",
+    ]
+    for claim in claims:
+        assert claim in readme, claim
+    gaps = [abs(summary["FedAvg"][c]["mean"] - summary["FedProx"][c]["mean"]) for c in ("site-1", "site-2", "mean")]
+    assert max(gaps) <= 0.003 and "FedProx is within 0.003 of it" in readme
