@@ -40,9 +40,9 @@ def _shape(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """Which job runs, its FL method, and the statistics job's minimum count."""
     d = DEFAULTS
-    p = OneLineParser(description=__doc__, formatter_class=DefaultsOnceFormatter)
     p.add_argument(
         "--job",
         choices=sorted(JOB_VARIANTS),
@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--job stats: a site with fewer cases sends its count only (default: the job's, 3; a site's own policy "
         "may ask more)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = OneLineParser(description=__doc__, formatter_class=DefaultsOnceFormatter)
+    add_job_options(p)
     p.add_argument("--sites", type=int, default=d.sites, help="number of sites (site-1..N)")
     p.add_argument(
         "--min-clients",
