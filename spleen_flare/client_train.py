@@ -32,7 +32,7 @@ from spleen_flare.contract import (
     PROGRESS_TAG,
     tagged_line,
 )
-from spleen_flare.data_check import case_problems
+from spleen_flare.data_check import SiteDataError, check_site_cases  # noqa: F401 (SiteDataError: callers catch it here)
 from spleen_flare.site_data import site_data
 from spleen_flare.site_install import job_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
@@ -140,20 +140,6 @@ def check_install(site: str, app_root: Path) -> None:
         progress(kind="install_error", site=site, problem=problem)
     if problems:
         raise SiteInstallError(problems[0])
-
-
-class SiteDataError(RuntimeError):
-    """This site's cases cannot be trained on; its ``data_error`` lines say which file and why."""
-
-
-def check_site_cases(site: str, cases: list[dict]) -> None:
-    """Before the bundle opens them: every problem of this site's cases, one ``data_error`` line each (the host
-    cannot read a site's data in a real deployment; the one command prints these lines), then stop."""
-    problems = case_problems(cases)
-    for problem in problems:
-        progress(kind="data_error", site=site, problem=problem)
-    if problems:
-        raise SiteDataError(f"{site}: {len(problems)} problem(s) in its cases; first: {problems[0]}")
 
 
 def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:

@@ -31,7 +31,7 @@ from nvflare.app_common.abstract.statistics_spec import Bin, DataType, Feature, 
 from scipy import ndimage
 
 from spleen_flare.contract import PROGRESS_TAG, tagged_line
-from spleen_flare.data_check import case_problems
+from spleen_flare.data_check import SiteDataError, check_site_cases
 from spleen_flare.site_data import site_data
 from spleen_flare.site_install import version_problem
 
@@ -42,7 +42,7 @@ HU_RANGE = (-1024, 3072)  # the CT range; values outside are padding outside the
 BODY_HU = -500.0  # above it: tissue, not air or lung
 
 
-class StatisticsDataError(RuntimeError):
+class StatisticsDataError(SiteDataError):
     """The site's cases cannot be read for statistics; its ``data_error`` lines say which file and why."""
 
 
@@ -130,11 +130,7 @@ class SpleenCTStatistics(Statistics):
             progress(kind="install_error", site=site, problem=problem)
             raise StatisticsDataError(problem)
         cases = site_cases(site)
-        problems = case_problems(cases)
-        for problem in problems:
-            progress(kind="data_error", site=site, problem=problem)
-        if problems:
-            raise StatisticsDataError(f"{site}: {len(problems)} problem(s) in its cases; first: {problems[0]}")
+        check_site_cases(site, cases, error=StatisticsDataError)
         self.cases = [case_figures(Path(c["image"]), Path(c["label"]) if c.get("label") else None) for c in cases]
         progress(kind="info", site=site, note=f"statistics of {len(self.cases)} cases ready")
 

@@ -23,6 +23,8 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.openers import ImageOpener
 
+from spleen_flare.contract import PROGRESS_TAG, tagged_line
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 HU_AIR_BELOW = -300.0  # a CT holds air (about -1000 HU) somewhere
 HU_TISSUE_ABOVE = 100.0  # ... and soft tissue, contrast or bone above this
@@ -237,3 +239,17 @@ def case_problems(cases: Iterable[Mapping[str, str]]) -> list[str]:
                 problem = label_problem(Path(case["label"]), image)
         problems += [problem] if problem else []
     return problems
+
+
+class SiteDataError(RuntimeError):
+    """A site's cases cannot be used; its ``data_error`` lines say which file and why."""
+
+
+def check_site_cases(site: str, cases: list[dict], error: type[SiteDataError] = SiteDataError) -> None:
+    """Before anything opens them: every problem of this site's cases, one ``data_error`` line each in the job's log
+    (the host cannot read a site's data in a real deployment; the one command prints these lines), then stop."""
+    problems = case_problems(cases)
+    for problem in problems:
+        print(tagged_line(PROGRESS_TAG, kind="data_error", site=site, problem=problem), flush=True)
+    if problems:
+        raise error(f"{site}: {len(problems)} problem(s) in its cases; first: {problems[0]}")
