@@ -88,7 +88,9 @@ class BundleRunner:
         self.best_local_metric = -1.0
         self.last_local_metric = float("nan")
         self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._track_best_local)
-        self.anchor: torch.nn.Module | None = None  # FedProx: the global model a round started from
+        self.anchor: torch.nn.Module | None = None  # FedProx, SCAFFOLD: the global model a round started from
+        self.scaffold = None  # SCAFFOLD: NVFlare's PTScaffoldHelper (the site's control variate c_i)
+        self._controls: tuple[dict, dict] | None = None  # SCAFFOLD: this round's (c, c_i)
 
     @property
     def num_train_cases(self) -> int:
@@ -129,6 +131,41 @@ class BundleRunner:
             return bundle_loss(pred, label, **kwargs) + proximal(self.network, self.anchor)
 
         self.trainer.loss_function = loss_with_proximal_term
+
+    def use_scaffold(self) -> None:
+        """SCAFFOLD (Karimireddy et al. 2020) with NVFlare's ``PTScaffoldHelper``: after every optimizer step of the
+        bundle's trainer the weights move by -lr x (c - c_i); see :meth:`scaffold_start` and :meth:`scaffold_end`."""
+        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+        self.scaffold = PTScaffoldHelper()
+        self.scaffold.init(self.network)
+        if self.anchor is None:
+            self.anchor = copy.deepcopy(self.network).requires_grad_(False)
+        self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._scaffold_correction)
+
+    def scaffold_start(self, global_controls: Mapping[str, Any]) -> None:
+        """This round's global control variate c (shapes checked against the network's parameters)."""
+        if not global_controls:
+            raise ValueError(
+                "SCAFFOLD: the global model came without control variates; the server's job must use SCAFFOLD too"
+            )
+        self.scaffold.load_global_controls(to_tensor_dict(global_controls))
+        self._controls = self.scaffold.get_params()
+
+    def _scaffold_correction(self, engine) -> None:
+        if self._controls is not None:
+            self.scaffold.model_update(self.network, self._learning_rate(), *self._controls)
+
+    def scaffold_end(self) -> dict[str, np.ndarray]:
+        """After the round's training: c_i updated from how far the weights moved; returns delta c_i."""
+        if self._controls is None:
+            raise RuntimeError("SCAFFOLD: scaffold_start was not called this round")
+        self.scaffold.terms_update(self.network, self._learning_rate(), *self._controls, self.anchor)
+        self._controls = None
+        return self.scaffold.get_delta_controls()
+
+    def _learning_rate(self) -> float:
+        return float(self.trainer.optimizer.param_groups[0]["lr"])
 
     def anchor_to_current(self) -> None:
         """The proximal term's reference: the weights as they are now (the global model just received)."""

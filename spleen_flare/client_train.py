@@ -33,6 +33,7 @@ from spleen_flare.contract import (
     tagged_line,
 )
 from spleen_flare.data_check import SiteDataError, check_site_cases  # noqa: F401 (SiteDataError: callers catch it here)
+from spleen_flare.scaffold import split_controls, with_controls
 from spleen_flare.site_data import site_data
 from spleen_flare.site_install import job_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
@@ -57,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fedprox_mu", type=float, default=0.0, help="FedProx: weight of the proximal term (0: off)")
     parser.add_argument(
         "--fedbn", type=int, choices=(0, 1), default=0, help="FedBN: BatchNorm layers stay at the site (1: on)"
+    )
+    parser.add_argument(
+        "--scaffold", type=int, choices=(0, 1), default=0, help="SCAFFOLD: control variates correct each step (1: on)"
     )
     return parser.parse_args()
 
@@ -108,9 +112,15 @@ def open_site(args: argparse.Namespace) -> Site:
     local_keys = runner.norm_keys() if args.fedbn else frozenset()
     if args.fedprox_mu > 0:
         runner.use_fedprox(args.fedprox_mu)
-    if args.fedprox_mu > 0 or args.fedbn:
-        note = f"FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else f"FedBN: {len(local_keys)} weights stay"
-        progress(kind="info", site=site, note=note)
+    if args.scaffold:
+        runner.use_scaffold()
+    notes = [
+        f"FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else "",
+        f"FedBN: {len(local_keys)} weights stay" if args.fedbn else "",
+        "SCAFFOLD: control variates correct every step" if args.scaffold else "",
+    ]
+    if any(notes):
+        progress(kind="info", site=site, note="; ".join(n for n in notes if n))
     return Site(site, app_root, runner, sender, train_stats, val_stats, local_keys)
 
 
@@ -145,8 +155,11 @@ def check_install(site: str, app_root: Path) -> None:
 def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     """Score the received global model, train on, send the weights with the score."""
     runner = site.runner
-    runner.set_weights(model.params, keep=site.local_keys)
-    runner.anchor_to_current()  # FedProx: this round's reference is the global model just received
+    received, controls = split_controls(model.params)  # SCAFFOLD's global control variate travels beside
+    runner.set_weights(received, keep=site.local_keys)
+    runner.anchor_to_current()  # FedProx, SCAFFOLD: this round's reference is the global model just received
+    if runner.scaffold is not None:
+        runner.scaffold_start(controls)
     runner.catch_up((model.current_round or 0) * local_epochs)  # a resumed job's first round: steps go on
     work_start = time.perf_counter()
     global_dice = runner.evaluate(external=True).get(KEY_METRIC, 0.0)
@@ -167,6 +180,10 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     )
     weights = {k: v for k, v in runner.get_weights().items() if k not in site.local_keys}
     keep_last_update(site, weights, steps, model.current_round)
+    if runner.scaffold is not None:  # c + delta c_i: the Client API's DIFF sends delta c_i
+        delta = runner.scaffold_end()
+        updated = {k: torch.as_tensor(controls[k]) + torch.from_numpy(delta[k]) for k in delta}
+        weights = with_controls(weights, updated)
     return FLModel(
         params=weights,
         metrics={KEY_METRIC: global_dice},
@@ -177,12 +194,13 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
 
 def validate(site: Site, model: FLModel) -> FLModel:
     """Score a received model: the last global model (it carries a round number) or a cross-site one."""
-    dice = site.runner.evaluate(model.params, keep=site.local_keys).get(KEY_METRIC)
+    received, _ = split_controls(model.params)  # SCAFFOLD's final validation: the controls beside the model
+    dice = site.runner.evaluate(received, keep=site.local_keys).get(KEY_METRIC)
     if model.current_round is not None:  # the server's final validation of the last global model
         site.sender.add(GLOBAL_METRIC, dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
         progress(kind="final", site=site.name, round=model.current_round, global_dice=dice)
         own = {k: v for k, v in site.runner.get_weights().items() if k in site.local_keys}  # FedBN: its BatchNorm
-        keep_final_global_model(site, {**to_tensor_dict(model.params), **own})
+        keep_final_global_model(site, {**to_tensor_dict(received), **own})
     else:
         progress(kind="cross_site", site=site.name, **{KEY_METRIC: dice})
     return FLModel(metrics={KEY_METRIC: dice if dice is not None else 0.0})

@@ -29,6 +29,8 @@ JOB_VERSION_KEY = "spleen_flare_version"
 # Metrics.
 KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cross-site metric
 GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it received, per round
+# SCAFFOLD: the keys under which the global control variate travels beside the model's weights (and back)
+SCAFFOLD_CONTROL_PREFIX = "scaffold_control::"
 # where each site keeps the last global model it received (its app folder of the job; HE: decrypted)
 FINAL_GLOBAL_MODEL = "global_model/FL_global_model.pt"
 # where each site keeps the update it sent last (weights, steps, round): its own, never encrypted on its disk

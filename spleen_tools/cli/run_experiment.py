@@ -56,7 +56,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
         default=d.algorithm,
         help="the FL method of a training job (jobs/algorithms/<name>.json): fedavg, fedprox (proximal term at the "
         "sites), fedopt (SGD with momentum on the server; not with --job he), fedbn (BatchNorm layers stay at each "
-        "site)",
+        "site), scaffold (control variates correct each site's drift; not with --job he)",
     )
     p.add_argument(
         "--stats-min-count",

@@ -52,6 +52,7 @@ SERVER_CLASSES = (
     "spleen_flare.final_validation.FinalGlobalValidation",
     "spleen_flare.persistor.BundleModelPersistor",
     "spleen_flare.fedopt.BundleFedOptShareableGenerator",
+    "spleen_flare.scaffold.ScaffoldShareableGenerator",
     "spleen_flare.model_selection.ResumableModelSelector",
     "spleen_flare.mlflow_receiver.ModelTrainingMLflowReceiver",
     "spleen_flare.he.persistor.HEBundleModelPersistor",

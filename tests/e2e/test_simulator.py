@@ -1,4 +1,5 @@
-"""The local job in the real NVFlare simulator, 2 sites x 2 rounds, metrics to a real MLflow server."""
+"""The local job in the real NVFlare simulator, 2 sites x 2 rounds, metrics to a real MLflow server; with SCAFFOLD
+(``--algorithm scaffold``: the server's controls and the sites' corrections), FedAvg being the POC runs' method."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def simulated(tmp_path_factory):
             tracking_uri=server.url,
             experiment_name=experiment,
             ship_code=True,
+            algorithm="scaffold",
         )
         job = prepare_job("spleen_ct_segmentation_local", root / "jobs", settings)
         result = run_simulator(job, root / "workspace", len(SITES), data_dir, timeout=1200)
@@ -52,6 +54,26 @@ def simulated(tmp_path_factory):
 def test_simulator_exits_cleanly(simulated):
     result, _ = simulated
     assert result.returncode == 0, result.log_path.read_text()[-3000:]
+
+
+def test_scaffold_moved_the_servers_controls_every_round_and_kept_them_out_of_the_model(simulated):
+    import torch
+
+    from spleen_flare.bundle_runner import build_network
+    from spleen_flare.contract import SCAFFOLD_CONTROL_PREFIX
+    from spleen_tools.paths import BUNDLE_SRC
+
+    result, _ = simulated
+    log = result.log_path.read_text()
+    network = build_network(BUNDLE_SRC)
+    trainable = sum(1 for _, p in network.named_parameters() if p.requires_grad)
+    assert f"SCAFFOLD: {trainable} control variates, starting from zero" in log
+    norms = [float(n) for n in re.findall(r"SCAFFOLD: global control norm (\S+) after update \d+", log)]
+    assert len(norms) == ROUNDS and all(n > 0 for n in norms), norms
+    assert log.count("SCAFFOLD: control variates correct every step") == len(SITES)
+    stored = torch.load(result.global_model_path, map_location="cpu", weights_only=True)["model"]
+    assert set(stored) == set(network.state_dict()), "the persisted global model is the network's, no control"
+    assert not any(k.startswith(SCAFFOLD_CONTROL_PREFIX) for k in stored)
 
 
 def test_global_model_saved_and_changed_every_round(simulated):

@@ -21,7 +21,7 @@ def _configs(job):
 
 
 def test_the_registry_is_the_folder_and_fedavg_changes_nothing(tmp_path):
-    assert algorithm_names() == ["fedavg", "fedbn", "fedopt", "fedprox"]
+    assert algorithm_names() == ["fedavg", "fedbn", "fedopt", "fedprox", "scaffold"]
     plain = prepare_job(JOB_VARIANTS["local"], tmp_path / "plain", JobSettings(rounds=2))
     fedavg = prepare_job(JOB_VARIANTS["local"], tmp_path / "fedavg", JobSettings(rounds=2, algorithm="fedavg"))
     server_plain, args_plain = _configs(plain)
@@ -52,6 +52,14 @@ def test_fedopt_replaces_the_servers_shareable_generator_and_tags_wandb_too(tmp_
     assert wandb["args"]["wandb_args"]["config"]["algorithm"] == "FedOpt"
 
 
+def test_scaffold_replaces_the_generator_and_turns_on_the_sites_controls(tmp_path):
+    job = prepare_job(JOB_VARIANTS["local"], tmp_path / "s", JobSettings(algorithm="scaffold", quick=True))
+    server, args = _configs(job)
+    generator = next(c for c in server["components"] if c["id"] == "shareable_generator")
+    assert generator["path"] == "spleen_flare.scaffold.ScaffoldShareableGenerator"
+    assert args["--scaffold"] == "1" and "--fedbn" not in args and "--fedprox_mu" not in args
+
+
 def test_methods_the_server_must_read_are_refused_under_he(tmp_path):
     check_under_he("fedprox", he=True)
     check_under_he("fedopt", he=False)
@@ -60,8 +68,10 @@ def test_methods_the_server_must_read_are_refused_under_he(tmp_path):
     ExperimentSettings(job="he", algorithm="fedbn").validate()  # run under HE: the sites send all but BatchNorm
     with pytest.raises(SettingsError, match="FedOpt does not run in the HE job"):
         ExperimentSettings(job="he", algorithm="fedopt").validate()
-    with pytest.raises(SettingsError, match="--algorithm must be one of fedavg, fedbn, fedopt, fedprox"):
-        ExperimentSettings(algorithm="scaffold").validate()
+    with pytest.raises(ValueError, match="SCAFFOLD does not run in the HE job: the server adds the sites' control"):
+        prepare_job(JOB_VARIANTS["he"], tmp_path / "he", JobSettings(algorithm="scaffold"))
+    with pytest.raises(SettingsError, match="--algorithm must be one of fedavg, fedbn, fedopt, fedprox, scaffold"):
+        ExperimentSettings(algorithm="fednova").validate()
     with pytest.raises(SettingsError, match="for the training jobs"):
         ExperimentSettings(job="stats", algorithm="fedprox").validate()
 

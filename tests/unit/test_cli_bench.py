@@ -53,7 +53,7 @@ def test_methods_and_seeds_parsed():
         (["validity", "--settings", "iid,weird"], "unknown data setting 'weird': expected iid, noniid, phase"),
         (["validity", "--settings", "phase,phase"], "--settings lists a data setting twice"),
         (["validity", "--settings", ","], "--settings needs at least one"),
-        (["validity", "--methods", "fedavg,scaffold"], "unknown method 'scaffold': expected fedavg, fedbn, fedopt"),
+        (["validity", "--methods", "fedavg,fednova"], "unknown method 'fednova': expected fedavg, fedbn, fedopt"),
         (["validity", "--methods", "fedprox,fedprox"], "--methods lists a method twice"),
         (["validity", "--methods", ""], "--methods needs at least one of fedavg"),
         (["validity", "--seeds", "0,x"], "not a comma-separated list of whole numbers: '0,x'"),
