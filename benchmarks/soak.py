@@ -5,7 +5,7 @@ and, each time the run prints "round k/N done", samples the server and each site
 every descendant: NVFlare's job process and the site's training process): resident memory, open file descriptors
 and threads; and the disk use of the run directory and of its MLflow store. Then fits a line per series over the
 rounds after ``--warmup`` (numpy least squares) and prints the growth per round with the fit's R^2. Asserts
-nothing; ``--save`` writes ``benchmarks/results/soak.json`` for ``docs/BENCHMARKS.md``.
+nothing; ``--save`` writes ``benchmarks/results/soak.json`` (``--name``: another record) for ``docs/BENCHMARKS.md``.
 
 Usage: ``.venv/bin/python benchmarks/soak.py [--rounds 200] [--warmup 10] [--save]``.
 """
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200, help="FL rounds (default: 200)")
     parser.add_argument("--warmup", type=int, default=10, help="rounds left out of the fit (default: 10)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a temporary folder")
-    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/soak.json")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/<--name>.json")
+    parser.add_argument("--name", default="soak", help="the record's name (default: soak)")
     args = parser.parse_args(argv)
     runs = args.runs_dir or Path(tempfile.mkdtemp(prefix="soak_"))
     cmd = [
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result["growth"].items():
         print(f"{name}: {value['per_round']} per round (R^2 {value['r2']})")
     if args.save:
-        print(f"saved {record.save('soak', result)}")
+        print(f"saved {record.save(args.name, result)}")
     return 0
 
 

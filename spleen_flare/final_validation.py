@@ -24,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 from spleen_flare.contract import KEY_METRIC
-from spleen_flare.workflows import HonoursTaskCheckPeriod
+from spleen_flare.workflows import HonoursTaskCheckPeriod, dropped_sites, sites_to_ask
 
 
 class FinalGlobalValidation(HonoursTaskCheckPeriod, Controller):
@@ -68,11 +68,16 @@ class FinalGlobalValidation(HonoursTaskCheckPeriod, Controller):
             timeout=self.timeout,
             result_received_cb=self._receive,
         )
-        clients = fl_ctx.get_engine().get_clients()
-        self.log_info(fl_ctx, f"final validation of the last global model on {len(clients)} sites")
+        clients = sites_to_ask(fl_ctx)  # not those that dropped out of training: each would cost the timeout
+        left_out = f" (not {', '.join(dropped_sites(fl_ctx))}: dropped in training)" if dropped_sites(fl_ctx) else ""
+        self.log_info(fl_ctx, f"final validation of the last global model on {len(clients)} sites{left_out}")
+        if not clients:
+            self.log_warning(fl_ctx, "no site left to score the last global model: best-model selection unchanged")
+            return
         self.broadcast_and_wait(
             task=task,
             fl_ctx=fl_ctx,
+            targets=clients,
             min_responses=len(clients),
             wait_time_after_min_received=self.wait_time_after_min_received,
             abort_signal=abort_signal,

@@ -36,7 +36,12 @@ class SiteTrainingExecutor(ClientAPIExecutor):
         train_task_name: str = "train",
         evaluate_task_name: str = "validate",
         submit_model_task_name: str = "submit_model",
+        memory_gc_rounds: int = 1,
+        cuda_empty_cache: bool = False,
     ) -> None:
+        """``memory_gc_rounds``: every N rounds NVFlare's Client API runs ``gc.collect()`` and hands freed heap back to
+        the system (``malloc_trim`` under glibc), as the server's workflow does; 0 turns it off. ``cuda_empty_cache``:
+        also empty PyTorch's CUDA cache then."""
         super().__init__(
             execution_mode="in_process",
             task_script_path=training_script_path(),
@@ -46,6 +51,8 @@ class SiteTrainingExecutor(ClientAPIExecutor):
             train_task_name=train_task_name,
             evaluate_task_name=evaluate_task_name,
             submit_model_task_name=submit_model_task_name,
+            memory_gc_rounds=memory_gc_rounds,
+            cuda_empty_cache=cuda_empty_cache,
         )
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:

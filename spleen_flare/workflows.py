@@ -9,7 +9,9 @@ A site that dies mid-round sends nothing and, with ``train_timeout`` 0, is waite
 client only after its heartbeat timeout, 10 minutes, and even then may go on with fewer results than
 ``min_clients``). Our ScatterAndGather logs a ``dropped`` line for every site without a training result when a
 round closes (``train_timeout`` bounds it) and stops the job with the reason when fewer than ``min_clients``
-sites answered, instead of aggregating what came.
+sites answered, instead of aggregating what came. A dropped site is not asked again in this job (later rounds,
+final validation, cross-site evaluation): NVFlare still lists it until its heartbeat timeout, and each task would
+wait the full site timeout for it.
 """
 
 from __future__ import annotations
@@ -40,8 +42,36 @@ class HonoursTaskCheckPeriod:
             communicator._task_check_period = self._task_check_period
 
 
+DROPPED_SITES_PROP = "spleen.dropped_sites"  # sticky: the sites that went silent in this job's training
+
+
 def _name(client: Client | str) -> str:
     return client.name if isinstance(client, Client) else str(client)
+
+
+def dropped_sites(fl_ctx: FLContext) -> list[str]:
+    return sorted(fl_ctx.get_prop(DROPPED_SITES_PROP) or ())
+
+
+def sites_to_ask(fl_ctx: FLContext, clients=None) -> list[str]:
+    """The sites a task goes to: ``clients`` (default: every site the server knows), less those that dropped."""
+    dropped = set(dropped_sites(fl_ctx))
+    return sorted(_name(c) for c in (clients or fl_ctx.get_engine().get_clients()) if _name(c) not in dropped)
+
+
+class LeavesOutDroppedSites:
+    """Mixin for NVFlare's CrossSiteModelEval (and its HE variant): sites that dropped out of training are neither
+    asked for a model nor to score one."""
+
+    _participating_clients: list[str] | None
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        if not self._participating_clients and dropped_sites(fl_ctx):
+            self._participating_clients = sites_to_ask(fl_ctx)
+            self.log_info(  # type: ignore[attr-defined]
+                fl_ctx, f"cross-site evaluation without {', '.join(dropped_sites(fl_ctx))} (dropped in training)"
+            )
+        super().start_controller(fl_ctx)  # type: ignore[misc]
 
 
 def rounds_left(next_round: int, start_round: int, num_rounds: int) -> tuple[int, int]:
@@ -91,9 +121,17 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
                 task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal
             )
         self._answered, self._succeeded = set(), set()
-        expected = sorted(_name(c) for c in (targets or self._engine.get_clients()))
+        expected = sites_to_ask(fl_ctx, targets)
+        if len(expected) < self._min_clients:
+            self.system_panic(
+                f"round {self._current_round}: {len(expected)} sites left ({', '.join(expected) or 'none'}; dropped: "
+                f"{', '.join(dropped_sites(fl_ctx))}), fewer than min_clients {self._min_clients}: the job stops",
+                fl_ctx,
+            )
+            return None
+        self._current_num_targets = len(expected)
         start = time.monotonic()
-        super().broadcast_and_wait(task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal)
+        super().broadcast_and_wait(task, fl_ctx, expected, min_responses, wait_time_after_min_received, abort_signal)
         if abort_signal is not None and abort_signal.triggered:
             return None
         self._report_silent_sites(expected, time.monotonic() - start, fl_ctx)
@@ -112,6 +150,8 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
                 at=round(time.time(), 3),
             )
             self.log_warning(fl_ctx, line)
+        if silent:
+            fl_ctx.set_prop(DROPPED_SITES_PROP, sorted({*dropped_sites(fl_ctx), *silent}), private=True, sticky=True)
         if len(self._succeeded) < self._min_clients:
             missing = ", ".join(silent) or "none silent; the others failed"
             self.system_panic(
@@ -122,5 +162,5 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
             )
 
 
-class CrossSiteModelEval(HonoursTaskCheckPeriod, cross_site_model_eval.CrossSiteModelEval):
+class CrossSiteModelEval(LeavesOutDroppedSites, HonoursTaskCheckPeriod, cross_site_model_eval.CrossSiteModelEval):
     pass

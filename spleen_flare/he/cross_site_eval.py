@@ -21,10 +21,10 @@ from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
 from spleen_flare.he.keys import key_fingerprint
 from spleen_flare.he.packing import HE_META_KEY, PackedSum
 from spleen_flare.he.validation import brief, short_message
-from spleen_flare.workflows import HonoursTaskCheckPeriod
+from spleen_flare.workflows import HonoursTaskCheckPeriod, LeavesOutDroppedSites
 
 
-class SerializingHECrossSiteModelEval(HonoursTaskCheckPeriod, HECrossSiteModelEval):
+class SerializingHECrossSiteModelEval(LeavesOutDroppedSites, HonoursTaskCheckPeriod, HECrossSiteModelEval):
     """``HECrossSiteModelEval`` that serializes CKKS vectors before saving and broadcasting, and refuses malformed
     packed site models."""
 

@@ -56,6 +56,15 @@ def test_the_global_model_is_the_steps_weighted_mean_of_the_last_updates(experim
     assert_steps_weighted_fedavg(updates, {k: v.double().numpy() for k, v in stored.items()})
 
 
+def test_the_sites_hand_freed_memory_back_after_every_round(experiment_run):
+    """The jobs' ``memory_gc_rounds`` 1 at the sites (NVFlare's Client API: gc.collect and malloc_trim)."""
+    s = experiment_run.summary
+    for site in SITES:
+        log = Path(s["paths"][f"log_{site}"], s["job_id"], "log.txt").read_text()
+        assert "Memory management enabled: cleanup every 1 round(s)" in log, site
+        assert log.count("Memory cleanup performed at round") >= ROUNDS, site
+
+
 def test_summary_fields_present_and_consistent(experiment_run):
     s = experiment_run.summary
     assert s["job_name"] == "spleen_ct_segmentation_local" and s["status"] == "FINISHED:COMPLETED"

@@ -4,7 +4,8 @@ A site killed mid-run (its host gone: the site's restart loop, its client and th
 alone waits for it: it drops a client only after its 600 s heartbeat timeout plus a 60 s watch, then goes on
 with fewer results than ``min_clients``. Our jobs bound every wait for a site (``--site-timeout``) and our
 ScatterAndGather names the silent site and stops the job when fewer than ``min_clients`` answered:
-- ``min_clients`` met by the others: the job goes on and completes; the one command says which site dropped, when;
+- ``min_clients`` met by the others: the job goes on and completes without waiting for it again (final validation,
+  cross-site evaluation); the one command says which site dropped, when;
 - not met: the job ends within the site timeout with the reason in the server log;
 - the site, started again from its kit, rejoins the next job, which completes with every site.
 """
@@ -94,6 +95,10 @@ def test_a_killed_site_is_reported_and_the_others_finish(tmp_path):
     noticed = s["dropped"][0]["at"] - killed_at
     assert "site-2 dropped: no train result in round" in stdout and "  dropped: site-2 sent no training" in stdout
     assert sorted(s["cross_site"]["SRV_FL_global_model.pt"]) == ["site-1"]
+    # once dropped, site-2 is not waited for again: final validation and cross-site evaluation go without it
+    server_log = (Path(s["paths"]["job_result"]) / s["job_id"] / "workspace" / "log.txt").read_text()
+    assert "final validation of the last global model on 1 sites (not site-2: dropped in training)" in server_log
+    assert "cross-site evaluation without site-2 (dropped in training)" in server_log
     finished = time.time() - killed_at
     print(f"site-2 killed: noticed after {noticed:.0f} s; run finished {finished:.0f} s later; {s['status']}")
     assert_nothing_left(run_dir)

@@ -97,3 +97,27 @@ def test_every_wait_for_a_site_is_bounded_and_one_knob_sets_them(job, tmp_path):
     copy = prepare_job(job, tmp_path, JobSettings(site_timeout=45))
     copied = json.loads((copy / "app" / "config" / "config_fed_server.json").read_text())
     assert set(waits(copied).values()) == {45}
+
+
+def test_a_dropped_site_is_not_asked_again_and_too_few_left_stop_the_next_round(caplog):
+    from nvflare.apis.client import Client
+    from nvflare.apis.controller_spec import Task
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.shareable import Shareable
+
+    sag = _RecordsPanic(min_clients=2, train_timeout=30)
+    sag.panics, sag._current_round = [], 2
+    sag._answered, sag._succeeded = {"site-1", "site-2"}, {"site-1", "site-2"}
+    ctx = FLContext()
+    sag._report_silent_sites(["site-1", "site-2", "site-3"], 31.4, ctx)
+    assert workflows.dropped_sites(ctx) == ["site-3"]
+    clients = [Client(name, None) for name in ("site-2", "site-3", "site-1")]
+    assert workflows.sites_to_ask(ctx, clients) == ["site-1", "site-2"], "site-3 is left out of every later task"
+    sag._answered, sag._succeeded = {"site-1"}, {"site-1"}
+    sag._report_silent_sites(["site-1", "site-2"], 30.2, ctx)  # the round after: site-2 silent too
+    assert workflows.dropped_sites(ctx) == ["site-2", "site-3"] and len(sag.panics) == 1
+    sag._current_round = 3
+    sag.broadcast_and_wait(Task(name=sag.train_task_name, data=Shareable()), ctx, targets=clients, min_responses=2)
+    assert sag.panics[-1] == (
+        "round 3: 1 sites left (site-1; dropped: site-2, site-3), fewer than min_clients 2: the job stops"
+    )
