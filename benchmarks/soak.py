@@ -92,6 +92,35 @@ def growth(samples: list[dict], warmup: int) -> dict:
     return out
 
 
+def run_soak(rounds: int, warmup: int, runs: Path, echo=print) -> dict:
+    """``rounds`` rounds of the one command in ``runs``, sampled after each; the fits leave out ``warmup`` rounds."""
+    cmd = [
+        sys.executable, "-m", "spleen_tools.cli.run_experiment", "--rounds", str(rounds), "--local-epochs", "1",
+        "--quick", "--synthetic-cases", "4", "--synthetic-shape", "48x48x16", "--runs-dir", str(runs),
+        "--timeout", str(60 + 30 * rounds),
+    ]  # fmt: skip
+    echo("$ " + " ".join(cmd))
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    samples, tail = [], []
+    for line in proc.stdout:
+        tail = [*tail[-40:], line]
+        found = _DONE.search(line)
+        if found:
+            samples.append({"round": int(found.group(1)), "at_s": round(time.monotonic() - started, 1)})
+            samples[-1].update(sample((runs / "latest").resolve()))
+            if int(found.group(1)) % 10 == 0:
+                echo(f"round {found.group(1)}: {json.dumps(samples[-1])}")
+    rc = proc.wait()
+    if rc != 0 or not samples:
+        raise RuntimeError(f"the run failed (exit {rc}); see {runs}/latest\n{''.join(tail)}")
+    result = {"rounds": rounds, "warmup": warmup, "wall_s": round(time.monotonic() - started, 1)}
+    result["growth"] = growth(samples, warmup)
+    result["first"], result["last"] = samples[min(warmup, len(samples) - 1)], samples[-1]
+    result["samples"] = samples
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=200, help="FL rounds (default: 200)")
@@ -101,29 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="soak", help="the record's name (default: soak)")
     args = parser.parse_args(argv)
     runs = args.runs_dir or Path(tempfile.mkdtemp(prefix="soak_"))
-    cmd = [
-        sys.executable, "-m", "spleen_tools.cli.run_experiment", "--rounds", str(args.rounds), "--local-epochs", "1",
-        "--quick", "--synthetic-cases", "4", "--synthetic-shape", "48x48x16", "--runs-dir", str(runs),
-        "--timeout", str(60 + 30 * args.rounds),
-    ]  # fmt: skip
-    print("$ " + " ".join(cmd), flush=True)
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    samples = []
-    for line in proc.stdout:
-        found = _DONE.search(line)
-        if found:
-            samples.append({"round": int(found.group(1)), "at_s": round(time.monotonic() - started, 1)})
-            samples[-1].update(sample((runs / "latest").resolve()))
-            if int(found.group(1)) % 10 == 0:
-                print(f"round {found.group(1)}: {json.dumps(samples[-1])}", flush=True)
-    rc = proc.wait()
-    if rc != 0 or not samples:
-        raise SystemExit(f"the run failed (exit {rc}); see {runs}/latest")
-    result = {"rounds": args.rounds, "warmup": args.warmup, "wall_s": round(time.monotonic() - started, 1)}
-    result["growth"] = growth(samples, args.warmup)
-    result["first"], result["last"] = samples[min(args.warmup, len(samples) - 1)], samples[-1]
-    result["samples"] = samples
+    try:
+        result = run_soak(args.rounds, args.warmup, runs, echo=lambda text: print(text, flush=True))
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
     for name, value in result["growth"].items():
         print(f"{name}: {value['per_round']} per round (R^2 {value['r2']})")
     if args.save:
