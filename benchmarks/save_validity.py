@@ -1,7 +1,8 @@
 """Record a finished validity study (``spleen-bench validity``) for docs/BENCHMARKS.md.
 
 Usage: ``.venv/bin/python benchmarks/save_validity.py [runs/bench/validity/latest] [--name validity]``; then
-``.venv/bin/python benchmarks/write_benchmarks_md.py``. The default study (IID and non-IID, FedAvg) is recorded as
+``.venv/bin/python benchmarks/write_benchmarks_md.py``. Each setting's Dice chart goes to
+``docs/images/validity_<setting>_dice.png``. The study of IID and non-IID is recorded as
 ``validity``; the FL methods in the contrast-phase setting as ``validity_phase`` (``--name validity_phase``), each
 its own section of BENCHMARKS.md.
 """
@@ -12,12 +13,14 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import record
 
 RECORD_NAMES = ("validity", "validity_phase")
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "bench" / "validity" / "latest"
+IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"  # each setting's Dice chart, for BENCHMARKS.md
 # What the record keeps of each seed and of each setting (the curves, data paths and models stay in the run).
 SEED_KEYS = ("table", "expectations", "site_copies", "seconds", "epoch_seconds", "errors")
 SETTING_KEYS = ("sites", "methods", "held_by_sites", "summary", "table", "verdicts", "phase_goal", "errors")
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         result["format"] = study["format"]
     for name, setting in study["results"].items():
         result[name] = recorded_setting(setting)
+        chart = args.study_dir / f"{name}_dice.png"
+        if chart.is_file():
+            print(f"copied {shutil.copyfile(chart, IMAGES / f'validity_{name}_dice.png')}")
     print(f"saved {record.save(args.name, result, command=study_command(study['settings']))}")
     return 0
 

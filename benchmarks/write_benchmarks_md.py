@@ -189,6 +189,12 @@ def he_update_size(record: dict) -> list[str]:
 
 def validity(record: dict) -> list[str]:
     lines = ["## Does federation pay off (validity study)", "", *provenance(record)]
+    for setting in record["result"].get("settings", {}).get("settings", []):  # the study's Dice chart per setting
+        if (OUT.parent / "images" / f"validity_{setting}_dice.png").is_file():
+            lines += [
+                f"![{setting}: Dice of every arm, mean and range over the seeds](images/validity_{setting}_dice.png)",
+                "",
+            ]
     markdown = record["result"].get("markdown")
     return [*lines, markdown or "(no tables in the result)", ""]
 

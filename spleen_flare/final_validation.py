@@ -77,7 +77,7 @@ class FinalGlobalValidation(HonoursTaskCheckPeriod, Controller):
         self.broadcast_and_wait(
             task=task,
             fl_ctx=fl_ctx,
-            targets=clients,
+            targets=clients if dropped_sites(fl_ctx) else None,  # as NVFlare sends it unless a site dropped
             min_responses=len(clients),
             wait_time_after_min_received=self.wait_time_after_min_received,
             abort_signal=abort_signal,

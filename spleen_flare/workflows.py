@@ -122,16 +122,18 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
             )
         self._answered, self._succeeded = set(), set()
         expected = sites_to_ask(fl_ctx, targets)
-        if len(expected) < self._min_clients:
-            self.system_panic(
-                f"round {self._current_round}: {len(expected)} sites left ({', '.join(expected) or 'none'}; dropped: "
-                f"{', '.join(dropped_sites(fl_ctx))}), fewer than min_clients {self._min_clients}: the job stops",
-                fl_ctx,
-            )
-            return None
-        self._current_num_targets = len(expected)
+        if dropped_sites(fl_ctx):  # else the task goes out as NVFlare sends it (targets as given)
+            if len(expected) < self._min_clients:
+                self.system_panic(
+                    f"round {self._current_round}: {len(expected)} sites left ({', '.join(expected) or 'none'}; "
+                    f"dropped: {', '.join(dropped_sites(fl_ctx))}), fewer than min_clients {self._min_clients}: "
+                    "the job stops",
+                    fl_ctx,
+                )
+                return None
+            targets, self._current_num_targets = expected, len(expected)
         start = time.monotonic()
-        super().broadcast_and_wait(task, fl_ctx, expected, min_responses, wait_time_after_min_received, abort_signal)
+        super().broadcast_and_wait(task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal)
         if abort_signal is not None and abort_signal.triggered:
             return None
         self._report_silent_sites(expected, time.monotonic() - start, fl_ctx)
