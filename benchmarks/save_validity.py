@@ -2,9 +2,9 @@
 
 Usage: ``.venv/bin/python benchmarks/save_validity.py [runs/bench/validity/latest] [--name validity]``; then
 ``.venv/bin/python benchmarks/write_benchmarks_md.py``. Each setting's Dice chart goes to
-``docs/images/validity_<setting>_dice.png``. The study of IID and non-IID is recorded as
-``validity``; the FL methods in the contrast-phase setting as ``validity_phase`` (``--name validity_phase``), each
-its own section of BENCHMARKS.md.
+``docs/images/<name>_<setting>_dice.png`` (``<name>_dice.png`` for a study of one setting). The study of IID and
+non-IID is recorded as ``validity``; the FL methods in the contrast-phase setting as ``validity_phase`` (``--name
+validity_phase``), each its own section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         result[name] = recorded_setting(setting)
         chart = args.study_dir / f"{name}_dice.png"
         if chart.is_file():
-            print(f"copied {shutil.copyfile(chart, IMAGES / f'validity_{name}_dice.png')}")
+            image = f"{args.name}_dice.png" if len(study["results"]) == 1 else f"{args.name}_{name}_dice.png"
+            print(f"copied {shutil.copyfile(chart, IMAGES / image)}")
     print(f"saved {record.save(args.name, result, command=study_command(study['settings']))}")
     return 0
 
