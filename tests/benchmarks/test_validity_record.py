@@ -109,7 +109,10 @@ def _study(tmp_path: Path) -> Path:
 def test_a_study_of_seeds_and_methods_recorded_and_rendered(tmp_path, monkeypatch):
     saved = {}
     monkeypatch.setattr(save_validity.record, "save", lambda name, result, command: saved.update(locals()))
-    assert save_validity.main([str(_study(tmp_path))]) == 0
+    monkeypatch.setattr(save_validity, "IMAGES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    assert save_validity.main([str(_study(tmp_path)), "--name", "validity_phase"]) == 0
+    assert (tmp_path / "images" / "validity_phase_dice.png").read_bytes() == (tmp_path / "phase_dice.png").read_bytes()
     result = saved["result"]
     assert saved["command"] == (
         ".venv/bin/spleen-bench validity --rounds 10 --local-epochs 5 --sites 2 --settings phase --seeds 0,1 "
