@@ -199,12 +199,24 @@ def validity(record: dict) -> list[str]:
     return [*lines, markdown or "(no tables in the result)", ""]
 
 
-def validity_phase(record: dict) -> list[str]:
-    """The FL methods in the contrast-phase setting (a study of its own: site-1 non-contrast, site-2 portal venous)."""
-    lines = ["## FL methods when the sites differ in contrast phase (validity study)", "", *provenance(record)]
-    lines += ["![Dice of every arm, mean and range over the seeds](images/validity_phase_dice.png)", ""]
-    markdown = record["result"].get("markdown")
-    return [*lines, markdown or "(no tables in the result)", ""]
+def phase_study(title: str, image: str):
+    """A study of the contrast-phase setting (site-1 non-contrast, site-2 portal venous) as a section of its own."""
+
+    def render(record: dict) -> list[str]:
+        lines = [f"## {title}", "", *provenance(record)]
+        lines += [f"![Dice of every arm, mean and range over the seeds](images/{image})", ""]
+        markdown = record["result"].get("markdown")
+        return [*lines, markdown or "(no tables in the result)", ""]
+
+    return render
+
+
+validity_phase = phase_study(
+    "FL methods when the sites differ in contrast phase (validity study)", "validity_phase_dice.png"
+)
+validity_phase_scaffold = phase_study(
+    "SCAFFOLD when the sites differ in contrast phase (validity study)", "validity_phase_scaffold_dice.png"
+)
 
 
 def segment_full_size(record: dict) -> list[str]:
@@ -439,6 +451,7 @@ def nifti_bomb_check(record: dict) -> list[str]:
 SECTIONS = {
     "validity": validity,
     "validity_phase": validity_phase,
+    "validity_phase_scaffold": validity_phase_scaffold,
     "round_cost": round_cost,
     "throughput": throughput,
     "site_profile": site_profile,
