@@ -1,7 +1,8 @@
 """Run every benchmark, record its JSON in benchmarks/results/ and regenerate docs/BENCHMARKS.md.
 
 Steps, in this order (each is a command of its own; BENCHMARKS.md names it beside its figures):
-  validity      spleen-bench validity, IID and non-IID (about 15 min on 2 cores), then save_validity.py
+  validity      spleen-bench validity, IID and non-IID, four FL methods, seeds 0 and 1 (about 75 min on 2 cores),
+                then save_validity.py (the phase studies are commands of their own: BENCHMARKS.md names them)
   round_cost    the one command at the demo's settings and at the job's own local epochs, round_cost.py on both
   throughput    throughput.py on the demo run: epochs in the FL client vs standalone ``monai.bundle run``
   profile       site_profile.py: what a site's job process spends its CPU on
@@ -13,8 +14,9 @@ Steps, in this order (each is a command of its own; BENCHMARKS.md names it besid
   nifti_bombs   nifti_bomb_check.py: peak memory and time of the data check on NIfTI bombs (about 1 min)
   gpu           gpu_check.py: the full bundle on CUDA, standalone and in FL, segmentation, an HE round (a GPU
                 machine only: skipped, saying so, without CUDA; the figures recorded on a GPU stay)
-then write_benchmarks_md.py. About 45 minutes on 2 cores; nothing else may run meanwhile (POC ports are fixed and
-the timings are the point). Usage: ``.venv/bin/python benchmarks/run_all.py [--only a,b] [--skip a,b]``.
+then write_benchmarks_md.py. About 1 h 45 min on 2 cores (30 min without the validity study); nothing else may
+run meanwhile (POC ports are fixed and the timings are the point).
+Usage: ``.venv/bin/python benchmarks/run_all.py [--only a,b] [--skip a,b]``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class Benchmarks:
 
     def validity(self) -> None:
         out = self.work / "validity"
-        sh([str(BIN_DIR / "spleen-bench"), "validity", "--out", str(out)])
+        methods = ["--methods", "fedavg,fedprox,fedopt,fedbn", "--seeds", "0,1"]  # as recorded
+        sh([str(BIN_DIR / "spleen-bench"), "validity", "--settings", "iid,noniid", *methods, "--out", str(out)])
         sh([PYTHON, str(HERE / "save_validity.py"), str(out)])
 
     def round_cost(self) -> None:

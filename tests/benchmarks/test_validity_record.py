@@ -49,17 +49,24 @@ def test_fedavg_holds_in_every_recorded_seed_where_the_readme_says_so(setting):
     assert verdict["verdict"] == HOLDS, verdict
 
 
-def _fedavg_figures(setting: str) -> tuple[float, float]:
-    """FedAvg's and centralized's mean over the sites' validation, mean over the recorded seeds."""
-    checks = [run["expectations"]["FedAvg"]["vs_centralized"] for run in recorded_seeds(RESULT, setting).values()]
-    return tuple(sum(c[key] for c in checks) / len(checks) for key in ("method", "centralized"))
+def _seed_mean(setting: str, seed: str, model: str) -> float:
+    """A model's mean over the sites' validation at one recorded seed."""
+    return next(row["mean"] for row in recorded_seeds(RESULT, setting)[seed]["table"] if row["model"] == model)
 
 
 def test_the_readme_states_the_recorded_figures():
-    readme = (REPO / "README.md").read_text()
-    (iid_fed, iid_cen), (non_fed, non_cen) = (_fedavg_figures(s) for s in README_SETTINGS)
-    claim = f"FedAvg {iid_fed:.3f} vs centralized {iid_cen:.3f} (IID) and {non_fed:.3f} vs {non_cen:.3f} (non-IID)"
-    assert claim in " ".join(readme.split()), claim
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for setting, name in README_SETTINGS.items():
+        for seed in ("0", "1"):
+            fedavg, centralized = _seed_mean(setting, seed, "FedAvg"), _seed_mean(setting, seed, "centralized")
+            claim = f"seed {seed} {fedavg:.3f} vs {centralized:.3f}"
+            assert claim in readme, (name, claim)
+        verdicts = recorded_verdicts(RESULT, setting)
+        assert [m for m, v in verdicts.items() if v["verdict"] == HOLDS] == ["FedAvg", "FedProx", "FedBN"], setting
+    summary = {s: RESULT[s]["summary"]["FedOpt"]["mean"]["mean"] for s in README_SETTINGS}
+    claim = f"FedOpt (untuned) does not ({summary['iid']:.3f} IID, {summary['noniid']:.3f} non-IID over the seeds)"
+    assert claim in readme, claim
+    assert "IID: seed 0" in readme and "non-IID: seed 0" in readme
 
 
 def test_the_benchmarks_page_renders_the_record():
@@ -129,7 +136,9 @@ def test_a_study_of_seeds_and_methods_recorded_and_rendered(tmp_path, monkeypatc
 
 def test_a_format_1_study_command_and_headings():
     settings = {"rounds": 10, "local_epochs": 5, "sites": 2, "settings": ["iid", "noniid"], "seed": 0}
-    assert save_validity.study_command(settings) == RECORD["command"]
+    assert save_validity.study_command(settings) == (
+        ".venv/bin/spleen-bench validity --rounds 10 --local-epochs 5 --sites 2 --settings iid,noniid --seed 0"
+    )
     assert save_validity.demote_headings("## iid\n\ntext\n### seed 0\n") == "### iid\n\ntext\n#### seed 0\n"
 
 
