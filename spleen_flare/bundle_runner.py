@@ -125,7 +125,7 @@ class BundleRunner:
         from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
         proximal, bundle_loss = PTFedProxLoss(mu=mu), self.trainer.loss_function
-        self.anchor = copy.deepcopy(self.network).requires_grad_(False)
+        self._keep_anchor()
 
         def loss_with_proximal_term(pred, label, **kwargs):
             return bundle_loss(pred, label, **kwargs) + proximal(self.network, self.anchor)
@@ -139,8 +139,7 @@ class BundleRunner:
 
         self.scaffold = PTScaffoldHelper()
         self.scaffold.init(self.network)
-        if self.anchor is None:
-            self.anchor = copy.deepcopy(self.network).requires_grad_(False)
+        self._keep_anchor()
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._scaffold_correction)
 
     def scaffold_start(self, global_controls: Mapping[str, Any]) -> None:
@@ -166,6 +165,11 @@ class BundleRunner:
 
     def _learning_rate(self) -> float:
         return float(self.trainer.optimizer.param_groups[0]["lr"])
+
+    def _keep_anchor(self) -> None:
+        """A frozen copy of the network for the round's global model (FedProx's and SCAFFOLD's reference), once."""
+        if self.anchor is None:
+            self.anchor = copy.deepcopy(self.network).requires_grad_(False)
 
     def anchor_to_current(self) -> None:
         """The proximal term's reference: the weights as they are now (the global model just received)."""
