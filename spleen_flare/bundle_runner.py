@@ -11,7 +11,7 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from monai.bundle import ConfigParser
 
 from spleen_flare.contract import KEY_METRIC
 from spleen_flare.site_install import confined_path
+
+if TYPE_CHECKING:
+    from spleen_flare.dp import DPSettings, SitePrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,9 @@ class BundleRunner:
         dataset_dir: str | None = None,
         training: list[dict] | None = None,
         validation: list[dict] | None = None,
+        dp: DPSettings | None = None,
     ) -> None:
+        """``dp``: train with DP-SGD (``spleen_flare.dp``): one patch per case, the configs checked first."""
         self.bundle_root = Path(bundle_root).resolve()
         parser = ConfigParser()
         parser.read_config(resolve_config_files(self.bundle_root, config_files))
@@ -73,12 +78,21 @@ class BundleRunner:
         if validation is not None:
             parser["validate#dataset#data"] = validation
         self.parser = parser
+        self.dp_changes: list[str] = []
+        if dp:  # Opacus only where a site trains with DP
+            from spleen_flare.dp import DPError, SitePrivacy, dp_config_problems, one_patch_per_case
+
+            self.dp_changes = one_patch_per_case(parser)
+            problems = dp_config_problems(parser)
+            if problems:
+                raise DPError(f"DP: {problems[0]}")
         if "initialize" in parser:
             parser.get_parsed_content("initialize")
         self.device = parser.get_parsed_content("device")
         self.network: torch.nn.Module = parser.get_parsed_content("network")
         self.trainer = parser.get_parsed_content("train#trainer")
         self.evaluator = parser.get_parsed_content("validate#evaluator")
+        self.privacy: SitePrivacy | None = SitePrivacy(self.trainer, self.network, dp) if dp else None
         self.ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         (self.ckpt_dir / BEST_LOCAL_MODEL).unlink(missing_ok=True)

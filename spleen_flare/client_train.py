@@ -25,6 +25,7 @@ from nvflare.app_common.metrics_exchange.metrics_sender import ANALYTICS_BOOTSTR
 from spleen_flare.bundle_runner import BundleRunner, to_tensor_dict
 from spleen_flare.contract import (
     BUNDLE_NAME,
+    DP_LAST_ROUND_KEY,
     FINAL_GLOBAL_MODEL,
     GLOBAL_METRIC,
     KEY_METRIC,
@@ -33,12 +34,15 @@ from spleen_flare.contract import (
     tagged_line,
 )
 from spleen_flare.data_check import SiteDataError, check_site_cases  # noqa: F401 (SiteDataError: callers catch it here)
+from spleen_flare.dp import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DPBudgetSpent, DPError, DPSettings, with_site_limits
 from spleen_flare.scaffold import split_controls, with_controls
 from spleen_flare.site_data import site_data
 from spleen_flare.site_install import job_problems
 from spleen_flare.stats_handler import NVFlareStatsHandler
 
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
+DP_EPSILON_METRIC = "dp_epsilon"  # a site's epsilon after each round, as MLflow shows it
+ROUND_LINE_DP = ("dp_epsilon", "dp_noise_multiplier", "dp_steps")  # the rest is in the site's DP-SGD line
 
 
 def progress(**fields) -> None:
@@ -62,7 +66,46 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--scaffold", type=int, choices=(0, 1), default=0, help="SCAFFOLD: control variates correct each step (1: on)"
     )
+    dp = parser.add_argument_group("differential privacy (DP-SGD at this site, spleen_flare.dp; 0: not set)")
+    dp.add_argument("--dp_noise_multiplier", type=float, default=0.0, help="noise std / clipping norm (sigma)")
+    dp.add_argument("--dp_target_epsilon", type=float, default=0.0, help="the job's epsilon: sigma planned for it")
+    dp.add_argument("--dp_max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="per-case clipping norm")
+    dp.add_argument("--dp_delta", type=float, default=DEFAULT_DELTA, help="delta of the (epsilon, delta) reported")
+    dp.add_argument("--dp_max_epsilon", type=float, default=0.0, help="stop before a round passes it (0: target)")
     return parser.parse_args()
+
+
+def dp_settings(args: argparse.Namespace) -> DPSettings | None:
+    """The job's DP options, or None when it asks for none."""
+    if not (args.dp_noise_multiplier or args.dp_target_epsilon):
+        return None
+    return DPSettings(
+        max_grad_norm=args.dp_max_grad_norm,
+        delta=args.dp_delta,
+        noise_multiplier=args.dp_noise_multiplier or None,
+        target_epsilon=args.dp_target_epsilon or None,
+        max_epsilon=args.dp_max_epsilon or None,
+    )
+
+
+def site_dp(site: str, args: argparse.Namespace) -> DPSettings | None:
+    """The job's DP options under the site's own limits; methods that bypass per-case clipping are refused."""
+    try:
+        dp = with_site_limits(dp_settings(args), site)
+        if dp and args.fedprox_mu > 0:
+            raise DPError("FedProx's proximal term would reach the weights unclipped: use DP with another method")
+        if dp and args.fedbn:
+            raise DPError("FedBN keeps BatchNorm layers, which DP-SGD cannot train: use DP with another method")
+    except DPError as err:
+        dp_refused(site, err)
+    return dp
+
+
+def dp_refused(site: str, err: DPError) -> None:
+    """One line naming the site and the fix, then the site stops."""
+    problem = str(err) if str(err).startswith(site) else f"{site}: {err}"
+    progress(kind="dp_error", site=site, problem=problem)
+    raise err
 
 
 @dataclass
@@ -95,13 +138,18 @@ def open_site(args: argparse.Namespace) -> Site:
     else:
         note = f"no site datalist: the bundle's own split of {data.data_dir}"
         progress(kind="info", site=site, datalist=None, note=note)
-    runner = BundleRunner(
-        app_root / "config" / BUNDLE_NAME,  # the job's copy, checked to be the installed one
-        config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
-        dataset_dir=data.data_dir,
-        training=training,
-        validation=validation,
-    )
+    dp = site_dp(site, args)
+    try:
+        runner = BundleRunner(
+            app_root / "config" / BUNDLE_NAME,  # the job's copy, checked to be the installed one
+            config_files=[f.strip() for f in args.config_files.split(",") if f.strip()],
+            dataset_dir=data.data_dir,
+            training=training,
+            validation=validation,
+            dp=dp,
+        )
+    except DPError as err:
+        dp_refused(site, err)
     progress(kind="device", site=site, device=device_name(runner.device))
     sender = MetricsSender(config_file=str(app_root / "config" / ANALYTICS_BOOTSTRAP_FILE))
     sender.init()
@@ -118,10 +166,25 @@ def open_site(args: argparse.Namespace) -> Site:
         f"FedProx mu {args.fedprox_mu}" if args.fedprox_mu > 0 else "",
         f"FedBN: {len(local_keys)} weights stay" if args.fedbn else "",
         "SCAFFOLD: control variates correct every step" if args.scaffold else "",
+        dp_note(dp, runner) if dp else "",
     ]
     if any(notes):
         progress(kind="info", site=site, note="; ".join(n for n in notes if n))
     return Site(site, app_root, runner, sender, train_stats, val_stats, local_keys)
+
+
+def dp_note(dp: DPSettings, runner: BundleRunner) -> str:
+    privacy = runner.privacy
+    if dp.noise_multiplier:
+        sigma = f"noise {dp.noise_multiplier:g}"
+    else:
+        sigma = f"noise planned for epsilon {dp.target_epsilon:g}"
+    budget = f", budget epsilon {dp.budget:g}" if dp.budget is not None else ""
+    changes = f"; {', '.join(runner.dp_changes)}" if runner.dp_changes else ""
+    return (
+        f"DP-SGD: {privacy.cases} cases, each drawn with probability {privacy.sample_rate:.3g} per step, "
+        f"{sigma}, clipping {dp.max_grad_norm:g}, delta {dp.delta:g}{budget}{changes}"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -161,10 +224,17 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     if runner.scaffold is not None:
         runner.scaffold_start(controls)
     runner.catch_up((model.current_round or 0) * local_epochs)  # a resumed job's first round: steps go on
+    if runner.privacy is not None:
+        plan_privacy(site, model, local_epochs)
     work_start = time.perf_counter()
     global_dice = runner.evaluate(external=True).get(KEY_METRIC, 0.0)
     site.sender.add(GLOBAL_METRIC, global_dice, AnalyticsDataType.SCALAR, global_step=model.current_round)
     steps = runner.train(local_epochs)
+    privacy = runner.privacy.report() if runner.privacy is not None else {}
+    if privacy:
+        site.sender.add(
+            DP_EPSILON_METRIC, privacy["dp_epsilon"], AnalyticsDataType.SCALAR, global_step=model.current_round
+        )
     progress(
         kind="round",
         site=site.name,
@@ -177,7 +247,14 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
         metrics_failed=site.train_stats.failed + site.val_stats.failed,
         work_s=round(time.perf_counter() - work_start, 1),
         gpu_peak_mb=gpu_peak_mb(runner.device),
+        **{k: privacy[k] for k in ROUND_LINE_DP if k in privacy},
+        **({"dp_delta": f"{privacy['dp_delta']:g}"} if privacy else {}),  # a string: lines round floats to 4 places
     )
+    meta = {NUM_STEPS_KEY: steps, **privacy}
+    if privacy:
+        last = dp_last_round(site, model.current_round or 0, local_epochs)
+        if last:
+            meta[DP_LAST_ROUND_KEY] = last
     weights = {k: v for k, v in runner.get_weights().items() if k not in site.local_keys}
     keep_last_update(site, weights, steps, model.current_round)
     if runner.scaffold is not None:  # c + delta c_i: the Client API's DIFF sends delta c_i
@@ -187,9 +264,42 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
     return FLModel(
         params=weights,
         metrics={KEY_METRIC: global_dice},
-        meta={NUM_STEPS_KEY: steps},
+        meta=meta,
         current_round=model.current_round,  # result filters (HE) log the round
     )
+
+
+def dp_last_round(site: Site, rnd: int, local_epochs: int) -> str | None:
+    """After a round: if one more would pass the budget, the site says so (one line) and tells the server, which
+    ends training when too few sites can go on; None while the budget allows another round."""
+    privacy = site.runner.privacy
+    try:
+        privacy.check_budget(local_epochs * privacy.steps_per_epoch, site.name, rnd + 1)
+    except DPBudgetSpent as spent:
+        progress(kind="dp_budget", site=site.name, round=rnd, note=str(spent))
+        return str(spent)
+    return None
+
+
+def plan_privacy(site: Site, model: FLModel, local_epochs: int) -> None:
+    """Before a round: the noise for a target epsilon (first round), and the budget checked for this round's steps;
+    a site that would pass it says so in one line and stops."""
+    privacy, rnd = site.runner.privacy, model.current_round or 0
+    round_steps = local_epochs * privacy.steps_per_epoch
+    try:
+        if privacy.steps == 0 and rnd > 0:
+            raise DPBudgetSpent(
+                f"{site.name} cannot account for the rounds before round {rnd} (a resumed job): start a new job with DP"
+            )
+        if privacy.steps == 0 and privacy.settings.target_epsilon is not None:
+            total_steps = ((model.total_rounds or rnd + 1) - rnd) * round_steps
+            privacy.plan(total_steps)
+            note = f"DP: noise multiplier {privacy.noise_multiplier:.4g} ends {total_steps} steps at epsilon "
+            progress(kind="info", site=site.name, note=note + f"{privacy.settings.target_epsilon:g}")
+        privacy.check_budget(round_steps, site.name, rnd)
+    except DPBudgetSpent as err:
+        progress(kind="dp_error", site=site.name, round=rnd, problem=str(err))
+        raise
 
 
 def validate(site: Site, model: FLModel) -> FLModel:

@@ -19,16 +19,23 @@ from typing import Any
 DATA_DIR_ENV = "SPLEEN_DATA_DIR"  # the dataset folder (MSD layout)
 DATALIST_ENV = "SPLEEN_DATALIST"  # a site's datalist; "{site}" is replaced by the site name
 BUNDLES_DIR_ENV = "SPLEEN_BUNDLES_DIR"  # a participant's own bundles folder (default: the one installed with the code)
+# A site's own differential-privacy limits (spleen_flare.dp): DP required, epsilon and delta capped
+DP_MAX_EPSILON_ENV = "SPLEEN_DP_MAX_EPSILON"
+DP_MAX_DELTA_ENV = "SPLEEN_DP_MAX_DELTA"
 
 # The bundle, and where a job carries its copy of it and of the override files (under the app's config/).
 BUNDLE_NAME = "spleen_ct_segmentation"
 OVERRIDES_NAME = "overrides"
+# the bundle override that makes the network and loss per-case for DP-SGD (relative to the bundle root)
+DP_OVERRIDE_FILE = "../overrides/dp.json"
 # The job side's version a job was written for: a key of the job's meta.json.
 JOB_VERSION_KEY = "spleen_flare_version"
 
 # Metrics.
 KEY_METRIC = "val_mean_dice"  # the bundle's key validation metric, also the cross-site metric
 GLOBAL_METRIC = "global_val_mean_dice"  # a site's score of the global model it received, per round
+# DP: a site's training result says, under this meta key, that its budget allows no further round (and why)
+DP_LAST_ROUND_KEY = "dp_last_round"
 # SCAFFOLD: the keys under which the global control variate travels beside the model's weights (and back)
 SCAFFOLD_CONTROL_PREFIX = "scaffold_control::"
 # where each site keeps the last global model it received (its app folder of the job; HE: decrypted)
@@ -52,6 +59,8 @@ TAGS = (PROGRESS_TAG, HE_TAG)
 # resumed / resume_error: the server's persistor went on from an earlier job's last global model, or could not;
 # install_error: a participant refused the job because it asks for another version or bundle than it has installed
 # device: what a site trains on (its torch device, and the GPU its host gave it)
+# dp_error: a site refused the job's DP settings (or a job without DP, under its own limits), or a round its budget
+# has no room for; dp_budget: after a round, a site's budget has no room for another (it trains no more)
 PROGRESS_KINDS = (
     "round",
     "device",
@@ -63,6 +72,8 @@ PROGRESS_KINDS = (
     "resumed",
     "resume_error",
     "install_error",
+    "dp_error",
+    "dp_budget",
 )
 
 

@@ -20,6 +20,7 @@ import time
 
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
@@ -27,7 +28,7 @@ from nvflare.apis.wf_comm_spec import WFCommSpec
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows import cross_site_model_eval, scatter_and_gather
 
-from spleen_flare.contract import PROGRESS_TAG, tagged_line
+from spleen_flare.contract import DP_LAST_ROUND_KEY, PROGRESS_TAG, tagged_line
 from spleen_flare.resume import RESUME_POINT_PROP, ResumePoint
 
 
@@ -87,6 +88,11 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
 
     _answered: set[str]
     _succeeded: set[str]
+    _budget_spent: dict[str, str]  # DP: sites whose budget allows no further round, and their reasons
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._budget_spent = {}
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         """As NVFlare's; a job that resumes an earlier one (its persistor found the point) starts at the round after
@@ -105,6 +111,9 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
         self._answered.add(site)
         if result is not None and result.get_return_code(ReturnCode.OK) == ReturnCode.OK:
             self._succeeded.add(site)
+            reason = _dp_last_round(result)
+            if reason:
+                self._budget_spent[site] = reason
         super()._process_train_result(client_task, fl_ctx)
 
     def broadcast_and_wait(
@@ -121,8 +130,8 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
                 task, fl_ctx, targets, min_responses, wait_time_after_min_received, abort_signal
             )
         self._answered, self._succeeded = set(), set()
-        expected = sites_to_ask(fl_ctx, targets)
-        if dropped_sites(fl_ctx):  # else the task goes out as NVFlare sends it (targets as given)
+        expected = [s for s in sites_to_ask(fl_ctx, targets) if s not in self._budget_spent]
+        if dropped_sites(fl_ctx) or self._budget_spent:  # else the task goes out as NVFlare sends it (targets as given)
             if len(expected) < self._min_clients:
                 self.system_panic(
                     f"round {self._current_round}: {len(expected)} sites left ({', '.join(expected) or 'none'}; "
@@ -137,7 +146,23 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
         if abort_signal is not None and abort_signal.triggered:
             return None
         self._report_silent_sites(expected, time.monotonic() - start, fl_ctx)
+        self._end_at_dp_budget(expected, fl_ctx)
         return None
+
+    def _end_at_dp_budget(self, expected: list[str], fl_ctx: FLContext) -> None:
+        """When too few sites have DP budget left for another round, this round is the last: training ends after
+        its aggregation (the model is persisted as after a last round) and the job goes on to validation."""
+        can_go_on = [s for s in expected if s in self._succeeded and s not in self._budget_spent]
+        last = self._start_round + self._num_rounds - 1
+        if not self._budget_spent or len(can_go_on) >= self._min_clients or self._current_round >= last:
+            return
+        spent = ", ".join(sorted(self._budget_spent))
+        self.log_info(
+            fl_ctx,
+            f"training ends after round {self._current_round} of {self._num_rounds}: {spent} reached the DP budget "
+            f"({len(can_go_on)} sites could go on, min_clients {self._min_clients})",
+        )
+        self._num_rounds = self._current_round - self._start_round + 1
 
     def _report_silent_sites(self, expected: list[str], waited: float, fl_ctx: FLContext) -> None:
         silent = [s for s in expected if s not in self._answered]
@@ -162,6 +187,14 @@ class ScatterAndGather(HonoursTaskCheckPeriod, scatter_and_gather.ScatterAndGath
                 f"{missing}): the job stops",
                 fl_ctx,
             )
+
+
+def _dp_last_round(result) -> str | None:
+    """A site's note that its DP budget allows no further round (in its result's meta), else None."""
+    try:
+        return (from_shareable(result).meta or {}).get(DP_LAST_ROUND_KEY)
+    except ValueError:  # not a DXO (an error reply)
+        return None
 
 
 class CrossSiteModelEval(LeavesOutDroppedSites, HonoursTaskCheckPeriod, cross_site_model_eval.CrossSiteModelEval):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spleen_flare import __version__
-from spleen_flare.contract import JOB_ID_PATTERN, JOB_VERSION_KEY
+from spleen_flare.contract import DP_OVERRIDE_FILE, JOB_ID_PATTERN, JOB_VERSION_KEY
 from spleen_flare.site_install import BUNDLE_IGNORED, BUNDLE_IGNORED_SUFFIXES
 from spleen_tools.algorithms import apply_algorithm
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, JOB_SIDE_SRC, JOBS_DIR, OVERRIDES_SRC
@@ -50,6 +50,41 @@ CUSTOM_DIR = "custom"  # NVFlare's folder of a job's own code: its presence make
 
 
 @dataclass(frozen=True)
+class DPOptions:
+    """DP-SGD at the sites (``spleen_flare.dp``, which checks them): a target epsilon for the whole job or a noise
+    multiplier, the per-case clipping norm, delta, and an epsilon the sites stop before passing (default: the
+    target)."""
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            out.append("DP needs a target epsilon (--dp EPSILON) or a noise multiplier (--dp-noise SIGMA), not both")
+        for name, value in vars(self).items():
+            if value is not None and not value > 0:
+                out.append(f"DP {name.replace('_', ' ')} must be positive, got {value}")
+        if not self.delta < 1:
+            out.append(f"DP delta must be below 1, got {self.delta}")
+        return out
+
+    def script_args(self) -> dict[str, str]:
+        """The sites' training script options (``spleen_flare.client_train``)."""
+        args = {"dp_max_grad_norm": self.max_grad_norm, "dp_delta": self.delta}
+        for key, value in (
+            ("dp_target_epsilon", self.target_epsilon),
+            ("dp_noise_multiplier", self.noise_multiplier),
+            ("dp_max_epsilon", self.max_epsilon),
+        ):
+            args[key] = value or 0
+        return {k: repr(float(v)) for k, v in args.items()}
+
+
+@dataclass(frozen=True)
 class JobSettings:
     """FL knobs written into a job copy; ``None`` keeps the job's value."""
 
@@ -67,6 +102,7 @@ class JobSettings:
     ship_code: bool = False  # development only: spleen_flare in the job's app/custom (bring-your-own-code)
     stats_min_count: int | None = None  # statistics job: the job's minimum count of cases (a site may set more)
     algorithm: str | None = None  # training jobs: an FL method of jobs/algorithms (None: the job's own, FedAvg)
+    dp: DPOptions | None = None  # training jobs: DP-SGD at the sites (None: none)
 
 
 def job_dir(name: str) -> Path:
@@ -258,12 +294,30 @@ def apply_settings(job: Path, settings: JobSettings) -> None:
         updates["local_epochs"] = str(settings.local_epochs)
     if settings.quick is not None:
         updates["config_files"] = f"{TRAIN_CONFIG},{QUICK_OVERRIDE}" if settings.quick else TRAIN_CONFIG
+    if settings.dp is not None:
+        updates |= with_dp_configs(server, client, updates, settings.dp)
     if updates:
         executor_args = _client_executor_args(client)
         executor_args["task_script_args"] = _set_script_args(executor_args["task_script_args"], updates)
 
     for path, data in zip(paths, (server, client, meta), strict=True):
         _write_json(path, data)
+
+
+def with_dp_configs(server: dict, client: dict, updates: dict[str, str], dp: DPOptions) -> dict[str, str]:
+    """DP: the sites' options, and the bundle's DP override last in every participant's configs (the server builds
+    the same network: instance norm instead of BatchNorm)."""
+    problems = dp.problems()
+    if problems:
+        raise ValueError(problems[0])
+    tokens = shlex.split(_client_executor_args(client)["task_script_args"])
+    current = updates.get("config_files") or tokens[tokens.index("--config_files") + 1]
+    for component in server["components"]:
+        args = component.get("args", {})
+        if isinstance(args.get("config_files"), str) and DP_OVERRIDE_FILE not in args["config_files"]:
+            args["config_files"] = f"{args['config_files']},{DP_OVERRIDE_FILE}"
+    configs = current if DP_OVERRIDE_FILE in current else f"{current},{DP_OVERRIDE_FILE}"
+    return {"config_files": configs, **dp.script_args()}
 
 
 def prepare_job(

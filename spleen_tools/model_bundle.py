@@ -129,25 +129,33 @@ def trained_bundle(job_dir: Path) -> tuple[Path, tuple[str, ...]]:
     return BUNDLE_SRC, ("configs/train.json",)
 
 
-def training_roi(source: ModelSource) -> list[int]:
-    """The patch size the sites trained and validated with (``roi_size`` after their overrides)."""
+def training_config(source: ModelSource) -> tuple[list[int], dict]:
+    """The patch size the sites trained and validated with (``roi_size``) and the network they trained
+    (``network_def``), after their overrides (DP: instance norm instead of BatchNorm)."""
     parser = ConfigParser()
     parser.read_config([str(source.bundle / f) for f in source.train_configs])
-    return [int(n) for n in parser.get_parsed_content("roi_size")]
+    return [int(n) for n in parser.get_parsed_content("roi_size")], parser.get("network_def")
 
 
-def match_training(configs: Path, roi: list[int]) -> str | None:
-    """Set the exported inference ROI (and the metadata's input shape) to the trained one; say so, or None."""
+def match_training(configs: Path, roi: list[int], network_def: dict | None = None) -> str | None:
+    """Set the exported inference ROI (and the metadata's input shape) and network to the trained ones; say what
+    changed, or None."""
     inference_path, meta_path = configs / "inference.json", configs / "metadata.json"
     inference = json.loads(inference_path.read_text())
-    if inference.get("roi_size") == roi:
+    notes = []
+    if network_def is not None and inference.get("network_def") != network_def:
+        inference["network_def"] = network_def
+        notes.append(f"network as trained (norm {network_def.get('norm')})")
+    if inference.get("roi_size") != roi:
+        inference["roi_size"] = roi
+        meta = json.loads(meta_path.read_text())
+        meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = roi
+        meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+        notes.append(f"inference ROI {'x'.join(map(str, roi))} as trained")
+    if not notes:
         return None
-    inference["roi_size"] = roi
     inference_path.write_text(json.dumps(inference, indent=4) + "\n")
-    meta = json.loads(meta_path.read_text())
-    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = roi
-    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
-    return f"inference ROI {'x'.join(map(str, roi))} as trained"
+    return "; ".join(notes)
 
 
 def find_job(path: Path) -> Path:
@@ -214,7 +222,7 @@ def export_bundle(source: ModelSource, out_dir: Path) -> Path:
     models.mkdir()
     torch.save(weights, models / "model.pt")
     configs = bundle / "configs"
-    note = match_training(configs, training_roi(source))
+    note = match_training(configs, *training_config(source))
     write_metadata(configs / "metadata.json", source, dt.date.today().isoformat(), note)
     with quiet_monai():
         ckpt_export(

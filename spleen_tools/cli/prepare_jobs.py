@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from spleen_tools.algorithms import algorithm_names, check_under_he
+from spleen_tools.cli.run_experiment import add_dp_options, dp_options
 from spleen_tools.jobs import JOB_NAMES, JOB_VARIANTS, TRACKING_MODES, WANDB_MODES, JobSettings, prepare_job
 from spleen_tools.paths import BUNDLE_SRC, JOBS_DIR
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=algorithm_names(),
         help="the FL method of the training jobs (jobs/algorithms/<name>.json; default: the jobs' own, FedAvg)",
     )
+    add_dp_options(parser)
     parser.add_argument(
         "--ship-code",
         action="store_true",
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_from=args.resume_from,
         ship_code=args.ship_code,
         algorithm=args.algorithm,
+        dp=dp_options(args),
     )
     try:
         for name in args.job or JOB_NAMES:

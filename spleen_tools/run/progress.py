@@ -115,6 +115,7 @@ class Progress:
     job_errors: list[str] = field(default_factory=list)  # "resume_error" reasons, participants' "install_error"s
     devices: dict[str, str] = field(default_factory=dict)  # site -> what it trains on ("cpu", "cuda:0 (...)")
     gpu_peak_mb: dict[str, float] = field(default_factory=dict)  # site -> peak GPU memory of its training process
+    dp_budget_notes: list[str] = field(default_factory=list)  # sites whose DP budget allows no further round
     _seen: set = field(default_factory=set)
 
     def add(self, event: dict, now: float | None = None) -> list[str]:
@@ -149,9 +150,14 @@ class Progress:
         self.job_errors.append(f"server: {event.get('reason')}")
         return [self.job_errors[-1]]
 
-    def _install_error(self, event: dict, now: float) -> list[str]:
-        self.job_errors.append(str(event.get("problem")))  # the problem names the participant
+    def _participant_error(self, event: dict, now: float) -> list[str]:
+        """A participant refused the job or stopped (install, DP settings, DP budget): the problem names it."""
+        self.job_errors.append(str(event.get("problem")))
         return [self.job_errors[-1]]
+
+    def _dp_budget(self, event: dict, now: float) -> list[str]:
+        self.dp_budget_notes.append(str(event.get("note")))
+        return [self.dp_budget_notes[-1]]
 
     def _data_error(self, event: dict, now: float) -> list[str]:
         self.data_errors.append(f"{event['site']}: {event.get('problem')}")
@@ -253,6 +259,14 @@ class Progress:
         mean = sum(times) / len(times)
         return max(0.0, mean * (self.rounds - len(times)) + 0.5 * mean)
 
+    def dp_epsilons(self) -> dict[str, dict[str, float]]:
+        """Each site's epsilon after each round ({round: {site: epsilon}}), from DP rounds' lines; empty without DP."""
+        return {
+            str(r): {s: float(e["dp_epsilon"]) for s, e in sorted(sites.items()) if "dp_epsilon" in e}
+            for r, sites in sorted(self.per_round.items())
+            if any("dp_epsilon" in e for e in sites.values())
+        }
+
     def untrained_dice(self) -> dict[str, float]:
         return {s: float(e["global_dice"]) for s, e in self.per_round.get(0, {}).items() if "global_dice" in e}
 
@@ -265,7 +279,9 @@ class Progress:
         "dropped": _dropped,
         "resumed": _resumed,
         "resume_error": _resume_error,
-        "install_error": _install_error,
+        "install_error": _participant_error,
+        "dp_error": _participant_error,
+        "dp_budget": _dp_budget,
         "data_error": _data_error,
         "device": _device,
         "cross_site": _cross_site,

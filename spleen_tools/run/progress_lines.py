@@ -9,6 +9,7 @@ def site_round(event: dict, rounds: int) -> str:
     return (
         f"round {event['round'] + 1}/{rounds} {event['site']}: loss {fmt(event.get('loss'))}, "
         f"local Dice {fmt(event.get('local_dice'))} (global model before training: {fmt(event.get('global_dice'))})"
+        + (f"; DP epsilon {fmt(event['dp_epsilon'])}" if "dp_epsilon" in event else "")
     )
 
 

@@ -37,19 +37,21 @@ def report(summary: RunSummary, sites: list[str], out: Callable[[str], None]) ->
     out("cross-site validation (Dice, rows: models, columns: sites):")
     out(format_cross_site_table(summary.cross_site, sites))
     untrained, final = summary.untrained_dice, summary.final_global_dice
+    rounds = max((int(r) for r in summary.global_dice_per_round), default=summary.rounds)  # a DP budget may end early
     if untrained or final:
         out("")
         out("global model Dice on each site's validation data:")
         for site in sites:
             out(
                 f"  {site}: untrained {fmt(untrained.get(site))} -> "
-                f"after {summary.rounds} rounds {fmt(final.get(site))}{segments_note(final.get(site))}"
+                f"after {rounds} rounds {fmt(final.get(site))}{segments_note(final.get(site))}"
             )
     best, last = summary.best_model, summary.final_model
     if best:
         is_last = last and best.get("sha256") == last.get("sha256")
         which = "the final one" if is_last else f"the one after round {best['round'] + 1}"
         out(f"  best global model: {which} (mean validation Dice {fmt(best.get(KEY_METRIC))})")
+    report_dp(summary.dp, out)
     report_dropped(summary.dropped, out)
     if summary.status_note:
         out(f"  job status {summary.status}: {summary.status_note}")
@@ -81,6 +83,14 @@ def report_costs(summary: RunSummary, out: Callable[[str], None]) -> None:
             f"HE: one client update {he.update_bytes_encrypted / 1e6:.1f} MB{ratio}; per round (s): "
             f"encrypt {he.encrypt_s}, aggregate {he.aggregate_s}, decrypt {he.decrypt_s}"
         )
+
+
+def report_dp(dp: dict | None, out: Callable[[str], None]) -> None:
+    """What each site's updates reveal about any one of its training cases, at the end."""
+    if not dp:
+        return
+    sites = ", ".join(f"{s} {eps:.2f} ({dp['steps'].get(s)} steps)" for s, eps in dp["final_epsilon"].items())
+    out(f"  differential privacy (per training case, delta {dp['delta']}): epsilon {sites}")
 
 
 def report_dropped(dropped: list[dict], out: Callable[[str], None]) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spleen_tools.algorithms import DEFAULT_ALGORITHM, algorithm_names, check_under_he
-from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, JobSettings, wandb_from_env
+from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, DPOptions, JobSettings, wandb_from_env
 from spleen_tools.paths import JOBS_DIR, RUNS_DIR
 from spleen_tools.run.prune import KEEP_CHOICES
 
@@ -26,6 +26,13 @@ class RunTimeout(ExperimentError):
 
 class Terminated(BaseException):
     """SIGTERM turned into an exception so that cleanup runs (BaseException, like KeyboardInterrupt)."""
+
+
+# methods whose site side bypasses DP-SGD's per-case clipping (the sites refuse them too: spleen_flare.client_train)
+DP_REFUSED_METHODS = {
+    "fedprox": "the proximal term's gradient would reach the weights unclipped; use fedavg, fedopt or scaffold",
+    "fedbn": "FedBN keeps BatchNorm layers, which DP-SGD cannot train (DP uses instance norm); use another method",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class ExperimentSettings:
 
     stats_min_count: int | None = None  # --job stats: the job's minimum count of cases (sites may ask more)
     algorithm: str = DEFAULT_ALGORITHM  # the FL method (jobs/algorithms/<name>.json), training jobs only
+    dp: DPOptions | None = None  # DP-SGD at the sites (spleen_flare.dp), training jobs only
 
     @property
     def job_name(self) -> str:
@@ -88,6 +96,7 @@ class ExperimentSettings:
             ship_code=self.ship_code,
             stats_min_count=self.stats_min_count,
             algorithm=self.algorithm if self.trains else None,
+            dp=self.dp,
         )
 
     def validate(self) -> None:
@@ -112,6 +121,14 @@ class ExperimentSettings:
             check_under_he(self.algorithm, he=self.job == "he")
         except ValueError as err:
             raise SettingsError(str(err)) from None
+        if self.dp is not None:
+            problems = self.dp.problems()
+            if not self.trains:
+                problems.insert(0, "--dp is for the training jobs (local, he), not --job stats")
+            if self.algorithm in ("fedprox", "fedbn"):
+                problems.insert(0, f"--dp with --algorithm {self.algorithm}: " + DP_REFUSED_METHODS[self.algorithm])
+            if problems:
+                raise SettingsError(problems[0])
         if self.max_resumes < 0:
             raise SettingsError(f"--max-resumes must be 0 or more, got {self.max_resumes}")
         if self.tracking not in TRACKING_MODES:

@@ -88,6 +88,7 @@ class RunSummary:
     tracking: Tracking | None = None  # None: the summary says nothing of tracking (no ``mlflow`` key)
     paths: dict[str, str | None] = field(default_factory=dict)
     he: HeCosts | None = None
+    dp: dict | None = None  # DP-SGD: delta, each site's noise multiplier and epsilon after each round
     server_peak_memory_mb: float | None = None
     resumed: list[dict] = field(default_factory=list)  # jobs lost with a restarted server, and their successors
     status_note: str | None = None  # why a job that dropped a site did not end OK, where NVFlare's cause is known
@@ -109,6 +110,7 @@ class RunSummary:
             out["mlflow"] = self.tracking.mlflow
         out["paths"] = self.paths
         out.update(self.he.to_json() if self.he else {})
+        _put(out, dp=self.dp)
         out["server_peak_memory_mb"] = self.server_peak_memory_mb
         out["resumed"] = self.resumed
         if self.tracking is not None:
@@ -207,8 +209,10 @@ def build_summary(
         str(r): {s: e.get("global_dice") for s, e in sorted(progress.per_round[r].items())}
         for r in sorted(progress.per_round)
     }
-    if progress.final_dice:  # the last global model, scored as if round N started
-        per_round[str(settings.rounds)] = dict(sorted(progress.final_dice.items()))
+    if progress.final_dice:  # the last global model, scored as if round N started (N: rounds trained, which a
+        # DP budget may end early)
+        trained = max(progress.per_round) + 1 if progress.per_round else settings.rounds
+        per_round[str(trained)] = dict(sorted(progress.final_dice.items()))
     choice = model_choice(model_history or [])
     return RunSummary(
         job_id=job_id,
@@ -237,9 +241,26 @@ def build_summary(
         tracking=tracking,
         paths=paths,
         he=he_summary(progress.he_events, param_count),
+        dp=dp_summary(progress),
         server_peak_memory_mb=server_peak_memory_mb,
         resumed=resumed or [],
     )
+
+
+def dp_summary(progress: Progress) -> dict | None:
+    """A DP job's privacy per site: epsilon after each round (at the delta the sites report), noise, steps."""
+    epsilons = progress.dp_epsilons()
+    if not epsilons:
+        return None
+    last = {s: e for r in sorted(progress.per_round) for s, e in progress.per_round[r].items() if "dp_epsilon" in e}
+    deltas = sorted({str(e.get("dp_delta")) for e in last.values()})
+    return {
+        "delta": float(deltas[0]) if len(deltas) == 1 else deltas,
+        "epsilon_per_round": epsilons,
+        "final_epsilon": {s: float(e["dp_epsilon"]) for s, e in sorted(last.items())},
+        "noise_multiplier": {s: e.get("dp_noise_multiplier") for s, e in sorted(last.items())},
+        "steps": {s: e.get("dp_steps") for s, e in sorted(last.items())},
+    }
 
 
 def problems(summary: RunSummary, sites: list[str], terminal_ok: tuple[str, ...]) -> list[str]:

@@ -121,3 +121,26 @@ def test_a_dropped_site_is_not_asked_again_and_too_few_left_stop_the_next_round(
     assert sag.panics[-1] == (
         "round 3: 1 sites left (site-1; dropped: site-2, site-3), fewer than min_clients 2: the job stops"
     )
+
+
+def test_training_ends_after_the_round_in_which_too_few_sites_have_dp_budget_left():
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_context import FLContext
+
+    from spleen_flare.contract import DP_LAST_ROUND_KEY
+
+    def result(last: str | None):
+        meta = {DP_LAST_ROUND_KEY: last} if last else {}
+        return DXO(DataKind.WEIGHT_DIFF, data={"w": 1.0}, meta=meta).to_shareable()
+
+    sag = _RecordsPanic(min_clients=2, num_rounds=10, train_timeout=30)
+    sag.panics, sag._start_round, sag._current_round, sag._budget_spent = [], 0, 3, {}
+    sag._answered, sag._succeeded = {"site-1", "site-2", "site-3"}, {"site-1", "site-2", "site-3"}
+    assert workflows._dp_last_round(result("site-3 stops before round 5: ...")) == "site-3 stops before round 5: ..."
+    assert workflows._dp_last_round(result(None)) is None
+    sag._budget_spent = {"site-3": "spent"}
+    sag._end_at_dp_budget(["site-1", "site-2", "site-3"], FLContext())
+    assert sag._num_rounds == 10, "two sites can go on: min_clients 2 still met"
+    sag._budget_spent["site-2"] = "spent"
+    sag._end_at_dp_budget(["site-1", "site-2", "site-3"], FLContext())
+    assert sag._num_rounds == 4 and sag.panics == [], "round 3 (from 0) is the last; the job goes on to validation"
