@@ -21,7 +21,7 @@ from spleen_flare.bundle_runner import BundleRunner, build_network
 from spleen_flare.contract import DATALIST_ENV
 from spleen_tools.algorithms import load_algorithm
 from spleen_tools.bench.study_data import Case, StudyData
-from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG, JobSettings, prepare_job
+from spleen_tools.jobs import QUICK_OVERRIDE, TRAIN_CONFIG, DPOptions, JobSettings, prepare_job
 from spleen_tools.paths import BUNDLE_NAME, BUNDLE_SRC, OVERRIDES_SRC
 from spleen_tools.run.progress import LogFollower, parse_event
 
@@ -82,11 +82,18 @@ def quiet_engines(runner: BundleRunner) -> None:
         logger.setLevel(logging.WARNING)
 
 
-def make_runner(workdir: Path, dataset_dir: Path, training: list[Case], validation: list[Case]) -> BundleRunner:
+def make_runner(
+    workdir: Path,
+    dataset_dir: Path,
+    training: list[Case],
+    validation: list[Case],
+    config_files: list[str] = CONFIG_FILES,
+) -> BundleRunner:
+    """``config_files``: the arm's bundle configs (a DP arm's network has instance norm: the DP override last)."""
     bundle_root = copy_bundle(workdir)
-    runner = BundleRunner(bundle_root, CONFIG_FILES, str(dataset_dir), training, validation)
+    runner = BundleRunner(bundle_root, config_files, str(dataset_dir), training, validation)
     quiet_engines(runner)
-    runner.set_weights(build_network(bundle_root, [TRAIN_CONFIG], seed=INITIAL_MODEL_SEED).state_dict())
+    runner.set_weights(build_network(bundle_root, config_files, seed=INITIAL_MODEL_SEED).state_dict())
     return runner
 
 
@@ -144,13 +151,15 @@ def run_fl(
     log: Log,
     experiment: str = "validity",
     timeout: float = 1800.0,
+    dp: DPOptions | None = None,
+    name: str | None = None,
 ) -> ArmResult:
     """The local job with ``method`` in the NVFlare simulator over the sites' datalists: the final global model
     (FedBN: the sites' own scores of it) and the global model's Dice per round, from the sites' ``[spleen]`` lines."""
     from spleen_tools.systems.simulator import run_simulator
 
     workdir = Path(workdir).resolve()
-    sites, name = data.site_names, method_name(method)
+    sites, name = data.site_names, name or method_name(method)
     settings = JobSettings(
         rounds=rounds,
         local_epochs=local_epochs,
@@ -160,6 +169,7 @@ def run_fl(
         experiment_name=experiment,
         ship_code=True,  # the simulator has no site policies: it admits our classes only in a job's own code
         algorithm=method,
+        dp=dp,
     )
     job = prepare_job(FL_JOB, workdir / "jobs", settings)
     workspace = workdir / "workspace"
@@ -177,12 +187,29 @@ def run_fl(
     logs = [result.log_path, *sorted(workspace.glob("site-*/log.txt"))]
     events = read_events(logs)
     info["sites_final_dice"] = final_dice(events, sites)  # each site's own score of the last global model
+    info |= round_costs(events, local_epochs)
     arm = ArmResult(curves=fl_curves(events, sites, local_epochs, name), seconds={name: seconds}, info=info)
     if keeps_site_layers(method):
         arm.site_models[name] = load_site_copies(logs, sites, f"{data.setting} {name}")
     else:
         arm.models[name] = _load(result.global_model_path)
     return arm
+
+
+def round_costs(events: list[dict], local_epochs: int) -> dict:
+    """From the sites' round lines: the slowest site's seconds per local epoch (its global-model validation, training
+    and per-epoch validation, over ``local_epochs``), mean over rounds; with DP, each site's epsilon at the end."""
+    rounds: dict[int, list[dict]] = {}
+    for event in events:
+        if event.get("kind") == "round" and isinstance(event.get("work_s"), int | float):
+            rounds.setdefault(event["round"], []).append(event)
+    slowest = [max(e["work_s"] for e in per_site) / local_epochs for per_site in rounds.values()]
+    out: dict = {"site_epoch_s": round(sum(slowest) / len(slowest), 2) if slowest else None}
+    last = {e["site"]: e for r in sorted(rounds) for e in rounds[r] if "dp_epsilon" in e}
+    if last:
+        out["dp_epsilon"] = {s: e["dp_epsilon"] for s, e in sorted(last.items())}
+        out["dp_noise_multiplier"] = {s: e.get("dp_noise_multiplier") for s, e in sorted(last.items())}
+    return out
 
 
 def _load(path: Path) -> Weights:

@@ -186,3 +186,30 @@ def test_the_readme_states_the_recorded_phase_figures():
         assert claim in readme, claim
     gaps = [abs(summary["FedAvg"][c]["mean"] - summary["FedProx"][c]["mean"]) for c in ("site-1", "site-2", "mean")]
     assert max(gaps) <= 0.003 and "FedProx is within 0.003 of it" in readme
+
+
+SCAFFOLD_PHASE = json.loads((REPO / "benchmarks" / "results" / "validity_phase_scaffold.json").read_text())["result"]
+
+
+def test_the_scaffold_phase_study_reproduces_the_arms_and_the_readme_states_it():
+    """SCAFFOLD's phase study, a record of its own: its centralized and local arms are the phase study's (the arms
+    are deterministic for a seed), its checks follow from its scores, and the README's figures are its."""
+    seeds, phase_seeds = recorded_seeds(SCAFFOLD_PHASE, "phase"), recorded_seeds(PHASE, "phase")
+    assert sorted(seeds) == ["0", "1"] and SCAFFOLD_PHASE["settings"]["epochs"] == 50
+    for seed, run in seeds.items():
+        rows = {row["model"]: row for row in run["table"]}
+        for arm in ("centralized", "local site-1", "local site-2"):
+            assert rows[arm] == next(r for r in phase_seeds[seed]["table"] if r["model"] == arm), (seed, arm)
+        scores = table_scores(run["table"])
+        assert check_expectations(scores, recorded_sites(SCAFFOLD_PHASE), "SCAFFOLD") == run["expectations"]["SCAFFOLD"]
+    assert recorded_verdicts(SCAFFOLD_PHASE, "phase")["SCAFFOLD"]["verdict"] == HOLDS
+    summary = SCAFFOLD_PHASE["phase"]["summary"]["SCAFFOLD"]
+    seed0 = {row["model"]: row["mean"] for row in seeds["0"]["table"]}
+    readme = " ".join((REPO / "README.md").read_text().split())
+    claims = [
+        f"seed 0: {seed0['SCAFFOLD']:.3f} vs centralized {seed0['centralized']:.3f}, "
+        f"{seed0['centralized'] - seed0['SCAFFOLD']:.3f} below",
+        f"{summary['site-1']['mean']:.3f} on the non-contrast site and {summary['site-2']['mean']:.3f} on the",
+    ]
+    for claim in claims:
+        assert claim in readme, claim
