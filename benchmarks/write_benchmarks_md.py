@@ -219,6 +219,40 @@ validity_phase_scaffold = phase_study(
 )
 
 
+def dp_utility(record: dict) -> list[str]:
+    """FedAvg with DP-SGD at several epsilons and without DP (``benchmarks/dp_utility.py``)."""
+    result = record["result"]
+    settings = result["settings"]
+    lines = ["## Utility against privacy (DP-SGD at the sites)", "", *provenance(record)]
+    lines += [
+        f"FedAvg, {settings['rounds']} rounds x {settings['local_epochs']} local epochs, {settings['sites']} sites, "
+        f"the validity study's data (seeds {settings['seeds']}); DP-SGD per training case with the noise planned for "
+        f"each epsilon (delta {settings['delta']:g}, clipping {settings['clip']:g}); the final global model's Dice. "
+        "Seconds per epoch: the slowest site's round (its validation of the global model, training and validation "
+        "after each epoch) over the local epochs. Nothing tuned (the bundle's optimizer and learning rate).",
+        "",
+        "![Dice against epsilon, and without DP](images/dp_utility.png)",
+        "",
+    ]
+    for setting, summary in result["summary"].items():
+        run = next(iter(result["results"][setting].values()))
+        cases = {s: v.get("training") for s, v in (run.get("cases", {}).get("sites") or {}).items()}
+        lines += [f"### {setting}", "", f"Training cases per site: {cases}.", ""]
+        rows = []
+        for name, row in summary.items():
+            lo, hi = row["mean_sites_range"]
+            spread = f" ({lo:.4f}-{hi:.4f})" if lo != hi else ""
+            eps = f"{row['epsilon']:.2f}" if row["epsilon"] is not None else "-"
+            noise = next(iter(result["results"][setting].values()))["rows"][name].get("noise_multiplier")
+            sigma = f"{max(noise.values()):.3g}" if noise else "-"
+            rows.append([name, f"{row['mean_sites']:.4f}{spread}", f"{row['held_out']:.4f}", eps, sigma,
+                         row["site_epoch_s"]])  # fmt: skip
+        header = ["arm", "Dice, sites' validation (mean)", "Dice, held-out", "epsilon reached", "noise sigma",
+                  "s / epoch"]  # fmt: skip
+        lines += [*table(header, rows), ""]
+    return lines
+
+
 def segment_full_size(record: dict) -> list[str]:
     r = record["result"]
     keys = ("seconds", "peak_rss_mb")
@@ -452,6 +486,7 @@ SECTIONS = {
     "validity": validity,
     "validity_phase": validity_phase,
     "validity_phase_scaffold": validity_phase_scaffold,
+    "dp_utility": dp_utility,
     "round_cost": round_cost,
     "throughput": throughput,
     "site_profile": site_profile,

@@ -148,16 +148,19 @@ class SiteDPOptimizer(DPOptimizer):
 
     mask_next_step = False
 
+    def _no_case(self) -> None:
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
     def clip_and_accumulate(self) -> None:
-        if self.mask_next_step:
-            for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        if self.mask_next_step:  # a step computed on a stand-in case that must not count
+            self._no_case()
             self.mask_next_step = False
         super().clip_and_accumulate()
 
     def noise_only_step(self) -> None:
         self.zero_grad()
-        self.mask_next_step = True
+        self._no_case()
         self.step()
 
 
@@ -190,23 +193,28 @@ class SitePrivacy:
         trainer.optimizer = self.optimizer
         trainer.data_loader = CaseSampledLoader(loader, self.sample_rate, generator)
         self.steps_per_epoch = len(trainer.data_loader)
+        self.empty_draws = 0  # steps in which no case was drawn (noise only)
         trainer.state.epoch_length = self.steps_per_epoch
         self._wrap_iteration(trainer)
 
     def _wrap_iteration(self, trainer: Engine) -> None:
-        """An empty draw takes a noise-only step; the handlers see the last batch's output again (the very first
-        draw, if empty, runs the first case with its contribution masked, so that there is an output)."""
+        """An empty draw takes a noise-only step, and the handlers see the last real batch's output again (ignite
+        clears the engine's own between iterations). Before any real batch, the first case stands in, with its
+        contribution masked: the step is still noise only."""
         iteration = trainer._process_function
         first_case = trainer.data_loader.collate_fn([trainer.data_loader.dataset[0]])
+        last = {}
 
         def dp_iteration(engine: Engine, batch):
             if not (isinstance(batch, dict) and batch.get(EMPTY_DRAW)):
-                return iteration(engine, batch)
-            if engine.state.output is None:
+                last["output"] = iteration(engine, batch)
+                return last["output"]
+            self.empty_draws += 1
+            if "output" not in last:
                 self.optimizer.mask_next_step = True
                 return iteration(engine, first_case)
             self.optimizer.noise_only_step()
-            return engine.state.output
+            return last["output"]
 
         trainer._process_function = dp_iteration
 

@@ -11,7 +11,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from spleen_flare.bundle_runner import BundleRunner
 from spleen_flare.contract import DP_MAX_DELTA_ENV, DP_MAX_EPSILON_ENV, DP_OVERRIDE_FILE
-from spleen_flare.dp import DPBudgetSpent, DPError, DPSettings, with_site_limits
+from spleen_flare.dp import EMPTY_DRAW, DPBudgetSpent, DPError, DPSettings, with_site_limits
 from spleen_flare.persistor import weights_digest
 from spleen_flare.site_data import load_site_datalist
 from spleen_tools.data import make_site_datalists, make_synthetic_dataset
@@ -24,7 +24,7 @@ DP_CONFIGS = [*QUICK, DP_OVERRIDE_FILE]
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
-    data_dir = make_synthetic_dataset(root / "data", num_train=6, num_test=1, shape=(48, 48, 16), seed=2)
+    data_dir = make_synthetic_dataset(root / "data", num_train=4, num_test=1, shape=(48, 48, 16), seed=2)
     training, validation = load_site_datalist(make_site_datalists(data_dir, num_sites=1)["site-1"])
     shutil.copytree(BUNDLE_SRC, root / "bundle" / "spleen_ct_segmentation")
     shutil.copytree(BUNDLE_SRC.parent / "overrides", root / "bundle" / "overrides")
@@ -48,9 +48,15 @@ def test_dp_training_counts_every_draw_and_matches_opacus(site):
     assert runner.dp_changes == ["RandCropByPosNegLabeld num_samples 2 -> 1"]
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in runner.network.modules())
     before = runner.get_weights()
-    runner.train(2)
+    runner.train(1)
     # every draw is a step, empty ones too: the count is fixed, never data-dependent
-    assert privacy.steps == 2 * privacy.steps_per_epoch == 2 * len(training)
+    assert privacy.steps == privacy.steps_per_epoch == len(training)
+    weights, draws = runner.get_weights(), privacy.empty_draws
+    trainer = runner.trainer
+    output = trainer._process_function(trainer, {EMPTY_DRAW: True})  # a draw with no case: a step of noise only
+    assert privacy.steps == len(training) + 1 and privacy.empty_draws == draws + 1
+    assert weights_digest(weights) != weights_digest(runner.get_weights())
+    assert output and "loss" in output[0]  # the handlers see the last real batch's (decollated) output again
     assert weights_digest(before) != weights_digest(runner.get_weights())
     expected = opacus_epsilon(1.1, privacy.sample_rate, privacy.steps, 1e-5)
     assert privacy.epsilon() == pytest.approx(expected, rel=1e-6)
@@ -67,10 +73,12 @@ def test_target_epsilon_plans_the_noise_and_the_budget_stops_the_site(site):
     privacy = runner.privacy
     per_round = privacy.steps_per_epoch
     privacy.plan(3 * per_round)  # three rounds of one epoch
-    assert opacus_epsilon(privacy.noise_multiplier, privacy.sample_rate, 3 * per_round, 1e-5) <= 8.0
-    for rnd in range(3):
+    assert opacus_epsilon(privacy.noise_multiplier, privacy.sample_rate, 3 * per_round, 1e-5) == pytest.approx(
+        8.0, 0.01
+    )
+    for rnd in range(3):  # the accountant as the optimizer's hook counts a round's steps (training: the test above)
         assert privacy.check_budget(per_round, "site-1", rnd) <= 8.0
-        runner.train(1)
+        privacy.accountant.history.append((privacy.noise_multiplier, privacy.sample_rate, per_round))
     with pytest.raises(DPBudgetSpent, match=r"site-1 stops before round 4: epsilon would reach .* > its budget 8"):
         privacy.check_budget(per_round, "site-1", 3)
 
