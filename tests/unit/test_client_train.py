@@ -60,3 +60,23 @@ def test_the_last_global_model_is_kept_in_nvflares_layout(tmp_path, capsys):
 def test_a_site_on_the_cpu_says_so_and_reports_no_gpu_memory():
     assert device_name(torch.device("cpu")) == "cpu"
     assert gpu_peak_mb(torch.device("cpu")) is None
+
+
+def test_a_site_that_caps_epsilon_refuses_a_job_without_dp_and_methods_that_bypass_it(monkeypatch, capsys):
+    from spleen_flare.client_train import DPError, dp_settings, site_dp
+    from spleen_flare.contract import DP_MAX_EPSILON_ENV
+
+    def args(**kw) -> SimpleNamespace:
+        base = {"dp_noise_multiplier": 0.0, "dp_target_epsilon": 0.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5}
+        return SimpleNamespace(**(base | {"dp_max_epsilon": 0.0, "fedprox_mu": 0.0, "fedbn": 0} | kw))
+
+    assert dp_settings(args()) is None
+    monkeypatch.setenv(DP_MAX_EPSILON_ENV, "4")
+    with pytest.raises(DPError):
+        site_dp("site-1", args())
+    assert site_dp("site-1", args(dp_target_epsilon=8.0)).budget == 4.0  # the site's cap wins
+    with pytest.raises(DPError):
+        site_dp("site-1", args(dp_target_epsilon=8.0, fedprox_mu=0.01))
+    events = progress_events(capsys.readouterr().out)
+    assert [(e["kind"], e["problem"][:6]) for e in events] == [("dp_error", "site-1")] * 2
+    assert "SPLEEN_DP_MAX_EPSILON=4" in events[0]["problem"] and "FedProx" in events[1]["problem"]
