@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from spleen_tools.algorithms import algorithm_names, check_under_he
-from spleen_tools.cli.run_experiment import add_dp_options, dp_options
+from spleen_tools.cli import add_dp_options, dp_options
 from spleen_tools.jobs import JOB_NAMES, JOB_VARIANTS, TRACKING_MODES, WANDB_MODES, JobSettings, prepare_job
 from spleen_tools.paths import BUNDLE_SRC, JOBS_DIR
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from spleen_tools.algorithms import algorithm_names
-from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser
-from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES, DPOptions
+from spleen_tools.cli import DefaultsOnceFormatter, OneLineParser, add_dp_options, dp_options
+from spleen_tools.jobs import JOB_VARIANTS, TRACKING_MODES
 from spleen_tools.paths import RUNS_DIR
 from spleen_tools.run.prune import KEEP_CHOICES
 from spleen_tools.run.runner import run_experiment
@@ -65,31 +65,6 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
         help="--job stats: a site with fewer cases sends its count only (default: the job's, 3; a site's own policy "
         "may ask more)",
     )
-
-
-def add_dp_options(p: argparse.ArgumentParser) -> None:
-    """DP-SGD at the sites (spleen_flare.dp): the job's side; a site may cap epsilon and delta further."""
-    p.add_argument(
-        "--dp",
-        type=float,
-        metavar="EPSILON",
-        help="train with DP-SGD at every site (Opacus), noise planned so that each site's epsilon after the last round "
-        "is EPSILON (per training case, at --dp-delta); with --job he too",
-    )
-    p.add_argument("--dp-noise", type=float, metavar="SIGMA", help="instead of --dp: this noise multiplier")
-    p.add_argument("--dp-clip", type=float, default=1.0, help="--dp: per-case gradient clipping norm")
-    p.add_argument("--dp-delta", type=float, default=1e-5, help="--dp: delta of the (epsilon, delta) guarantee")
-    p.add_argument(
-        "--dp-max-epsilon",
-        type=float,
-        help="--dp-noise: a site stops before a round would take it past this epsilon (default with --dp: EPSILON)",
-    )
-
-
-def dp_options(args: argparse.Namespace) -> DPOptions | None:
-    if args.dp is None and args.dp_noise is None:
-        return None
-    return DPOptions(args.dp, args.dp_noise, args.dp_clip, args.dp_delta, args.dp_max_epsilon)
 
 
 def build_parser() -> argparse.ArgumentParser:
