@@ -11,7 +11,8 @@ sends reveal about any one of its training cases, whoever reads them (server, ot
 
 Noise and sampling draw from a generator seeded from ``os.urandom``: the bundle seeds torch's global generator
 (``set_determinism``), and noise anyone can replay protects nothing. Opacus's ``secure_mode`` (a CSPRNG) needs
-``torchcsprng``, which has no build for this torch; the generator is torch's Mersenne Twister, not a CSPRNG.
+``torchcsprng``, which has no build for this torch; the generators are torch's own (Mersenne Twister on the CPU,
+Philox on CUDA), not CSPRNGs.
 
 The site's own limits come from its environment (never from the job): ``SPLEEN_DP_MAX_EPSILON`` makes DP required and
 caps epsilon, ``SPLEEN_DP_MAX_DELTA`` caps delta (default 1e-5 when a cap is set).
@@ -100,17 +101,11 @@ def with_site_limits(settings: DPSettings | None, site: str, env: Mapping[str, s
 
 
 def dp_config_problems(parser) -> list[str]:
-    """What in the parsed bundle config breaks per-case DP (each with the fix), before anything is built."""
-    problems = []
+    """What in the parsed bundle config breaks per-case DP (with the fix), before anything is built; the network's
+    layers are checked once it is (Opacus's validator)."""
     if parser.get("loss#batch", False):
-        problems.append(f"the loss mixes the cases of a batch (loss#batch true): add {DP_OVERRIDE_FILE}")
-    for i, transform in enumerate(parser.get("train#random_transforms", []) or []):
-        if isinstance(transform, dict) and int(transform.get(MULTI_PATCH_KEY, 1)) != 1:
-            problems.append(
-                f"train#random_transforms#{i} ({transform.get('_target_')}) takes {transform[MULTI_PATCH_KEY]} "
-                f"patches per case: a case would be several samples; set {MULTI_PATCH_KEY} 1"
-            )
-    return problems
+        return [f"the loss mixes the cases of a batch (loss#batch true): add {DP_OVERRIDE_FILE}"]
+    return []
 
 
 def one_patch_per_case(parser) -> list[str]:
@@ -178,7 +173,7 @@ class SitePrivacy:
         if self.cases < 1:
             raise DPError("DP: the site has no training case")
         self.sample_rate = min(1.0, batch / self.cases)
-        generator = secure_generator()
+        device = next(network.parameters()).device
         self.accountant = RDPAccountant()
         self.grad_sample_module = GradSampleModule(network, loss_reduction="mean")  # hooks on the layers
         self.optimizer = SiteDPOptimizer(
@@ -187,11 +182,11 @@ class SitePrivacy:
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=batch,
             loss_reduction="mean",
-            generator=generator,
+            generator=secure_generator(device),  # the noise is drawn where the weights are
         )
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         trainer.optimizer = self.optimizer
-        trainer.data_loader = CaseSampledLoader(loader, self.sample_rate, generator)
+        trainer.data_loader = CaseSampledLoader(loader, self.sample_rate, secure_generator())
         self.steps_per_epoch = len(trainer.data_loader)
         self.empty_draws = 0  # steps in which no case was drawn (noise only)
         trainer.state.epoch_length = self.steps_per_epoch
