@@ -11,8 +11,8 @@ sends reveal about any one of its training cases, whoever reads them (server, ot
 
 Noise and sampling draw from a generator seeded from ``os.urandom``: the bundle seeds torch's global generator
 (``set_determinism``), and noise anyone can replay protects nothing. Opacus's ``secure_mode`` (a CSPRNG) needs
-``torchcsprng``, which has no build for this torch; the generators are torch's own (Mersenne Twister on the CPU,
-Philox on CUDA), not CSPRNGs.
+``torchcsprng``, whose last release (2021) requires torch 1.8; the generators are torch's own (Mersenne Twister
+on the CPU, Philox on CUDA), not CSPRNGs.
 
 The site's own limits come from its environment (never from the job): ``SPLEEN_DP_MAX_EPSILON`` makes DP required and
 caps epsilon, ``SPLEEN_DP_MAX_DELTA`` caps delta (default 1e-5 when a cap is set).
