@@ -18,7 +18,7 @@ from pathlib import Path
 
 import record
 
-RECORD_NAMES = ("validity", "validity_phase", "validity_phase_scaffold")
+RECORD_NAMES = ("validity", "validity_phase", "validity_phase_scaffold", "validity_scaffold")
 DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "bench" / "validity" / "latest"
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"  # each setting's Dice chart, for BENCHMARKS.md
 # What the record keeps of each seed and of each setting (the curves, data paths and models stay in the run).
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "--name",
         choices=RECORD_NAMES,
         default=RECORD_NAMES[0],
-        help="the record: validity (IID and non-IID), validity_phase (the methods in the contrast-phase setting) or "
-        "validity_phase_scaffold (SCAFFOLD there, a study of its own)",
+        help="the record: validity (IID and non-IID), validity_phase (the methods in the contrast-phase setting), "
+        "validity_phase_scaffold and validity_scaffold (SCAFFOLD in those settings, studies of their own)",
     )
     args = parser.parse_args(argv)
     study = json.loads((args.study_dir / "validity.json").read_text())

@@ -187,16 +187,24 @@ def he_update_size(record: dict) -> list[str]:
     return [*lines, ""]
 
 
-def validity(record: dict) -> list[str]:
-    lines = ["## Does federation pay off (validity study)", "", *provenance(record)]
-    for setting in record["result"].get("settings", {}).get("settings", []):  # the study's Dice chart per setting
-        if (OUT.parent / "images" / f"validity_{setting}_dice.png").is_file():
-            lines += [
-                f"![{setting}: Dice of every arm, mean and range over the seeds](images/validity_{setting}_dice.png)",
-                "",
-            ]
-    markdown = record["result"].get("markdown")
-    return [*lines, markdown or "(no tables in the result)", ""]
+def settings_study(title: str, name: str):
+    """A study of several data settings as a section: each setting's Dice chart (``images/<name>_<setting>_dice.png``,
+    as save_validity.py copies them) and the study's tables."""
+
+    def render(record: dict) -> list[str]:
+        lines = [f"## {title}", "", *provenance(record)]
+        for setting in record["result"].get("settings", {}).get("settings", []):
+            image = f"{name}_{setting}_dice.png"
+            if (OUT.parent / "images" / image).is_file():
+                lines += [f"![{setting}: Dice of every arm, mean and range over the seeds](images/{image})", ""]
+        markdown = record["result"].get("markdown")
+        return [*lines, markdown or "(no tables in the result)", ""]
+
+    return render
+
+
+validity = settings_study("Does federation pay off (validity study)", "validity")
+validity_scaffold = settings_study("SCAFFOLD over IID and non-IID sites (validity study)", "validity_scaffold")
 
 
 def phase_study(title: str, image: str):
@@ -486,6 +494,7 @@ SECTIONS = {
     "validity": validity,
     "validity_phase": validity_phase,
     "validity_phase_scaffold": validity_phase_scaffold,
+    "validity_scaffold": validity_scaffold,
     "dp_utility": dp_utility,
     "round_cost": round_cost,
     "throughput": throughput,
