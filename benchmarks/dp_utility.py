@@ -10,7 +10,8 @@ slowest site's seconds per epoch) and writes ``dp_utility.json`` and ``dp_utilit
 records ``benchmarks/results/dp_utility.json`` and ``docs/images/dp_utility.png`` for docs/BENCHMARKS.md. Asserts
 nothing. Nothing is tuned: the bundle's optimizer and learning rate, clipping 1.0.
 
-Usage: ``.venv/bin/python benchmarks/dp_utility.py [--settings iid] [--seeds 0] [--epsilons 1,3,8,30] [--save]``.
+Usage: ``.venv/bin/python benchmarks/dp_utility.py [--settings iid] [--seeds 0] [--epsilons 1,3,8,30] [--save]``;
+``--record OUT`` records a finished study's folder.
 """
 
 from __future__ import annotations
@@ -142,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=REPO / "runs" / "bench" / "dp_utility" / time.strftime("%Y%m%d-%H%M%S")
     )
     parser.add_argument("--save", action="store_true", help="record benchmarks/results/dp_utility.json and the PNG")
+    parser.add_argument("--record", type=Path, metavar="OUT", help="record a finished study's OUT folder (no training)")
+    parser.add_argument("--note", help="with --record or --save: what the reader should know of the run (contention)")
     args = parser.parse_args(argv)
+    if args.record:
+        result = json.loads((args.record / "dp_utility.json").read_text())
+        return save(result | ({"note": args.note} if args.note else {}), args.record / "dp_utility.png")
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e]
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,9 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     chart = plot(result, args.out / "dp_utility.png")
     print_table(result)
     print(f"\n{args.out / 'dp_utility.json'}, {chart} ({result['seconds']:.0f} s)")
-    if args.save:
-        print(f"copied {shutil.copyfile(chart, REPO / 'docs' / 'images' / 'dp_utility.png')}")
-        print(f"saved {record.save('dp_utility', result)}")
+    return save(result | ({"note": args.note} if args.note else {}), chart) if args.save else 0
+
+
+def study_command(settings: dict) -> str:
+    """The command line that runs a study of these settings."""
+    args = ["--settings", settings["settings"], "--seeds", settings["seeds"], "--epsilons"]
+    args += [",".join(f"{e:g}" for e in settings["epsilons"]), "--rounds", settings["rounds"], "--local-epochs"]
+    args += [settings["local_epochs"], "--sites", settings["sites"], "--clip", settings["clip"], "--delta"]
+    args += [settings["delta"], "--save"]
+    return " ".join([".venv/bin/python", "benchmarks/dp_utility.py", *map(str, args)])
+
+
+def save(result: dict, chart: Path) -> int:
+    print(f"copied {shutil.copyfile(chart, REPO / 'docs' / 'images' / 'dp_utility.png')}")
+    print(f"saved {record.save('dp_utility', result, command=study_command(result['settings']))}")
     return 0
 
 

@@ -237,7 +237,8 @@ def dp_utility(record: dict) -> list[str]:
         f"the validity study's data (seeds {settings['seeds']}); DP-SGD per training case with the noise planned for "
         f"each epsilon (delta {settings['delta']:g}, clipping {settings['clip']:g}); the final global model's Dice. "
         "Seconds per epoch: the slowest site's round (its validation of the global model, training and validation "
-        "after each epoch) over the local epochs. Nothing tuned (the bundle's optimizer and learning rate).",
+        "after each epoch) over the local epochs. Nothing tuned (the bundle's optimizer and learning rate)."
+        + (f" {result['note']}" if result.get("note") else ""),
         "",
         "![Dice against epsilon, and without DP](images/dp_utility.png)",
         "",
@@ -259,6 +260,25 @@ def dp_utility(record: dict) -> list[str]:
                   "s / epoch"]  # fmt: skip
         lines += [*table(header, rows), ""]
     return lines
+
+
+def dp_signal_to_noise(record: dict) -> list[str]:
+    """Why the DP arms learn nothing: one step's clipped gradient against its noise (dp_signal_to_noise.py)."""
+    r = record["result"]
+    lines = ["### Why: one step's signal against its noise", "", *provenance(record)]
+    lines += [
+        f"One real DP-SGD step of the DP network ({r['parameters']:,} weights) on a synthetic case, batch of "
+        f"{r['cases_in_batch']} case: the clipped gradient has norm {r['clipped_gradient_norm']} (clipping "
+        f"{r['clip']:g}); the noise added for each noise multiplier of the utility study has norm sigma x clipping x "
+        "sqrt(weights). Averaging over steps shrinks the noise by sqrt(steps): it reaches the signal's size after "
+        f"(noise / signal)^2 steps, against {r['study_steps_per_site']} a site takes in the study. DP-SGD at this "
+        "model size needs thousands of cases per step (or far fewer weights to train), not the tens a site has here.",
+        "",
+    ]
+    rows = [[row["sigma"], row["noise_norm"], row["noise_to_signal"], row["cosine"], f"{row['steps_to_average_out']:,}"]
+            for row in r["rows"]]  # fmt: skip
+    header = ["noise sigma", "noise norm", "noise / signal", "cosine(noisy, clean)", "steps to average it out"]
+    return [*lines, *table(header, rows), ""]
 
 
 def segment_full_size(record: dict) -> list[str]:
@@ -496,6 +516,7 @@ SECTIONS = {
     "validity_phase_scaffold": validity_phase_scaffold,
     "validity_scaffold": validity_scaffold,
     "dp_utility": dp_utility,
+    "dp_signal_to_noise": dp_signal_to_noise,
     "round_cost": round_cost,
     "throughput": throughput,
     "site_profile": site_profile,
