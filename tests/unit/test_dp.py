@@ -3,32 +3,22 @@ checked against Opacus's own RDP analysis computed independently."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from tiny_site import QUICK, tiny_site
 
 from spleen_flare.bundle_runner import BundleRunner
 from spleen_flare.contract import DP_MAX_DELTA_ENV, DP_MAX_EPSILON_ENV, DP_OVERRIDE_FILE
 from spleen_flare.dp import EMPTY_DRAW, DPBudgetSpent, DPError, DPSettings, with_site_limits
 from spleen_flare.persistor import weights_digest
-from spleen_flare.site_data import load_site_datalist
-from spleen_tools.data import make_site_datalists, make_synthetic_dataset
-from spleen_tools.paths import BUNDLE_SRC
 
-QUICK = ["configs/train.json", "../overrides/cpu_quick.json"]
 DP_CONFIGS = [*QUICK, DP_OVERRIDE_FILE]
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp")
-    data_dir = make_synthetic_dataset(root / "data", num_train=4, num_test=1, shape=(48, 48, 16), seed=2)
-    training, validation = load_site_datalist(make_site_datalists(data_dir, num_sites=1)["site-1"])
-    shutil.copytree(BUNDLE_SRC, root / "bundle" / "spleen_ct_segmentation")
-    shutil.copytree(BUNDLE_SRC.parent / "overrides", root / "bundle" / "overrides")
-    return root / "bundle" / "spleen_ct_segmentation", str(data_dir), training, validation
+    return tiny_site(tmp_path_factory.mktemp("dp"), num_train=4, shape=(48, 48, 16))
 
 
 def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

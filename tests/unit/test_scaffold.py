@@ -14,15 +14,12 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
+from tiny_site import QUICK, tiny_site
 
 from spleen_flare.bundle_runner import BundleRunner, build_network
 from spleen_flare.contract import SCAFFOLD_CONTROL_PREFIX
 from spleen_flare.scaffold import ScaffoldShareableGenerator, split_controls, with_controls
-from spleen_flare.site_data import load_site_datalist
-from spleen_tools.data import make_site_datalists, make_synthetic_dataset
 from spleen_tools.paths import BUNDLE_SRC
-
-QUICK = ["configs/train.json", "../overrides/cpu_quick.json"]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +68,8 @@ def test_the_server_sends_its_controls_beside_the_model_and_keeps_them_out_of_th
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scaffold_site")
-    data_dir = make_synthetic_dataset(root / "data", num_train=2, num_test=0, shape=(48, 48, 12), seed=2)
-    training, validation = load_site_datalist(make_site_datalists(data_dir, num_sites=1)["site-1"])
-    shutil.copytree(BUNDLE_SRC, root / "bundle" / "spleen_ct_segmentation")
-    shutil.copytree(BUNDLE_SRC.parent / "overrides", root / "bundle" / "overrides")
-    runner = BundleRunner(root / "bundle" / "spleen_ct_segmentation", QUICK, str(data_dir), training, validation)
+    bundle, data_dir, training, validation = tiny_site(tmp_path_factory.mktemp("scaffold_site"), 2, (48, 48, 12))
+    runner = BundleRunner(bundle, QUICK, data_dir, training, validation)
     runner.use_scaffold()
     return runner
 
