@@ -251,8 +251,9 @@ def train(site: Site, model: FLModel, local_epochs: int) -> FLModel:
         **({"dp_delta": f"{privacy['dp_delta']:g}"} if privacy else {}),  # a string: lines round floats to 4 places
     )
     meta = {NUM_STEPS_KEY: steps, **privacy}
-    if privacy:
-        last = dp_last_round(site, model.current_round or 0, local_epochs)
+    rnd = model.current_round or 0
+    if privacy and (model.total_rounds is None or rnd + 1 < model.total_rounds):  # the job's last round: no more
+        last = dp_last_round(site, rnd, local_epochs)
         if last:
             meta[DP_LAST_ROUND_KEY] = last
     weights = {k: v for k, v in runner.get_weights().items() if k not in site.local_keys}
