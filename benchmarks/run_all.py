@@ -2,7 +2,8 @@
 
 Steps, in this order (each is a command of its own; BENCHMARKS.md names it beside its figures):
   validity      spleen-bench validity, IID and non-IID, four FL methods, seeds 0 and 1 (about 75 min on 2 cores),
-                then save_validity.py (the phase studies are commands of their own: BENCHMARKS.md names them)
+                then save_validity.py (the phase and SCAFFOLD studies are commands of their own: BENCHMARKS.md
+                names them)
   round_cost    the one command at the demo's settings and at the job's own local epochs, round_cost.py on both
   throughput    throughput.py on the demo run: epochs in the FL client vs standalone ``monai.bundle run``
   profile       site_profile.py: what a site's job process spends its CPU on

@@ -213,3 +213,21 @@ def test_the_scaffold_phase_study_reproduces_the_arms_and_the_readme_states_it()
     ]
     for claim in claims:
         assert claim in readme, claim
+
+
+SCAFFOLD_SETTINGS = json.loads((REPO / "benchmarks" / "results" / "validity_scaffold.json").read_text())["result"]
+
+
+@pytest.mark.parametrize("setting", list(README_SETTINGS))
+def test_the_scaffold_study_over_iid_and_noniid_reproduces_the_arms_and_the_readme_states_it(setting):
+    seeds, main_seeds = recorded_seeds(SCAFFOLD_SETTINGS, setting), recorded_seeds(RESULT, setting)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for seed, run in seeds.items():
+        rows = {row["model"]: row for row in run["table"]}
+        for arm in ("centralized", "local site-1", "local site-2"):
+            assert rows[arm] == next(r for r in main_seeds[seed]["table"] if r["model"] == arm), (seed, arm)
+        scores = table_scores(run["table"])
+        assert check_expectations(scores, SITES, "SCAFFOLD") == run["expectations"]["SCAFFOLD"]
+        claim = f"seed {seed} {rows['SCAFFOLD']['mean']:.3f} vs {rows['centralized']['mean']:.3f}"
+        assert claim in readme, (setting, claim)
+    assert recorded_verdicts(SCAFFOLD_SETTINGS, setting)["SCAFFOLD"]["verdict"] == HOLDS
