@@ -4,7 +4,10 @@ every site's loss and Dice with one point per epoch, and the global model's Dice
 
 Each run also takes one FL method through the one command (``--algorithm``): FedOpt (workspace), FedProx
 (tensorboard), FedBN (wandb), each checked where it shows: the server's optimizer step, the sites' proximal term,
-the BatchNorm layers that never left the sites."""
+the BatchNorm layers that never left the sites. The workspace run trains with DP-SGD too (``--dp-noise`` and a
+budget with room for one of its two rounds): each site's epsilon is Opacus's own RDP figure for the same steps,
+both sites say the budget has no room for round 2, the server ends training there and the job completes, with
+``dp_epsilon`` in MLflow and the trained network (instance norm) in the model bundle."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import pytest
 from conftest import LOCAL_EPOCHS, REPO_ROOT, SITES, runner_cmd
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from spleen_flare.bundle_runner import build_network
 from spleen_flare.contract import GLOBAL_METRIC, KEY_METRIC
@@ -54,8 +59,21 @@ def _job_log(summary: dict, who: str) -> str:
     return Path(summary["paths"][f"log_{who}"], summary["job_id"], "log.txt").read_text()
 
 
+DP_SIGMA, DP_DELTA, DP_CASES = 1.0, 1e-5, 3  # 8 synthetic cases: 3 training cases a site, 1 epoch = 3 draws
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's RDPAccountant's default orders
+
+
+def opacus_epsilon(steps: int) -> float:
+    rdp = compute_rdp(q=1 / DP_CASES, noise_multiplier=DP_SIGMA, steps=steps, orders=RDP_ORDERS)
+    return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=DP_DELTA)[0])
+
+
+DP_BUDGET = round((opacus_epsilon(DP_CASES) + opacus_epsilon(2 * DP_CASES)) / 2, 4)  # room for one round of two
+
+
 def test_workspace_store_comes_back_with_the_job(tmp_path):
-    summary, stdout = _run(tmp_path, "workspace", "--algorithm", "fedopt")
+    dp = ["--rounds", "2", "--dp-noise", str(DP_SIGMA), "--dp-delta", str(DP_DELTA), "--dp-max-epsilon", str(DP_BUDGET)]
+    summary, stdout = _run(tmp_path, "workspace", "--algorithm", "fedopt", *dp)
     uri = summary["mlflow"]["tracking_uri"]
     assert uri.startswith("sqlite:///") and Path(summary["paths"]["job_result"]) in Path(uri[10:]).parents
     assert f"mlflow ui --backend-store-uri {uri}" in stdout
@@ -66,6 +84,27 @@ def test_workspace_store_comes_back_with_the_job(tmp_path):
     client = mlflow.MlflowClient(uri)
     run = client.get_run(summary["mlflow"]["run_ids"]["site-1"])
     assert client.get_experiment(run.info.experiment_id).tags["algorithm"] == "FedOpt"
+    _assert_dp_accounted(summary, stdout, client)
+
+
+def _assert_dp_accounted(summary: dict, stdout: str, client: mlflow.MlflowClient) -> None:
+    """DP-SGD's accounting against Opacus's own, the budget's end of training, and what the run kept of it."""
+    expected = opacus_epsilon(DP_CASES)
+    assert summary["status"] == "FINISHED:COMPLETED" and summary["dp"]["delta"] == DP_DELTA
+    assert summary["dp"]["epsilon_per_round"] == {"0": {s: pytest.approx(expected, abs=1e-4) for s in SITES}}
+    assert summary["dp"]["steps"] == dict.fromkeys(SITES, DP_CASES)
+    for site in SITES:
+        assert f'"DP-SGD: {DP_CASES} cases, each drawn with probability 0.333 per step, noise 1' in _job_log(
+            summary, site
+        )
+        would = f"epsilon would reach {opacus_epsilon(2 * DP_CASES):.3g} > its budget {DP_BUDGET:g}"
+        assert f"{site} stops before round 2: {would}" in stdout
+        history = client.get_metric_history(summary["mlflow"]["run_ids"][site], "dp_epsilon")
+        assert [m.value for m in history] == [pytest.approx(expected, abs=1e-4)], site
+    assert "training ends after round 0 of 2: site-1, site-2 reached the DP budget" in _job_log(summary, "server")
+    assert sorted(summary["global_dice_per_round"]) == ["0", "1"]  # one round trained, then the final model
+    inference = Path(summary["model_bundle"]["path"], "configs", "inference.json")
+    assert json.loads(inference.read_text())["network_def"]["norm"] == ["instance", {"affine": True}]
 
 
 def test_tensorboard_event_files_per_site(tmp_path):
