@@ -70,7 +70,12 @@ def run_seed(setting: str, seed: int, args: argparse.Namespace, out: Path, track
         }
         print(f"{setting} seed {seed} {name}: {json.dumps(rows[name])}", flush=True)
         shutil.rmtree(work / slug / "workspace", ignore_errors=True)  # the job's copies of the model: 19 MB each
-    return {"sites": data.site_names, "cases": data.describe(), "rows": rows}
+    return {"sites": data.site_names, "cases": kept_description(data.describe()), "rows": rows}
+
+
+def kept_description(described: dict) -> dict:
+    """What a record keeps of the data's description: not its folder on the machine that ran it."""
+    return {k: v for k, v in described.items() if k != "root"}
 
 
 def mean_over_seeds(seeds: dict[str, dict]) -> dict[str, dict]:
@@ -180,6 +185,9 @@ def study_command(settings: dict) -> str:
 
 
 def save(result: dict, chart: Path) -> int:
+    for seeds in result["results"].values():  # a run recorded later (--record) may still name its folder
+        for run in seeds.values():
+            run["cases"] = kept_description(run["cases"])
     print(f"copied {shutil.copyfile(chart, REPO / 'docs' / 'images' / 'dp_utility.png')}")
     print(f"saved {record.save('dp_utility', result, command=study_command(result['settings']))}")
     return 0
