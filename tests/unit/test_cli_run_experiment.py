@@ -31,6 +31,14 @@ from spleen_tools.cli import run_experiment as cli
         (["--gpus", "0,0,0"], "give one GPU id for all sites or one per site (2)"),
         (["--gpus", "-1"], "GPU ids are 0 or more"),
         (["--gpus", "99"], "this machine has"),
+        (["--dp", "8", "--dp-noise", "1"], "a target epsilon (--dp EPSILON) or a noise multiplier"),
+        (["--dp", "0"], "DP target epsilon must be positive, got 0.0"),
+        (["--dp", "8", "--dp-clip", "-1"], "DP max grad norm must be positive"),
+        (["--dp", "8", "--dp-delta", "1"], "DP delta must be below 1"),
+        (["--dp", "8", "--algorithm", "fedprox"], "--dp with --algorithm fedprox: the proximal term's gradient"),
+        (["--dp", "8", "--algorithm", "fedbn"], "--dp with --algorithm fedbn: FedBN keeps BatchNorm layers"),
+        (["--dp", "8", "--job", "stats"], "--dp is for the training jobs (local, he), not --job stats"),
+        (["--dp", "eight"], "invalid float value"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from spleen_flare.contract import DP_OVERRIDE_FILE
 from spleen_tools.jobs import (
     JOB_NAMES,
     MLFLOW_RECEIVER_ID,
@@ -17,6 +18,7 @@ from spleen_tools.jobs import (
     TB_FOLDER,
     TB_RECEIVER,
     WANDB_RECEIVER_PATH,
+    DPOptions,
     JobSettings,
     check_job_version,
     get_script_args,
@@ -146,6 +148,32 @@ def test_settings_are_written_into_the_copy_only(tmp_path):
     assert args["config_files"] == "configs/train.json,../overrides/cpu_quick.json"
     source_after = (JOBS_DIR / "spleen_ct_segmentation_local" / "app" / "config" / "config_fed_server.json").read_text()
     assert source_before == source_after
+
+
+@pytest.mark.parametrize("name", ["spleen_ct_segmentation_local", "spleen_ct_segmentation_he"])
+def test_dp_gives_the_sites_its_options_and_every_participant_the_dp_network(tmp_path, name):
+    """Plain and HE: the sites train with the DP override last (after --quick's), and every server component that
+    builds the bundle's network (persistor, exporter, validators) builds the same DP network."""
+    dp = DPOptions(target_epsilon=8.0, max_grad_norm=0.5, delta=1e-6)
+    job = prepare_job(name, tmp_path / "1", JobSettings(quick=True, dp=dp))
+    args = get_script_args(job)
+    assert args["config_files"] == f"configs/train.json,../overrides/cpu_quick.json,{DP_OVERRIDE_FILE}"
+    assert {k: float(v) for k, v in args.items() if k.startswith("dp_")} == {
+        "dp_target_epsilon": 8.0, "dp_noise_multiplier": 0.0, "dp_max_epsilon": 0.0,
+        "dp_max_grad_norm": 0.5, "dp_delta": 1e-6,
+    }  # fmt: skip
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    builders = [c["args"]["config_files"] for c in server["components"] if "config_files" in c.get("args", {})]
+    assert builders and all(configs.split(",")[-1] == DP_OVERRIDE_FILE for configs in builders), builders
+    assert all(configs.count(DP_OVERRIDE_FILE) == 1 for configs in builders), builders
+    plain = prepare_job(name, tmp_path / "2", JobSettings(quick=True))
+    assert DP_OVERRIDE_FILE not in (plain / "app" / "config" / "config_fed_server.json").read_text()
+    assert not any(k.startswith("dp_") for k in get_script_args(plain))
+
+
+def test_dp_options_the_sites_cannot_use_are_refused_naming_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        prepare_job("spleen_ct_segmentation_local", tmp_path, JobSettings(dp=DPOptions(8.0, 1.0)))
 
 
 def test_quick_off_restores_plain_train_config(tmp_path):
