@@ -11,12 +11,14 @@ records ``benchmarks/results/dp_utility.json`` and ``docs/images/dp_utility.png`
 nothing. Nothing is tuned: the bundle's optimizer and learning rate, clipping 1.0.
 
 Usage: ``.venv/bin/python benchmarks/dp_utility.py [--settings iid] [--seeds 0] [--epsilons 1,3,8,30] [--save]``;
-``--record OUT`` records a finished study's folder.
+``--record OUT`` records a finished study's folder; ``--extend`` adds its settings to the recorded study's (same
+options otherwise), so that one record holds settings run apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
 import sys
@@ -35,7 +37,9 @@ from spleen_tools.jobs import DPOptions  # noqa: E402
 from spleen_tools.mlflow_server import MLflowServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RECORD = record.RESULTS_DIR / "dp_utility.json"
 NO_DP = "no DP"
+SAME_OPTIONS = ("seeds", "epsilons", "rounds", "local_epochs", "sites", "clip", "delta", "tiny")
 
 
 def label(epsilon: float | None) -> str:
@@ -150,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", action="store_true", help="record benchmarks/results/dp_utility.json and the PNG")
     parser.add_argument("--record", type=Path, metavar="OUT", help="record a finished study's OUT folder (no training)")
     parser.add_argument("--note", help="with --record or --save: what the reader should know of the run (contention)")
+    parser.add_argument("--extend", action="store_true", help="with --record or --save: add to the recorded settings")
     args = parser.parse_args(argv)
+    if args.extend and not (args.record or args.save):
+        parser.error("--extend adds a study to the record: use it with --save or --record OUT")
     if args.record:
         result = json.loads((args.record / "dp_utility.json").read_text())
-        return save(result | ({"note": args.note} if args.note else {}), args.record / "dp_utility.png")
+        return save(result | ({"note": args.note} if args.note else {}), args.record, args.extend)
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e]
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     chart = plot(result, args.out / "dp_utility.png")
     print_table(result)
     print(f"\n{args.out / 'dp_utility.json'}, {chart} ({result['seconds']:.0f} s)")
-    return save(result | ({"note": args.note} if args.note else {}), chart) if args.save else 0
+    return save(result | ({"note": args.note} if args.note else {}), args.out, args.extend) if args.save else 0
 
 
 def study_command(settings: dict) -> str:
@@ -184,10 +191,43 @@ def study_command(settings: dict) -> str:
     return " ".join([".venv/bin/python", "benchmarks/dp_utility.py", *map(str, args)])
 
 
-def save(result: dict, chart: Path) -> int:
+def run_entry(result: dict, date: str) -> dict:
+    """One study run of a record: its settings, when, how long, and its note."""
+    entry = {"settings": ",".join(result["results"]), "date": date, "seconds": result.get("seconds")}
+    return entry | ({"note": result["note"]} if result.get("note") else {})
+
+
+def extended(result: dict, recorded: dict) -> dict:
+    """The recorded study with this one's settings added: the same options otherwise, no setting twice."""
+    old = recorded["result"]
+    differ = [k for k in SAME_OPTIONS if old["settings"].get(k) != result["settings"].get(k)]
+    if differ:
+        raise SystemExit(
+            f"error: {RECORD.name} was recorded with other {', '.join(differ)}: run with its options "
+            f"({recorded['command']}) or record without --extend"
+        )
+    twice = sorted(set(old["results"]) & set(result["results"]))
+    if twice:
+        raise SystemExit(f"error: {RECORD.name} already holds {', '.join(twice)}: record it without --extend")
+    runs = old.get("runs") or [run_entry(old, recorded["date"])]
+    runs.append(run_entry(result, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")))
+    settings = old["settings"] | {"settings": ",".join([*old["results"], *result["results"]])}
+    return {
+        "settings": settings,
+        "results": old["results"] | result["results"],
+        "summary": old["summary"] | result["summary"],
+        "seconds": round(sum(run["seconds"] or 0 for run in runs), 1),
+        "runs": runs,
+    }
+
+
+def save(result: dict, out: Path, extend: bool = False) -> int:
     for seeds in result["results"].values():  # a run recorded later (--record) may still name its folder
         for run in seeds.values():
             run["cases"] = kept_description(run["cases"])
+    if extend:
+        result = extended(result, json.loads(RECORD.read_text()))
+    chart = plot(result, out / ("dp_utility_extended.png" if extend else "dp_utility.png"))
     print(f"copied {shutil.copyfile(chart, REPO / 'docs' / 'images' / 'dp_utility.png')}")
     print(f"saved {record.save('dp_utility', result, command=study_command(result['settings']))}")
     return 0

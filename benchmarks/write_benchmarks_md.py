@@ -238,7 +238,8 @@ def dp_utility(record: dict) -> list[str]:
         f"each epsilon (delta {settings['delta']:g}, clipping {settings['clip']:g}); the final global model's Dice. "
         "Seconds per epoch: the slowest site's round (its validation of the global model, training and validation "
         "after each epoch) over the local epochs. Nothing tuned (the bundle's optimizer and learning rate)."
-        + (f" {result['note']}" if result.get("note") else ""),
+        + (f" {result['note']}" if result.get("note") else "")
+        + "".join(f" {line}" for line in study_runs(result.get("runs", []))),
         "",
         "![Dice against epsilon, and without DP](images/dp_utility.png)",
         "",
@@ -260,6 +261,15 @@ def dp_utility(record: dict) -> list[str]:
                   "s / epoch"]  # fmt: skip
         lines += [*table(header, rows), ""]
     return lines
+
+
+def study_runs(runs: list[dict]) -> list[str]:
+    """A record made of studies run apart (``--extend``): each run's settings, date, time and note."""
+    if not runs:
+        return []
+    heads = [f"{run['settings']} on {run['date'][:10]} ({run['seconds']:.0f} s)" for run in runs]
+    parts = [f"{head}: {run['note']}" if run.get("note") else f"{head}." for head, run in zip(heads, runs, strict=True)]
+    return [f"Recorded from {len(runs)} runs of the same options:", *parts]
 
 
 def dp_signal_to_noise(record: dict) -> list[str]:
