@@ -191,9 +191,10 @@ def study_command(settings: dict) -> str:
     return " ".join([".venv/bin/python", "benchmarks/dp_utility.py", *map(str, args)])
 
 
-def run_entry(result: dict, date: str) -> dict:
-    """One study run of a record: its settings, when, how long, and its note."""
-    entry = {"settings": ",".join(result["results"]), "date": date, "seconds": result.get("seconds")}
+def run_entry(result: dict, date: str, machine: dict) -> dict:
+    """One study run of a record: its settings, when, where, how long, and its note."""
+    entry = {"settings": ",".join(result["results"]), "date": date, "machine": machine}
+    entry["seconds"] = result.get("seconds")
     return entry | ({"note": result["note"]} if result.get("note") else {})
 
 
@@ -209,8 +210,8 @@ def extended(result: dict, recorded: dict) -> dict:
     twice = sorted(set(old["results"]) & set(result["results"]))
     if twice:
         raise SystemExit(f"error: {RECORD.name} already holds {', '.join(twice)}: record it without --extend")
-    runs = old.get("runs") or [run_entry(old, recorded["date"])]
-    runs.append(run_entry(result, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")))
+    runs = old.get("runs") or [run_entry(old, recorded["date"], recorded["machine"])]
+    runs.append(run_entry(result, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), record.machine()))
     settings = old["settings"] | {"settings": ",".join([*old["results"], *result["results"]])}
     return {
         "settings": settings,
