@@ -257,8 +257,8 @@ def dp_utility(record: dict) -> list[str]:
             sigma = f"{max(noise.values()):.3g}" if noise else "-"
             rows.append([name, f"{row['mean_sites']:.4f}{spread}", f"{row['held_out']:.4f}", eps, sigma,
                          row["site_epoch_s"]])  # fmt: skip
-        header = ["arm", "Dice, sites' validation (mean)", "Dice, held-out", "epsilon reached", "noise sigma",
-                  "s / epoch"]  # fmt: skip
+        header = ["arm", "Dice, sites' validation (mean)", "Dice, held-out", "epsilon reached",
+                  "noise sigma (largest site)", "s / epoch"]  # fmt: skip
         lines += [*table(header, rows), ""]
     return lines
 
