@@ -1,5 +1,7 @@
 """A short soak in CI: 30 rounds of the one command on POC (``benchmarks/soak.py``'s run and fits), and bounds on
-what may grow per round, fitted over rounds 11-30 (about 3 minutes on 2 cores; the 200-round soak is a benchmark).
+what may grow per round, fitted over rounds 11-29 (about 3 minutes on 2 cores; the 200-round soak is a benchmark).
+The last round is left out: its sample races the job's end, whose final and cross-site models land in the run
+directory (seen once: 150 MB at round 29, 225 MB at round 30, a 1.35 MB-a-round fit from one point).
 
 The bounds come from the two 200-round soaks in ``docs/BENCHMARKS.md`` (any 20-round window of them) with a margin,
 and sit well below what one leaked copy of the model per round (19 MB) would add: resident memory of the server and
@@ -24,8 +26,8 @@ RSS_MB_PER_ROUND, FDS_PER_ROUND, DISK_MB_PER_ROUND = 6.0, 0.1, 1.0
 
 def test_nothing_grows_round_by_round_beyond_its_bound(tmp_path):
     result = soak.run_soak(ROUNDS, WARMUP, tmp_path / "runs", echo=print)
-    growth = result["growth"]
     assert [s["round"] for s in result["samples"]] == list(range(1, ROUNDS + 1)), "a sample after every round"
+    growth = soak.growth(result["samples"][:-1], WARMUP)  # not the last round: the job's end writes its models
     for who in ("server", *soak.SITES):
         assert growth[f"{who}.rss_mb"]["per_round"] < RSS_MB_PER_ROUND, (who, growth[f"{who}.rss_mb"])
         assert abs(growth[f"{who}.fds"]["per_round"]) < FDS_PER_ROUND, (who, growth[f"{who}.fds"])
