@@ -1,7 +1,7 @@
 """The validity study end to end, reduced: real bundle training, real NVFlare simulator, real MLflow.
 
 One run of ``spleen-bench validity --tiny --settings noniid --rounds 2 --local-epochs 4 --methods fedavg`` (6 small
-cases, 8 epochs per arm, seed 0) shared by the tests below; VALIDITY_TIME on 2 cores (a second method, FedBN,
+cases, 8 epochs per arm, seed 0) shared by the tests below; 92 s on 2 cores (a second method, FedBN,
 measured 51 s more at 32 epochs: the suite has no room for it; FedBN runs end to end through the one command in
 tests/e2e/test_tracking_modes.py, and the study's handling of its per-site copies is unit-tested). The non-IID
 setting is the one where federation has to pay off (the IID data layout is unit-tested; the arms are the same code
