@@ -265,15 +265,12 @@ def dp_utility(record: dict) -> list[str]:
 
 def study_runs(runs: list[dict]) -> list[str]:
     """A record made of studies run apart (``--extend``): each run's settings, date, machine, time and note."""
-    if not runs:
-        return []
-    heads = [
-        f"{run['settings']} on {run['date'][:10]}, {run['machine']['cores']} cores ({run['machine']['cpu']}), "
-        f"{run['seconds']:.0f} s"
-        for run in runs
-    ]
-    parts = [f"{head}: {run['note']}" if run.get("note") else f"{head}." for head, run in zip(heads, runs, strict=True)]
-    return [f"Recorded from {len(runs)} runs of the same options:", *parts]
+    parts = []
+    for run in runs:
+        where = f"{run['machine']['cores']} cores ({run['machine']['cpu']})"
+        head = f"{run['settings']} on {run['date'][:10]}, {where}, {run['seconds']:.0f} s"
+        parts.append(f"{head}: {run['note']}" if run.get("note") else f"{head}.")
+    return [f"Recorded from {len(runs)} runs of the same options:", *parts] if runs else []
 
 
 def dp_signal_to_noise(record: dict) -> list[str]:
